@@ -1,0 +1,33 @@
+"""Errors raised by sao_core, each naming what is wrong (the key, file, model path or row)."""
+
+
+class SAOError(Exception):
+    """Base class for every error this project raises on purpose."""
+
+
+class ConfigError(SAOError, ValueError):
+    """A config file, key or value is wrong."""
+
+
+class StorageError(SAOError):
+    """A file in the artifact store is missing, unreadable or not what its manifest says."""
+
+
+class ManifestError(StorageError):
+    """A shard does not match its manifest entry (hash, row count) or the manifest is malformed."""
+
+
+class PersonaSourceError(SAOError, ValueError):
+    """A persona source cannot give the personas asked for."""
+
+
+class ModelNotFoundError(SAOError, FileNotFoundError):
+    """A model reference resolves to nothing usable."""
+
+
+class EngineError(SAOError):
+    """An engine failed to produce completions for a shard."""
+
+
+class RoundQualityError(SAOError):
+    """A round's data is below the quality gate (too few pairs, too many unparseable verdicts)."""
