@@ -119,36 +119,74 @@ class PairingConfig(Section):
 
 
 class LoraSection(Section):
+    """LoRA through PEFT; `enabled: false` trains every weight (the paper's full fine-tune)."""
+
     enabled: bool = True
     r: int = Field(16, ge=1)
     alpha: int = Field(32, ge=1)
     dropout: float = Field(0.05, ge=0.0, lt=1.0)
-    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    # Module names, or ("all-linear",) for PEFT's every-linear-layer shortcut.
+    target_modules: tuple[str, ...] = Field(("q_proj", "k_proj", "v_proj", "o_proj"), min_length=1)
 
 
 class TrainingConfig(Section):
+    """Preference optimisation (SAO.md step 6); sao_core.training turns it into TRL's config."""
+
     objective: Literal["simpo", "dpo", "orpo"] = "simpo"
-    beta: float = Field(10.0, gt=0.0)  # SimPO beta; DPO and ORPO read it as their own beta
+    # SimPO (the paper's default): beta 10, gamma 3, gamma/beta = 0.3.
+    beta: float = Field(10.0, gt=0.0)
     simpo_gamma: float = Field(3.0, ge=0.0)
+    # DPO's beta: 0.01 per SimPO's notes for instruct models (beta 10 would be SimPO's scale, not DPO's).
+    dpo_beta: float = Field(0.01, gt=0.0)
+    # ORPO's lambda, the weight of the odds-ratio term (TRL's and the ORPO paper's 0.1).
+    orpo_beta: float = Field(0.1, gt=0.0)
     learning_rate: float = Field(1e-6, gt=0.0)
     lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
     warmup_ratio: float = Field(0.1, ge=0.0, lt=1.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    max_grad_norm: float = Field(1.0, gt=0.0)
     epochs: float = Field(1.0, gt=0.0)
-    max_steps: int = Field(-1, ge=-1)
+    max_steps: int = Field(-1, ge=-1)  # > 0 stops there, whatever `epochs` says
+    # global batch = per_device_batch_size x gradient accumulation x processes; accumulation is derived.
     global_batch_size: int = Field(128, ge=1)
     per_device_batch_size: int = Field(2, ge=1)
-    max_length: int = Field(2048, ge=8)
+    max_length: int = Field(2048, ge=8)  # prompt + answer tokens; longer pairs are dropped and counted
     max_prompt_length: int = Field(1800, ge=4)
+    # Weights stay fp32 and bf16/fp16 run as autocast, so AdamW updates at lr 1e-6 are not lost to
+    # bf16 rounding (DeepSpeed keeps its own fp32 master weights).
     precision: Literal["fp32", "bf16", "fp16"] = "bf16"
     gradient_checkpointing: bool = False
     lora: LoraSection = LoraSection()
-    merge: bool = False  # also write a merged full model next to the adapter
+    merge: bool = False  # LoRA: also write the merged full model next to the adapter
     launcher: Literal["inprocess", "accelerate", "torchrun"] = "inprocess"
     num_processes: int = Field(1, ge=1)
-    deepspeed: str | None = None  # path to a DeepSpeed config (deployments/)
+    accelerate_config: str | None = None  # deployments/accelerate/*.yaml; None: ddp.yaml
+    deepspeed: str | None = None  # a DeepSpeed JSON, e.g. deployments/deepspeed/zero3.json
     checkpoint_steps: int = Field(50, ge=1)
+    save_total_limit: int = Field(2, ge=1)  # checkpoints kept while training
+    keep_checkpoints: bool = False  # keep them once the final model is written
     seed: int = 0
     logging_steps: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TrainingConfig:
+        if self.max_prompt_length >= self.max_length:
+            raise ValueError(
+                f"training.max_prompt_length ({self.max_prompt_length}) must be below "
+                f"training.max_length ({self.max_length})"
+            )
+        if self.launcher == "inprocess" and self.num_processes != 1:
+            raise ValueError(
+                f"training.launcher 'inprocess' runs one process, got num_processes={self.num_processes}; "
+                "use launcher 'accelerate' or 'torchrun'"
+            )
+        per_step = self.per_device_batch_size * self.num_processes
+        if self.global_batch_size % per_step:
+            raise ValueError(
+                f"training.global_batch_size ({self.global_batch_size}) must be a multiple of "
+                f"per_device_batch_size x num_processes ({self.per_device_batch_size} x {self.num_processes} = {per_step})"
+            )
+        return self
 
 
 class RoundConfig(Section):
@@ -182,7 +220,9 @@ def _check_keys(model: type[BaseModel], data: Any, prefix: str) -> None:
         annotation = model.model_fields[key].annotation
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
             if value is not None and not isinstance(value, dict):
-                raise ConfigError(f"config key '{prefix}{key}' is a section and needs a mapping, got {value!r}")
+                raise ConfigError(
+                    f"config key '{prefix}{key}' is a section and needs a mapping, got {value!r}"
+                )
             _check_keys(annotation, value, f"{prefix}{key}.")
 
 
@@ -234,7 +274,9 @@ def load_config(url: str, overrides: list[str] | tuple[str, ...] = ()) -> RoundC
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {url} is not valid YAML: {e}") from e
     if data is not None and not isinstance(data, dict):
-        raise ConfigError(f"config file {url} must hold a mapping at the top level, got {type(data).__name__}")
+        raise ConfigError(
+            f"config file {url} must hold a mapping at the top level, got {type(data).__name__}"
+        )
     try:
         return build_config(data, overrides)
     except ConfigError as e:

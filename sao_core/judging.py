@@ -170,7 +170,9 @@ def parse_judge_completions(
             "raw_judge_output": "\n---\n".join(c["raw_judge_output"] for c in comparisons),
         }
         if isinstance(decision, str):
-            judgement.update(valid=False, invalid_reason=decision, chosen_response_id=None, rejected_response_id=None)
+            judgement.update(
+                valid=False, invalid_reason=decision, chosen_response_id=None, rejected_response_id=None
+            )
         else:
             chosen, rejected = decision
             judgement.update(
@@ -206,7 +208,9 @@ def count_judgements(rows: list[dict[str, Any]], responses: list[dict[str, Any]]
             if lengths[winner_id] != lengths[loser_id]:
                 c["length_decided"] += 1
                 c["longer_wins"] += lengths[winner_id] > lengths[loser_id]
-            orders[(comp["response_1_id"], comp["response_2_id"])] = 1 if winner_id == comp["response_1_id"] else 2
+            orders[(comp["response_1_id"], comp["response_2_id"])] = (
+                1 if winner_id == comp["response_1_id"] else 2
+            )
         for (r1, r2), w in orders.items():
             if r1 < r2 and (r2, r1) in orders:
                 c["swap_pairs"] += 1
@@ -229,7 +233,9 @@ def judge_diagnostics(counts: dict[str, int]) -> dict[str, Any]:
         "first_wins_rate": rate("first_wins", "parsed_verdicts"),
         "longer_wins_rate": rate("longer_wins", "length_decided"),
         "swap_consistency": rate("swap_consistent", "swap_pairs"),
-        "invalid_by_reason": {k.split(":", 1)[1]: v for k, v in sorted(counts.items()) if k.startswith("invalid:")},
+        "invalid_by_reason": {
+            k.split(":", 1)[1]: v for k, v in sorted(counts.items()) if k.startswith("invalid:")
+        },
         "verdict_errors": {
             k.split(":", 1)[1]: v for k, v in sorted(counts.items()) if k.startswith("verdict_error:")
         },

