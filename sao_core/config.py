@@ -96,6 +96,10 @@ class PromptsConfig(Section):
     temperature: float = Field(0.6, ge=0.0)
     top_p: float = Field(0.95, gt=0.0, le=1.0)
     max_tokens: int = Field(256, ge=1)
+    # Our addition, off in the paper recipes: start the model's answer with this text (it must begin
+    # with "User prompt:"). Very small models mostly repeat the template back; a prefill such as
+    # "User prompt: As a" makes them write a persona-grounded request instead.
+    prefill: str | None = Field(None, pattern=r"^User prompt:")
 
 
 class ResponsesConfig(Section):

@@ -34,10 +34,17 @@ def _echo_key() -> str:
     return " ".join(normalize_prompt(PROMPT_TEMPLATE).split()[:7])
 
 
-def build_prompt_requests(personas: Iterable[dict[str, Any]]) -> list[ChatRequest]:
-    """One single-turn chat per persona row ({persona_id, persona})."""
+def build_prompt_requests(
+    personas: Iterable[dict[str, Any]], prefill: str | None = None
+) -> list[ChatRequest]:
+    """One single-turn chat per persona row ({persona_id, persona}), optionally with an answer prefill."""
     return [
-        ChatRequest.user(row["persona_id"], PROMPT_TEMPLATE.format(persona=row["persona"]), kind="prompt")
+        ChatRequest.user(
+            row["persona_id"],
+            PROMPT_TEMPLATE.format(persona=row["persona"]),
+            kind="prompt",
+            prefill=prefill or "",
+        )
         for row in personas
     ]
 

@@ -110,7 +110,7 @@ def list_files(url: str, pattern: str = "*") -> list[str]:
     found = sorted(fs.glob(f"{path.rstrip('/')}/{pattern}"))
     if isinstance(fs, LocalFileSystem):
         return found
-    return [f"{protocol}://{p.lstrip('/')}" if protocol != "memory" else f"memory://{p}" for p in found]
+    return [f"{protocol}://{p.lstrip('/')}" for p in found]
 
 
 def remove(url: str, recursive: bool = False) -> None:

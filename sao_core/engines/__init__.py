@@ -33,11 +33,16 @@ class ChatRequest:
     messages: tuple[Message, ...]
     n: int = 1
     kind: str = "chat"
+    # Text the assistant turn starts with; the model continues it and each completion's text begins
+    # with it (so parsers see it). Empty: a plain generation prompt.
+    prefill: str = ""
     meta: dict[str, str] = field(default_factory=dict, compare=False, hash=False)
 
     @classmethod
-    def user(cls, request_id: str, text: str, n: int = 1, kind: str = "chat", **meta: str) -> ChatRequest:
-        return cls(request_id, (Message("user", text),), n=n, kind=kind, meta=dict(meta))
+    def user(
+        cls, request_id: str, text: str, n: int = 1, kind: str = "chat", prefill: str = "", **meta: str
+    ) -> ChatRequest:
+        return cls(request_id, (Message("user", text),), n=n, kind=kind, prefill=prefill, meta=dict(meta))
 
 
 @dataclass(frozen=True)

@@ -52,6 +52,8 @@ class FakeEngine:
             completions = []
             for j in range(req.n):
                 body = self._complete(req, text, j, sampling)
+                if req.prefill and not body.startswith(req.prefill):
+                    body = req.prefill + " " + body.split(":", 1)[-1].strip()
                 truncated = _unit(self.seed, "trunc", req.request_id, j) < self.cfg.truncate_rate
                 words = body.split()
                 if truncated or len(words) > sampling.max_tokens:

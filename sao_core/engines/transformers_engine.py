@@ -7,6 +7,7 @@ so a shard re-run gives the same text.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 from collections.abc import Sequence
@@ -77,7 +78,7 @@ class TransformersEngine:
     def _render(self, request: ChatRequest) -> str:
         messages = [m.to_dict() for m in request.messages]
         text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return str(text)
+        return str(text) + request.prefill
 
     def generate(self, requests: Sequence[ChatRequest], sampling: Sampling) -> list[list[Completion]]:
         import torch
@@ -109,7 +110,10 @@ class TransformersEngine:
                 out = self.lm.generate(**enc, **gen_kwargs)
             new_tokens = out[:, enc["input_ids"].shape[1] :].tolist()
             for (i, j), tokens in zip(batch, new_tokens, strict=True):
-                results[i][j] = self._completion(tokens, lengths[i], sampling.max_tokens)
+                done = self._completion(tokens, lengths[i], sampling.max_tokens)
+                if requests[i].prefill:
+                    done = dataclasses.replace(done, text=requests[i].prefill + done.text)
+                results[i][j] = done
         return [[c for c in row if c is not None] for row in results]
 
     def _completion(self, tokens: list[int], prompt_tokens: int, max_tokens: int) -> Completion:

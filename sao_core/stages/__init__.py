@@ -212,7 +212,7 @@ def _build_and_parse(
             kept, dropped = parse_prompt_completions(rows, outs, cfg.run.round)
             return kept, dropped, {}
 
-        return build_prompt_requests(rows), parse_prompts
+        return build_prompt_requests(rows, cfg.prompts.prefill), parse_prompts
     if stage == "responses":
         from sao_core.responses import build_response_requests, parse_response_completions
 
