@@ -38,6 +38,8 @@ class ModelConfig(Section):
     # A Hugging Face id, a local folder, or bundled:smollm2-135m-instruct (sao_core.models).
     path: str = "bundled:smollm2-135m-instruct"
     revision: str | None = None
+    # A LoRA adapter folder (any fsspec URL) applied on top of `path`: a trained round's policy.
+    adapter: str | None = None
 
 
 class FakeEngineConfig(Section):
@@ -50,6 +52,8 @@ class FakeEngineConfig(Section):
     duplicate_prompt_rate: float = Field(0.0, ge=0.0, le=1.0)
     truncate_rate: float = Field(0.0, ge=0.0, le=1.0)
     identical_response_rate: float = Field(0.0, ge=0.0, le=1.0)
+    # The first `fail_calls` generate calls of each engine object raise EngineError (retry tests).
+    fail_calls: int = Field(0, ge=0)
 
 
 class EngineConfig(Section):
@@ -66,9 +70,13 @@ class EngineConfig(Section):
     # openai: replicas of an OpenAI-compatible server; the key is read from this environment variable.
     base_urls: tuple[str, ...] = ()
     api_key_env: str = "OPENAI_API_KEY"
+    # The model name the servers know (`vllm serve --served-model-name`); None: model.path.
+    served_model_name: str | None = None
     max_concurrency: int = Field(8, ge=1)
     request_timeout_s: float = Field(120.0, gt=0)
     max_retries: int = Field(4, ge=0)
+    # Wall-clock limit of one shard of a model stage under the orchestrator (the Prefect task timeout).
+    shard_timeout_s: float = Field(6 * 3600.0, gt=0)
     fake: FakeEngineConfig = FakeEngineConfig()
 
 
@@ -193,6 +201,18 @@ class TrainingConfig(Section):
         return self
 
 
+class EvaluationConfig(Section):
+    """Until the evaluation suite lands: held-out prompts answered by the new and the base policy,
+    judged by the base model in both orders with the paper's template."""
+
+    prompts: str = "builtin"  # "builtin" (sao_core/data/eval_prompts.jsonl) or a JSONL URL with a prompt column
+    n: int = Field(8, ge=1)
+    max_tokens: int = Field(128, ge=1)
+    temperature: float = Field(0.0, ge=0.0)
+    judge_max_tokens: int = Field(16, ge=4)
+    enabled: bool = True
+
+
 class RoundConfig(Section):
     """Everything one SAO round needs; each stage reads only its own section."""
 
@@ -205,6 +225,7 @@ class RoundConfig(Section):
     judging: JudgingConfig = JudgingConfig()
     pairing: PairingConfig = PairingConfig()
     training: TrainingConfig = TrainingConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
 
 
 def _check_keys(model: type[BaseModel], data: Any, prefix: str) -> None:
@@ -296,8 +317,18 @@ def config_to_yaml(cfg: RoundConfig) -> str:
 
 
 def hash_config(cfg: BaseModel) -> str:
-    """Content hash of a config or one of its sections: canonical JSON, sha256, 12 hex digits."""
-    canonical = json.dumps(config_to_dict(cfg), sort_keys=True, separators=(",", ":"))
+    """Content hash of a config or one of its sections: canonical JSON, sha256, 12 hex digits.
+
+    A round's hash covers what its data depends on. It leaves out `run.root` (where the artifacts
+    live is not what the round is) and the `training` and `evaluation` sections, which have their own
+    hashes (the model/ folder is keyed by the training hash): retuning training reuses the round's data.
+    """
+    data = config_to_dict(cfg)
+    if isinstance(cfg, RoundConfig):
+        data["run"].pop("root", None)
+        data.pop("training", None)
+        data.pop("evaluation", None)
+    canonical = json.dumps(data, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:12]
 
 

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 from sao_core.config import FakeEngineConfig
 from sao_core.engines import ChatRequest, Completion, Sampling
+from sao_core.errors import EngineError
 
 _MALFORMED_VERDICTS = (
     "Both answers are fine.",
@@ -45,6 +46,8 @@ class FakeEngine:
 
     def generate(self, requests: Sequence[ChatRequest], sampling: Sampling) -> list[list[Completion]]:
         self.calls += 1
+        if self.calls <= self.cfg.fail_calls:
+            raise EngineError(f"fake engine: scripted failure of call {self.calls} of {self.cfg.fail_calls}")
         out = []
         for req in requests:
             text = req.messages[-1].content

@@ -10,7 +10,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import tempfile
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from sao_core.config import EngineConfig, ModelConfig
@@ -37,6 +39,29 @@ def _pick_dtype(dtype: str, device: str) -> Any:
     return getattr(torch, dtype)
 
 
+def _local_folder(url: str) -> str:
+    """A local copy of a model or adapter folder given by any fsspec URL."""
+    from sao_core import storage
+
+    if storage.is_local(url):
+        if not Path(url).is_dir():
+            raise ModelNotFoundError(f"adapter folder {url} does not exist")
+        return url
+    target = Path(tempfile.mkdtemp(prefix="sao-adapter-"))
+    fs, path = storage.url_to_fs(url)
+    if not fs.exists(path):
+        raise ModelNotFoundError(f"adapter folder {url} does not exist")
+    fs.get(path.rstrip("/") + "/", str(target), recursive=True)
+    return str(target)
+
+
+def _apply_adapter(lm: Any, adapter_url: str) -> Any:
+    """Load a LoRA adapter onto the base model and merge it: inference then costs what the base does."""
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(lm, _local_folder(adapter_url)).merge_and_unload()
+
+
 class TransformersEngine:
     name = "transformers"
 
@@ -56,8 +81,11 @@ class TransformersEngine:
             )
         except OSError as e:
             raise ModelNotFoundError(f"cannot load model {model.path!r} (resolved to {resolved}): {e}") from e
-        self.lm.to(self.device).eval()  # type: ignore[arg-type]
         self.model_revision = model_revision(model.path, resolved, model.revision)
+        if model.adapter:
+            self.lm = _apply_adapter(self.lm, model.adapter)
+            self.model_revision += "+adapter:" + model_revision(model.adapter, _local_folder(model.adapter))
+        self.lm.to(self.device).eval()  # type: ignore[arg-type]
         # Decoder-only batching needs left padding so every prompt ends where generation starts.
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:

@@ -107,3 +107,16 @@ def test_hash_changes_with_content_and_round_url_has_layout():
     assert hash_config(a) != hash_config(b)
     assert hash_config(a) == hash_config(build_config({}))
     assert round_url(a) == f"artifacts/default/round_001-{hash_config(a)}"
+
+
+def test_round_hash_ignores_where_artifacts_live():
+    a = build_config({}, ["run.root=/tmp/x"])
+    b = build_config({}, ["run.root=s3://bucket/y"])
+    assert hash_config(a) == hash_config(b)
+    assert hash_config(a) != hash_config(build_config({}, ["run.seed=1"]))
+
+
+def test_round_hash_leaves_training_to_its_own_hash():
+    a, b = build_config({}), build_config({}, ["training.learning_rate=0.001"])
+    assert hash_config(a) == hash_config(b) and round_url(a) == round_url(b)
+    assert hash_config(a.training) != hash_config(b.training)

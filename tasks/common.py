@@ -1,0 +1,117 @@
+"""What every SAO task shares: cache keys from content hashes, one engine per process, artifacts.
+
+Cache keys are built from a task's own config section (its params hash) and the sha256 of the shards
+it reads, never from pickled objects, so a re-run of a finished round is served from the cache and a
+change to one section re-runs only the tasks that read it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+from prefect.context import TaskRunContext
+
+from sao_core import storage
+from sao_core.config import RoundConfig, load_config
+from sao_core.stages import EngineProvider
+
+CACHE_VERSION = "v1"  # bump to invalidate every cached task result after a change of task semantics
+
+
+def stage_digest(stage_url: str) -> str:
+    """sha256 over a finished stage's shard hashes (its content), or "" when it has none yet."""
+    try:
+        manifest = storage.read_stage_manifest(stage_url)
+    except Exception:
+        return ""
+    shas = [str(e.get("sha256", "")) for e in manifest.get("shards", [])]
+    return hashlib.sha256("\x1f".join(shas).encode()).hexdigest()
+
+
+def make_cache_key(name: str, *input_params: str) -> Callable[[TaskRunContext, dict[str, Any]], str]:
+    """A cache_key_fn: task name, the round folder it writes to, its `params_hash` parameter and the
+    content digests of its input URLs (or of the `digest` of an input given as a task result)."""
+
+    def key(_context: TaskRunContext, parameters: dict[str, Any]) -> str:
+        round_dir = (parameters.get("round_ref") or {}).get("round_dir", "")
+        parts = [CACHE_VERSION, name, round_dir, str(parameters.get("params_hash", ""))]
+        for p in input_params:
+            value = parameters.get(p)
+            if isinstance(value, str):
+                parts.append(stage_digest(value))
+            elif isinstance(value, dict):
+                parts.append(str(value.get("digest", "")))
+            else:
+                parts.append(repr(value))
+        return f"sao-{name}-" + hashlib.sha256("|".join(parts).encode()).hexdigest()[:32]
+
+    return key
+
+
+_ENGINES: dict[str, EngineProvider] = {}
+_ENGINE_LOCK = threading.Lock()
+
+
+def engine_for(cfg: RoundConfig) -> EngineProvider:
+    """One engine per process and model: stages of a round (and its retries) share the loaded weights."""
+    key = hashlib.sha256(
+        (cfg.engine.model_dump_json() + cfg.model.model_dump_json() + str(cfg.run.seed)).encode()
+    ).hexdigest()
+    with _ENGINE_LOCK:
+        if key not in _ENGINES:
+            _ENGINES[key] = EngineProvider(cfg)
+        return _ENGINES[key]
+
+
+def release_engines() -> None:
+    with _ENGINE_LOCK:
+        for provider in _ENGINES.values():
+            provider.close()
+        _ENGINES.clear()
+
+
+def load_round_config(config_url: str) -> RoundConfig:
+    return load_config(config_url)
+
+
+def artifact_key(*parts: str) -> str:
+    """Prefect artifact keys: lowercase letters, digits and dashes."""
+    return re.sub(r"[^a-z0-9-]+", "-", "-".join(parts).lower()).strip("-")[:100]
+
+
+def link_for(url: str) -> str:
+    return url if "://" in url else f"file://{url}"
+
+
+def publish_stage(stage: str, round_dir: str, summary: dict[str, Any], campaign: str, sample_md: str) -> None:
+    """The three artifacts a person opens for a stage: counts table, sample rows, links to its files."""
+    tokens = int(summary.get("completion_tokens", 0))
+    seconds = float(summary.get("seconds", 0.0))
+    drops = summary.get("drops", {})
+    table = [
+        {"metric": "rows in", "value": summary.get("rows_in", 0)},
+        {"metric": "rows out", "value": summary.get("rows_out", 0)},
+        *({"metric": f"dropped: {k}", "value": v} for k, v in drops.items()),
+        {"metric": "prompt tokens", "value": summary.get("prompt_tokens", 0)},
+        {"metric": "completion tokens", "value": tokens},
+        {"metric": "seconds", "value": round(seconds, 2)},
+        {"metric": "tokens/s", "value": round(tokens / seconds, 1) if seconds and tokens else 0},
+    ]
+    for extra in ("repetition_rate",):
+        if extra in summary:
+            table.append({"metric": extra.replace("_", " "), "value": summary[extra]})
+    for k, v in (summary.get("diagnostics") or {}).items():
+        if isinstance(v, (int, float)) or v is None:
+            table.append({"metric": f"judge {k.replace('_', ' ')}", "value": v})
+    key = artifact_key(campaign, stage)
+    create_table_artifact(
+        table, key=f"{key}-counts", description=f"{stage}: rows, drops by reason, tokens, time"
+    )
+    create_markdown_artifact(sample_md, key=f"{key}-sample", description=f"{stage}: sample rows")
+    url = storage.join(round_dir, stage)
+    create_link_artifact(link_for(url), link_text=f"{stage} files", key=f"{key}-files", description=url)

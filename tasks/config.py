@@ -1,0 +1,35 @@
+"""Resolve a round's config once: validate, write resolved_config.yaml and its hash, hand out URIs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import task
+
+from sao_core.config import hash_config, load_config
+from sao_core.stages import prepare_round, stage_params_hash
+from sao_core.storage import join
+
+
+@task(name="resolve-config", retries=2, retry_delay_seconds=[2, 10])
+def resolve_config(config: str, overrides: list[str]) -> dict[str, Any]:
+    """The round's identity: where it lives and the hash of each section (the tasks' cache keys)."""
+    cfg = load_config(config, overrides)
+    round_dir = prepare_round(cfg)
+    return {
+        "round_dir": round_dir,
+        "config_url": join(round_dir, "resolved_config.yaml"),
+        "config_hash": hash_config(cfg),
+        "campaign": cfg.run.campaign,
+        "round": cfg.run.round,
+        "format": cfg.run.format,
+        "params": {
+            stage: stage_params_hash(cfg, stage)
+            for stage in ("personas", "prompts", "responses", "judgements")
+        }
+        | {"pairs": hash_config(cfg), "gate": hash_config(cfg.judging) + hash_config(cfg.pairing)},
+        "training_hash": hash_config(cfg.training),
+        "evaluation_hash": hash_config(cfg.evaluation) + hash_config(cfg.model),
+        "evaluate": cfg.evaluation.enabled,
+        "shard_timeout_s": cfg.engine.shard_timeout_s,
+    }

@@ -1,0 +1,88 @@
+"""Model stages as Prefect tasks: one task per shard (the unit of retry and fan-out), one per stage.
+
+The stage task runs its shard tasks in turn in this process (they share one loaded engine), updates a
+progress artifact after each, then writes the stage manifest and its artifacts. A shard task that
+fails is retried by itself; shards that finished are served from the cache or skipped by sao_core.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+from prefect import task
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.context import TaskRunContext
+from prefect.tasks import exponential_backoff
+
+from sao_core import storage
+from sao_core.pipeline import stage_summary
+from sao_core.report import format_chains, sample_chains
+from sao_core.stages import finalize_stage, num_shards, run_shard, stage_url
+from tasks.common import artifact_key, engine_for, load_round_config, make_cache_key, publish_stage
+
+INPUT_STAGE = {"prompts": "personas", "responses": "prompts", "judgements": "responses"}
+
+
+def _shard_cache_key(_context: TaskRunContext, p: dict[str, Any]) -> str:
+    """A shard's params hash plus the sha256 of the input shard it reads."""
+    entry = storage.read_shard_manifest(stage_url(p["round_dir"], INPUT_STAGE[p["stage"]]), p["index"])
+    input_sha = entry.sha256 if entry else ""
+    raw = f"v1|{p['round_dir']}|{p['stage']}|{p['index']}|{p['params_hash']}|{input_sha}"
+    return f"sao-shard-{p['stage']}-" + hashlib.sha256(raw.encode()).hexdigest()[:32]
+
+
+@task(
+    name="stage-shard",
+    task_run_name="{stage}-shard-{index:05d}",
+    retries=3,
+    retry_delay_seconds=exponential_backoff(backoff_factor=2),
+    retry_jitter_factor=0.2,
+    cache_key_fn=_shard_cache_key,
+    persist_result=True,
+)
+def stage_shard(stage: str, config_url: str, round_dir: str, index: int, params_hash: str) -> dict[str, Any]:
+    """Generate, parse and write one shard; returns its manifest entry (counts, hash, seconds, tokens)."""
+    cfg = load_round_config(config_url)
+    entry = run_shard(stage, cfg, round_dir, index, engine_for(cfg))
+    return {
+        "shard": entry.shard,
+        "sha256": entry.sha256,
+        "rows_in": entry.rows_in,
+        "rows_out": entry.rows_out,
+    }
+
+
+def run_model_stage(
+    stage: str, round_ref: dict[str, Any], params_hash: str, input_url: str
+) -> dict[str, Any]:
+    """Body of the stage tasks in tasks/prompts.py, tasks/responses.py and tasks/judging.py."""
+    config_url, round_dir = round_ref["config_url"], round_ref["round_dir"]
+    cfg = load_round_config(config_url)
+    total = num_shards(cfg, round_dir, stage)
+    progress = create_progress_artifact(
+        0.0,
+        key=artifact_key(cfg.run.campaign, stage, "progress"),
+        description=f"{stage}: shards done of {total}",
+    )
+    shard = stage_shard.with_options(timeout_seconds=round_ref["shard_timeout_s"])
+    for index in range(total):
+        shard(stage, config_url, round_dir, index, params_hash)
+        update_progress_artifact(progress, 100.0 * (index + 1) / max(total, 1))
+    manifest = finalize_stage(stage, cfg, round_dir)
+    summary = stage_summary(manifest)
+    chains = sample_chains(round_dir, stage, cfg.run.format, n=3, seed=cfg.run.seed)
+    publish_stage(stage, round_dir, summary, cfg.run.campaign, format_chains(chains, f"{stage}: sample rows"))
+    return {"stage": stage, "url": stage_url(round_dir, stage), "summary": summary}
+
+
+def stage_task(stage: str, input_param: str = "input_url") -> Any:
+    """Task options shared by the model-stage tasks: retries with backoff, content-hash cache keys."""
+    return task(
+        name=stage,
+        task_run_name=f"{stage}-round-{{round_ref[round]}}",
+        retries=1,
+        retry_delay_seconds=exponential_backoff(backoff_factor=5),
+        cache_key_fn=make_cache_key(stage, input_param),
+        persist_result=True,
+    )
