@@ -51,7 +51,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", required=True, help="round recipe: a YAML path or any fsspec URL")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = ap.parse_args(argv)
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     where = os.environ.get("PREFECT_API_URL") or "a temporary local Prefect server"
     print(f"sao run: {args.config} on {where}", flush=True)
     result = sao_round(args.config, args.overrides)

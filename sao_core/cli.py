@@ -1,6 +1,8 @@
 """The `sao` command.
 
-sao synth --config configs/cpu-smollm2.yaml [--set personas.n=8 ...]
+sao synth --config configs/cpu-smollm2.yaml [--set personas.n=8 ...]   # data stages, no Prefect
+sao run --config configs/cpu-smollm2.yaml                               # a whole round on Prefect
+sao train --config CFG --pairs URL                                      # preference optimisation
 """
 
 from __future__ import annotations
@@ -46,6 +48,18 @@ def cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    # The orchestration lives outside the library (flows/); importing it by name keeps sao_core free of
+    # any Prefect import while `sao run` stays the one command people remember.
+    import importlib
+
+    flow_module = importlib.import_module("flows.sao_round")
+    argv = ["--config", args.config]
+    for override in args.overrides:
+        argv += ["--set", override]
+    return int(flow_module.main(argv))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sao", description="Self-Alignment Optimization pipeline")
     parser.add_argument("-v", "--verbose", action="store_true", help="log each shard")
@@ -53,6 +67,14 @@ def build_parser() -> argparse.ArgumentParser:
     synth = sub.add_parser("synth", help="run the data stages of one round: personas to preference pairs")
     _add_config_args(synth)
     synth.set_defaults(func=cmd_synth)
+    run = sub.add_parser(
+        "run", help="run a whole round (data, gate, training, evaluation, report) on Prefect"
+    )
+    _add_config_args(run)
+    run.set_defaults(func=cmd_run)
+    from sao_core.training import add_train_parser
+
+    add_train_parser(sub)
     return parser
 
 

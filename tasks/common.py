@@ -57,15 +57,26 @@ _ENGINES: dict[str, EngineProvider] = {}
 _ENGINE_LOCK = threading.Lock()
 
 
+def _engine_key(cfg: RoundConfig) -> str:
+    raw = cfg.engine.model_dump_json() + cfg.model.model_dump_json() + str(cfg.run.seed)
+    return hashlib.sha256(raw.encode()).hexdigest()
+
+
 def engine_for(cfg: RoundConfig) -> EngineProvider:
     """One engine per process and model: stages of a round (and its retries) share the loaded weights."""
-    key = hashlib.sha256(
-        (cfg.engine.model_dump_json() + cfg.model.model_dump_json() + str(cfg.run.seed)).encode()
-    ).hexdigest()
+    key = _engine_key(cfg)
     with _ENGINE_LOCK:
         if key not in _ENGINES:
             _ENGINES[key] = EngineProvider(cfg)
         return _ENGINES[key]
+
+
+def release_engine(cfg: RoundConfig) -> None:
+    """Free the engine of one model (a trained policy once it is evaluated)."""
+    with _ENGINE_LOCK:
+        provider = _ENGINES.pop(_engine_key(cfg), None)
+    if provider is not None:
+        provider.close()
 
 
 def release_engines() -> None:

@@ -9,8 +9,7 @@ from prefect.artifacts import create_table_artifact
 
 from sao_core import storage
 from sao_core.evaluation import evaluate_policy
-from sao_core.stages import EngineProvider
-from tasks.common import artifact_key, engine_for, load_round_config, make_cache_key
+from tasks.common import artifact_key, engine_for, load_round_config, make_cache_key, release_engine
 
 
 @task(
@@ -28,12 +27,10 @@ def evaluate(round_ref: dict[str, Any], params_hash: str, model: dict[str, Any])
     else:
         policy_model = cfg.model.model_copy(update={"adapter": model["adapter"]})
     policy_cfg = cfg.model_copy(update={"model": policy_model})
-    policy = EngineProvider(policy_cfg)
-    try:
-        out = storage.join(model["url"], "eval")
-        result = evaluate_policy(cfg, policy, engine_for(cfg), out)
-    finally:
-        policy.close()
+    out = storage.join(model["url"], "eval")
+    # The policy's engine stays loaded if this try fails, so a retry does not load it again.
+    result = evaluate_policy(cfg, engine_for(policy_cfg), engine_for(cfg), out)
+    release_engine(policy_cfg)
     create_table_artifact(
         [{"metric": k, "value": v} for k, v in result.items()],
         key=artifact_key(cfg.run.campaign, "evaluation"),

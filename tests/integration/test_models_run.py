@@ -46,7 +46,9 @@ def test_left_padding_does_not_change_greedy_output(tiny_model):
 
 
 def test_tiny_model_runs_all_four_stages(tmp_path, tiny_model):
-    cfg = load_config(str(ROOT / "configs/tiny.yaml"), [f"run.root={tmp_path}", f"model.path={tiny_model}"])
+    overrides = [f"run.root={tmp_path}", f"model.path={tiny_model}", "engine.name=transformers"]
+    overrides += ["prompts.max_tokens=24", "responses.max_tokens=24"]
+    cfg = load_config(str(ROOT / "configs/tiny.yaml"), overrides)
     result = run_synth(cfg)
     s = result.summary
     assert s["personas"]["rows_out"] == 8
