@@ -4,12 +4,21 @@ PY := .venv/bin/python
 CONFIG ?= configs/cpu-smollm2.yaml
 PYTEST_ARGS ?=
 
-.PHONY: setup run test lint bench clean
+.PHONY: setup setup-vllm run synth test lint bench bench-vllm clean
 
 setup:
 	@bash scripts/bootstrap.sh
 
+# vLLM's CPU build in .venv-vllm, apart from .venv (its pins clash with prefect's); instant once built.
+setup-vllm:
+	@bash scripts/setup_vllm_env.sh
+
+# A whole round on Prefect (a temporary local server unless PREFECT_API_URL is set).
 run: setup
+	.venv/bin/sao run --config $(CONFIG)
+
+# The data stages alone, no Prefect.
+synth: setup
 	.venv/bin/sao synth --config $(CONFIG)
 
 lint: setup
@@ -17,11 +26,16 @@ lint: setup
 	.venv/bin/ruff format --check .
 	.venv/bin/mypy
 
-test: lint
-	$(PY) -m pytest $(PYTEST_ARGS)
+# SAO_REQUIRE_VLLM=1: the vllm-marked tests fail, instead of skipping, if .venv-vllm is missing.
+test: lint setup-vllm
+	SAO_REQUIRE_VLLM=1 $(PY) -m pytest $(PYTEST_ARGS)
 
 bench: setup
 	$(PY) -m bench.engine_batching
+	$(PY) -m bench.round_overhead
+
+bench-vllm: setup setup-vllm
+	$(PY) -m bench.vllm_engines
 
 clean:
-	rm -rf .venv artifacts bench/results
+	rm -rf .venv .venv-vllm artifacts bench/results

@@ -172,10 +172,10 @@ class ShardManifest:
 
     stage: str
     shard: int
-    file: str
-    sha256: str
-    rows_out: int
     rows_in: int
+    file: str = ""  # file, sha256 and rows_out are filled in by write_shard
+    sha256: str = ""
+    rows_out: int = 0
     drops: dict[str, int] = field(default_factory=dict)
     dropped_file: str | None = None
     dropped_sha256: str | None = None

@@ -8,8 +8,9 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact
 
 from sao_core import storage
+from sao_core.pipeline import write_round_manifest
 from sao_core.report import format_round_report
-from tasks.common import artifact_key, link_for
+from tasks.common import artifact_key, link_for, load_round_config
 
 
 @task(name="report", task_run_name="report-round-{round_ref[round]}", retries=2, retry_delay_seconds=[2, 10])
@@ -25,6 +26,7 @@ def write_report(
     plot_link = link_for(plot) if plot and storage.exists(plot) else None
     training = {**(model or {}).get("manifest", {}), "output": model["url"]} if model else None
     text = format_round_report(round_ref["round_dir"], summary, training, evaluation, plot_link)
+    write_round_manifest(load_round_config(round_ref["config_url"]), round_ref["round_dir"], summary)
     url = storage.join(round_ref["round_dir"], "report.md")
     storage.write_text(url, text)
     create_markdown_artifact(

@@ -146,9 +146,6 @@ def run_personas(cfg: RoundConfig, round_dir: str) -> dict[str, Any]:
         entry = ShardManifest(
             stage="personas",
             shard=index,
-            file="",
-            sha256="",
-            rows_out=0,
             rows_in=len(chunk),
             params_hash=params,
             seconds=0.0,
@@ -266,9 +263,6 @@ def run_shard(
     entry = ShardManifest(
         stage=stage,
         shard=index,
-        file="",
-        sha256="",
-        rows_out=0,
         rows_in=len(in_rows),
         drops=dict(Counter(d["drop_reason"] for d in dropped)),
         input_sha256=input_sha,
@@ -366,9 +360,6 @@ def run_pairs(cfg: RoundConfig, round_dir: str) -> dict[str, Any]:
         entry = ShardManifest(
             stage="pairs",
             shard=i,
-            file="",
-            sha256="",
-            rows_out=0,
             rows_in=len(judgements),
             drops=dict(Counter(d["drop_reason"] for d in dropped)),
             input_sha256=_digest(j_entry.sha256, r_entry.sha256),

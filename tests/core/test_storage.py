@@ -21,7 +21,7 @@ ROWS = [
 
 
 def _entry(i=0):
-    return ShardManifest(stage="pairs", shard=i, file="", sha256="", rows_out=0, rows_in=len(ROWS))
+    return ShardManifest(stage="pairs", shard=i, rows_in=len(ROWS))
 
 
 @pytest.fixture(params=["jsonl", "parquet"])
