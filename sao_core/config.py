@@ -123,6 +123,12 @@ class JudgingConfig(Section):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     max_tokens: int = Field(32, ge=4)
     swap: bool = False  # judge both orders, keep only order-consistent verdicts (not in the paper)
+    # Our addition, off in the paper recipes: start the judge's answer with this text (it must begin
+    # with "ranking:"). Very small models rarely produce the format unprompted (SmolLM2-135M: none of
+    # 14 verdicts parsed); the parse rate and position bias in the diagnostics show what it costs.
+    prefill: str | None = Field(None, pattern=r"^ranking:")
+    # Our addition, off in the paper recipes: also accept a bare "ranking: X" as X first.
+    lenient: bool = False
     min_valid_rate: float = Field(0.5, ge=0.0, le=1.0)  # quality gate on the parse rate
 
 
@@ -205,7 +211,9 @@ class EvaluationConfig(Section):
     """Until the evaluation suite lands: held-out prompts answered by the new and the base policy,
     judged by the base model in both orders with the paper's template."""
 
-    prompts: str = "builtin"  # "builtin" (sao_core/data/eval_prompts.jsonl) or a JSONL URL with a prompt column
+    prompts: str = (
+        "builtin"  # "builtin" (sao_core/data/eval_prompts.jsonl) or a JSONL URL with a prompt column
+    )
     n: int = Field(8, ge=1)
     max_tokens: int = Field(128, ge=1)
     temperature: float = Field(0.0, ge=0.0)

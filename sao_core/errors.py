@@ -31,3 +31,7 @@ class EngineError(SAOError):
 
 class RoundQualityError(SAOError):
     """A round's data is below the quality gate (too few pairs, too many unparseable verdicts)."""
+
+
+class TrainingError(SAOError):
+    """Training cannot start (bad pairs, settings, output) or a training process failed."""

@@ -53,22 +53,29 @@ def evaluate_policy(
     new_answers = [o[0] for o in policy.get().generate(reqs, sampling)]
     base_answers = [o[0] for o in base.get().generate(reqs, sampling)]
     judge_reqs = []
+    prefill = cfg.judging.prefill or ""  # the round's judge settings
     for p, new, old in zip(prompts, new_answers, base_answers, strict=True):
         judge_reqs.append(
             ChatRequest.user(
-                f"{p['id']}:new-first", format_judge_prompt(p["prompt"], new.text, old.text), kind="judge"
+                f"{p['id']}:new-first",
+                format_judge_prompt(p["prompt"], new.text, old.text),
+                kind="judge",
+                prefill=prefill,
             )
         )
         judge_reqs.append(
             ChatRequest.user(
-                f"{p['id']}:base-first", format_judge_prompt(p["prompt"], old.text, new.text), kind="judge"
+                f"{p['id']}:base-first",
+                format_judge_prompt(p["prompt"], old.text, new.text),
+                kind="judge",
+                prefill=prefill,
             )
         )
     verdicts = base.get().generate(judge_reqs, Sampling(0.0, 1.0, ecfg.judge_max_tokens, seed=cfg.run.seed))
     rows, wins, losses, ties, invalid, first, parsed = [], 0, 0, 0, 0, 0, 0
     for i, p in enumerate(prompts):
         a, b = verdicts[2 * i][0].text, verdicts[2 * i + 1][0].text
-        va, vb = parse_verdict(a), parse_verdict(b)
+        va, vb = parse_verdict(a, cfg.judging.lenient), parse_verdict(b, cfg.judging.lenient)
         # In the first order the new answer is Response 1, in the second Response 2.
         new_won = [
             None if va.winner is None else va.winner == 1,

@@ -39,6 +39,10 @@ Remember, you must output a complete ranking including both options. Now, please
 
 # Strict and case-insensitive (SAO.md); the lookarounds keep "ranking: 1 > 21" from reading as 1 > 2.
 VERDICT_RE = re.compile(r"(?<![\w])ranking:\s*([12])\s*>\s*([12])(?!\d)", re.IGNORECASE)
+# `ranking: 1` with no `>` after it and no other digit: only read in lenient mode.
+BARE_VERDICT_RE = re.compile(
+    r"(?<![\w])ranking:\s*([12])(?![\d\s]*>)(?!\s*[,/&]?\s*(?:and\s*)?\d)", re.IGNORECASE
+)
 
 
 @dataclass(frozen=True)
@@ -49,11 +53,19 @@ class Verdict:
     error: str | None = None
 
 
-def parse_verdict(text: str | None) -> Verdict:
-    """Parse `ranking: X > Y` (X, Y one of 1 or 2 and different) anywhere in the judge's output."""
+def parse_verdict(text: str | None, lenient: bool = False) -> Verdict:
+    """Parse `ranking: X > Y` (X, Y one of 1 or 2 and different) anywhere in the judge's output.
+
+    `lenient` also reads a bare `ranking: X` (nothing ranked after it) as X first: our addition for
+    models too small to write the full format, off in the paper recipes.
+    """
     if text is None or not text.strip():
         return Verdict(None, "empty")
     matches = VERDICT_RE.findall(text)
+    if not matches and lenient:
+        bare = BARE_VERDICT_RE.search(text)
+        if bare:
+            return Verdict(int(bare.group(1)))
     if not matches:
         return Verdict(None, "no_ranking")
     winners = set()
@@ -80,13 +92,18 @@ def comparison_orders(num_responses: int, swap: bool) -> list[tuple[int, int]]:
     return orders
 
 
-def build_judge_requests(rows: Iterable[dict[str, Any]], swap: bool) -> list[ChatRequest]:
+def build_judge_requests(
+    rows: Iterable[dict[str, Any]], swap: bool, prefill: str | None = None
+) -> list[ChatRequest]:
+    """One request per comparison, in `comparison_orders` order, optionally with an answer prefill."""
     requests = []
     for row in rows:
         responses = row["responses"]
         for a, b in comparison_orders(len(responses), swap):
             text = format_judge_prompt(row["prompt"], responses[a]["text"], responses[b]["text"])
-            requests.append(ChatRequest.user(f"{row['prompt_id']}:{a}:{b}", text, kind="judge"))
+            requests.append(
+                ChatRequest.user(f"{row['prompt_id']}:{a}:{b}", text, kind="judge", prefill=prefill or "")
+            )
     return requests
 
 
@@ -138,7 +155,7 @@ def _decide(responses: list[dict[str, Any]], comparisons: list[dict[str, Any]]) 
 
 
 def parse_judge_completions(
-    rows: list[dict[str, Any]], completions: list[list[Completion]], swap: bool
+    rows: list[dict[str, Any]], completions: list[list[Completion]], swap: bool, lenient: bool = False
 ) -> list[dict[str, Any]]:
     """One judgement row per prompt, valid or not, with every raw judge output kept."""
     out_rows = []
@@ -148,7 +165,7 @@ def parse_judge_completions(
         comparisons = []
         for a, b in comparison_orders(len(responses), swap):
             out = next(it)[0]
-            verdict = parse_verdict(out.text)
+            verdict = parse_verdict(out.text, lenient)
             comparisons.append(
                 {
                     "response_1": a,

@@ -222,10 +222,10 @@ def _build_and_parse(
         from sao_core.judging import build_judge_requests, count_judgements, parse_judge_completions
 
         def parse_judgements(outs: list[list[Completion]]) -> tuple[list[dict], list[dict], dict]:
-            judged = parse_judge_completions(rows, outs, cfg.judging.swap)
+            judged = parse_judge_completions(rows, outs, cfg.judging.swap, cfg.judging.lenient)
             return judged, [], {"judge_counts": count_judgements(judged, rows)}
 
-        return build_judge_requests(rows, cfg.judging.swap), parse_judgements
+        return build_judge_requests(rows, cfg.judging.swap, cfg.judging.prefill), parse_judgements
     raise ValueError(f"unknown model stage {stage!r}; allowed: {', '.join(MODEL_STAGES)}")
 
 

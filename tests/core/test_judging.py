@@ -146,3 +146,31 @@ def test_diagnostics_swap_consistency():
 def test_diagnostics_of_nothing():
     d = judge_diagnostics({})
     assert d["parse_rate"] is None and d["judgements"] == 0
+
+
+@pytest.mark.parametrize(
+    ("text", "winner", "error"),
+    [
+        ("ranking: 1. Both are good", 1, None),
+        ("ranking: 2\n\nResponse 2 is clearer.", 2, None),
+        ("ranking: 2 > 1", 2, None),  # the full format still wins
+        ("ranking: 1 >", None, "no_ranking"),  # truncated full format is not a bare verdict
+        ("ranking: 1, 2", None, "no_ranking"),
+        ("ranking: 1 and 2", None, "no_ranking"),
+        ("ranking: 12", None, "no_ranking"),
+        ("ranking: 1 > 1", None, "repeated_option"),
+        ("I prefer the first", None, "no_ranking"),
+    ],
+)
+def test_parse_verdict_lenient(text, winner, error):
+    v = parse_verdict(text, lenient=True)
+    assert (v.winner, v.error) == (winner, error)
+    if winner is not None and ">" not in text:
+        assert parse_verdict(text).winner is None  # the strict parser refuses a bare verdict
+
+
+def test_judge_prefill_and_lenient_through_the_stage():
+    reqs = build_judge_requests([_row()], swap=False, prefill="ranking:")
+    assert reqs[0].prefill == "ranking:"
+    [j] = parse_judge_completions([_row()], [[Completion("ranking: 2. yes", "stop")]], swap=False, lenient=True)
+    assert j["valid"] and j["chosen_response_id"] == "pr-1-r1"

@@ -1,0 +1,216 @@
+"""The `openai` engine: any OpenAI-compatible chat endpoint, such as a fleet of `vllm serve` replicas.
+
+    engine:
+      name: openai
+      base_urls: [http://gpu-1:8000/v1, http://gpu-2:8000/v1]
+      served_model_name: smollm2        # what the servers call the model (default: model.path)
+      api_key_env: OPENAI_API_KEY       # the key is read from this variable, never from a config
+      max_concurrency: 8
+
+A request's prefill is sent as a final assistant message with vLLM's `continue_final_message` (servers
+other than vLLM may not support it). Each completion is one /chat/completions call (n=1, its own seed), so replicas share the load evenly and
+a retry repeats one completion, not a request's n. Calls run on max_concurrency threads; a 429, a 5xx, a
+timeout or a dropped connection is retried on the next replica with exponential backoff, up to
+engine.max_retries times; any other error, or retries running out, fails the whole generate call, and
+then the stage writes nothing for its shard.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import threading
+from collections.abc import Sequence
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from typing import Any
+
+from sao_core.config import EngineConfig, ModelConfig
+from sao_core.engines import ChatRequest, Completion, Sampling
+from sao_core.engines.vllm import FINISH_REASONS, conversation, request_seed
+from sao_core.errors import ConfigError, EngineError
+
+log = logging.getLogger(__name__)
+
+RETRY_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504})
+BACKOFF_BASE_S = 0.5
+BACKOFF_MAX_S = 30.0
+
+
+class _Retryable(Exception):
+    """A failure worth another try (the server is busy, restarting or unreachable)."""
+
+    def __init__(self, reason: str, retry_after: float | None = None) -> None:
+        super().__init__(reason)
+        self.retry_after = retry_after
+
+
+def backoff_seconds(attempt: int, retry_after: float | None = None) -> float:
+    """Seconds to wait before try `attempt + 1`: the server's Retry-After, else 0.5 s doubling to 30 s, jittered."""
+    if retry_after is not None:
+        return min(max(retry_after, 0.0), 60.0)
+    return min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2**attempt) * random.uniform(0.5, 1.0)
+
+
+def _retry_after(value: str | None) -> float | None:
+    try:
+        return float(value) if value is not None else None
+    except ValueError:
+        return None  # an HTTP date: use our own backoff
+
+
+class OpenAIEngine:
+    """Chat completions from OpenAI-compatible servers, `max_concurrency` calls in flight at most."""
+
+    name = "openai"
+
+    def __init__(self, engine: EngineConfig, model: ModelConfig, seed: int = 0) -> None:
+        import httpx
+
+        if not engine.base_urls:
+            raise ConfigError(
+                "engine.name 'openai' needs engine.base_urls, e.g. ['http://127.0.0.1:8000/v1']"
+            )
+        for url in engine.base_urls:
+            if not url.startswith(("http://", "https://")):
+                raise ConfigError(f"engine.base_urls: {url!r} is not an http(s) URL")
+        self.cfg = engine
+        self.model = model.path
+        self.served_model = engine.served_model_name or model.path
+        self.model_revision = model.revision or f"served:{self.served_model}"
+        self.base_urls = [u.rstrip("/") for u in engine.base_urls]
+        self.seed = seed
+        headers = {"Content-Type": "application/json"}
+        key = os.environ.get(engine.api_key_env)
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        timeout = httpx.Timeout(engine.request_timeout_s, connect=min(10.0, engine.request_timeout_s))
+        limits = httpx.Limits(
+            max_connections=engine.max_concurrency, max_keepalive_connections=engine.max_concurrency
+        )
+        self._client = httpx.Client(timeout=timeout, limits=limits, headers=headers)
+        self._check_models()
+
+    def _check_models(self) -> None:
+        """Refuse a model name the reachable replicas do not serve; unreachable ones are only logged."""
+        import httpx
+
+        for url in self.base_urls:
+            try:
+                resp = self._client.get(f"{url}/models")
+            except httpx.TransportError as e:
+                log.warning(
+                    "openai engine: %s is unreachable at start (%s); its calls will be retried", url, e
+                )
+                continue
+            if resp.status_code in (401, 403):
+                raise EngineError(
+                    f"{url} refused the API key (HTTP {resp.status_code}); set ${self.cfg.api_key_env} to its key"
+                )
+            if resp.status_code != 200:
+                continue  # not every OpenAI-compatible server lists its models
+            try:
+                served = [m["id"] for m in resp.json()["data"]]
+            except (ValueError, KeyError, TypeError):
+                continue
+            if self.served_model not in served:
+                raise EngineError(
+                    f"{url} serves {served}, not {self.served_model!r}; set engine.served_model_name "
+                    "(or start the server with --served-model-name)"
+                )
+
+    def close(self) -> None:
+        self._client.close()
+
+    def generate(self, requests: Sequence[ChatRequest], sampling: Sampling) -> list[list[Completion]]:
+        jobs = [(i, j) for i, r in enumerate(requests) for j in range(r.n)]
+        results: list[list[Completion | None]] = [[None] * r.n for r in requests]
+        if not jobs:
+            return []
+        stop = threading.Event()
+        with ThreadPoolExecutor(max_workers=min(self.cfg.max_concurrency, len(jobs))) as pool:
+            futures = {
+                pool.submit(self._complete, requests[i], j, sampling, k, stop): (i, j)
+                for k, (i, j) in enumerate(jobs)
+            }
+            try:
+                done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+                for future in done:
+                    future.result()  # the first failure, if any, is raised here
+            except BaseException:
+                stop.set()  # running calls give up at their next retry; queued ones never start
+                for future in futures:
+                    future.cancel()
+                raise
+            for future, (i, j) in futures.items():
+                results[i][j] = future.result()
+        return [[c for c in row if c is not None] for row in results]
+
+    def _complete(
+        self, request: ChatRequest, index: int, sampling: Sampling, job: int, stop: threading.Event
+    ) -> Completion:
+        import httpx
+
+        body: dict[str, Any] = {
+            "model": self.served_model,
+            "messages": conversation(request),
+            "temperature": sampling.temperature,
+            "top_p": sampling.top_p,
+            "max_tokens": sampling.max_tokens,
+            "n": 1,
+            "seed": request_seed(sampling.seed, request.request_id, index),
+        }
+        if request.prefill:
+            # vLLM's chat API continues a final assistant message when asked (not part of OpenAI's API).
+            body.update(add_generation_prompt=False, continue_final_message=True)
+        where = f"request {request.request_id} (completion {index})"
+        reason = ""
+        for attempt in range(self.cfg.max_retries + 1):
+            if stop.is_set():
+                raise EngineError(f"{where}: cancelled after another request failed")
+            url = self.base_urls[(job + attempt) % len(self.base_urls)]  # a retry moves to the next replica
+            try:
+                return self._post(url, body, where, request.prefill)
+            except _Retryable as e:
+                reason, retry_after = f"{url}: {e}", e.retry_after
+            except httpx.TransportError as e:  # refused, reset, timed out: the server may be restarting
+                reason, retry_after = f"{url}: {type(e).__name__}: {e}", None
+            if attempt < self.cfg.max_retries:
+                delay = backoff_seconds(attempt, retry_after)
+                log.info("openai engine: %s failed (%s); try %d in %.1fs", where, reason, attempt + 2, delay)
+                if stop.wait(delay):
+                    raise EngineError(f"{where}: cancelled after another request failed")
+        raise EngineError(f"{where} failed after {self.cfg.max_retries + 1} tries; last error: {reason}")
+
+    def _post(self, url: str, body: dict[str, Any], where: str, prefill: str = "") -> Completion:
+        resp = self._client.post(f"{url}/chat/completions", json=body)
+        if resp.status_code in RETRY_STATUS:
+            raise _Retryable(
+                f"HTTP {resp.status_code} {resp.text[:200]}", _retry_after(resp.headers.get("retry-after"))
+            )
+        if resp.status_code in (401, 403):
+            raise EngineError(
+                f"{url} refused the API key (HTTP {resp.status_code}); set ${self.cfg.api_key_env}"
+            )
+        if resp.status_code != 200:
+            raise EngineError(f"{where}: {url} answered HTTP {resp.status_code}: {resp.text[:500]}")
+        try:
+            data = resp.json()
+            choice = data["choices"][0]
+            text = choice["message"]["content"] or ""
+            finish = choice.get("finish_reason")
+            usage = data.get("usage") or {}
+        except (ValueError, KeyError, IndexError, TypeError) as e:
+            raise _Retryable(f"malformed answer ({type(e).__name__}: {e}): {resp.text[:200]}") from e
+        if finish == "abort":  # vLLM aborts running requests when it shuts down
+            raise _Retryable("the server aborted the request")
+        if finish not in FINISH_REASONS:
+            raise EngineError(
+                f"{where}: finish_reason {finish!r}, expected one of {', '.join(FINISH_REASONS)}"
+            )
+        return Completion(
+            text=prefill + text,
+            finish_reason=finish,
+            prompt_tokens=int(usage.get("prompt_tokens", 0)),
+            completion_tokens=int(usage.get("completion_tokens", 0)),
+        )

@@ -1,0 +1,219 @@
+"""The openai engine against a real OpenAI-compatible server: `vllm serve` from .venv-vllm on 127.0.0.1.
+
+One server (SmolLM2) for the module. It is killed twice on purpose: once mid-shard and started again
+(the engine's retries carry the shard through), once for good (the shard fails and writes nothing).
+Skipped without the vLLM environment unless SAO_REQUIRE_VLLM=1 (see test_vllm_engine.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from sao_core import storage
+from sao_core.config import EngineConfig, ModelConfig, RoundConfig, load_config
+from sao_core.engines import ChatRequest, Sampling, make_engine
+from sao_core.errors import EngineError
+from sao_core.models import resolve_model
+from sao_core.stages import EngineProvider, prepare_round, run_personas, run_shard
+
+REPO = Path(__file__).resolve().parents[2]
+VLLM_VENV = REPO / ".venv-vllm"
+SMOLLM2 = "bundled:smollm2-135m-instruct"
+SERVED = "smollm2"
+KEY_ENV = "SAO_TEST_VLLM_KEY"
+KEY = "sk-sao-test"
+CHAT_OK = '"POST /v1/chat/completions HTTP/1.1" 200'
+
+pytestmark = [pytest.mark.vllm, pytest.mark.tier1]
+
+
+def _vllm_python() -> Path:
+    python = Path(os.environ.get("SAO_VLLM_PYTHON", VLLM_VENV / "bin" / "python"))
+    ready = python.exists() and ("SAO_VLLM_PYTHON" in os.environ or (VLLM_VENV / ".sao-stamp").is_file())
+    if not ready:
+        message = f"no vLLM environment at {python} (bash scripts/setup_vllm_env.sh builds it)"
+        if os.environ.get("SAO_REQUIRE_VLLM") == "1":
+            pytest.fail(f"SAO_REQUIRE_VLLM=1: {message}")
+        pytest.skip(message)
+    return python
+
+
+class VLLMServer:
+    """`vllm serve` on 127.0.0.1 in a session of its own, so a kill takes its engine processes too."""
+
+    def __init__(self, python: Path, log_path: Path) -> None:
+        self.python = python
+        self.log_path = log_path
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = int(s.getsockname()[1])
+        self.url = f"http://127.0.0.1:{self.port}/v1"
+        self.proc: subprocess.Popen | None = None
+        self.starts = 0
+
+    def start(self, timeout: float = 300) -> None:
+        cmd = [
+            str(self.python.parent / "vllm"), "serve", resolve_model(SMOLLM2),
+            "--host", "127.0.0.1", "--port", str(self.port), "--served-model-name", SERVED,
+            "--api-key", KEY, "--dtype", "float32", "--max-model-len", "2048", "--enforce-eager", "--seed", "0",
+        ]  # fmt: skip
+        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "PYTHONUNBUFFERED": "1"}
+        with open(self.log_path, "a") as log:
+            self.proc = subprocess.Popen(
+                cmd,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                start_new_session=True,
+            )
+        self.starts += 1
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"vllm serve exited with {self.proc.returncode}:\n{self.log_tail()}")
+            try:
+                if httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)
+        raise RuntimeError(f"vllm serve not healthy after {timeout}s:\n{self.log_tail()}")
+
+    def kill(self) -> None:
+        if self.proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+    def answered(self) -> int:
+        return self.log_path.read_text(errors="replace").count(CHAT_OK)
+
+    def log_tail(self, lines: int = 30) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VLLMServer]:
+    served = VLLMServer(_vllm_python(), tmp_path_factory.mktemp("vllm-serve") / "serve.log")
+    served.start()
+    yield served
+    served.kill()
+
+
+@pytest.fixture
+def api_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(KEY_ENV, KEY)
+
+
+def _engine_config(server: VLLMServer, **extra: int) -> EngineConfig:
+    return EngineConfig(
+        name="openai", base_urls=(server.url,), served_model_name=SERVED, api_key_env=KEY_ENV, **extra
+    )
+
+
+def _round(tmp_path: Path, server: VLLMServer, *overrides: str) -> tuple[RoundConfig, str]:
+    cfg = load_config(
+        str(REPO / "configs" / "tiny.yaml"),
+        [
+            f"run.root={tmp_path / 'art'}",
+            f"model.path={SMOLLM2}",
+            "engine.name=openai",
+            f"engine.base_urls=[{server.url}]",
+            f"engine.served_model_name={SERVED}",
+            f"engine.api_key_env={KEY_ENV}",
+            "engine.max_concurrency=2",
+            "prompts.max_tokens=48",
+            *overrides,
+        ],
+    )
+    round_dir = prepare_round(cfg)
+    run_personas(cfg, round_dir)
+    return cfg, round_dir
+
+
+def _kill_after(server: VLLMServer, answers: int, restart: bool) -> threading.Thread:
+    """Kill the server once it has answered `answers` more chat calls; optionally start it again."""
+    first = server.answered()
+
+    def run() -> None:
+        deadline = time.monotonic() + 300
+        while server.answered() < first + answers and time.monotonic() < deadline:
+            time.sleep(0.1)
+        server.kill()
+        if restart:
+            server.start()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_completions_tokens_and_finish_reasons_come_through(server: VLLMServer, api_key: None) -> None:
+    engine = make_engine(_engine_config(server, max_concurrency=4), ModelConfig(path=SMOLLM2))
+    requests = [
+        ChatRequest.user("q0", "What is 7 times 8?", n=2),
+        ChatRequest.user("q1", "Name the three primary colors.", n=2),
+        ChatRequest.user("q2", "Write a long story about a dragon.", n=1),
+        ChatRequest.user("q3", "Suggest a question a teacher might ask.", prefill="User prompt:"),
+    ]
+    try:
+        outs = engine.generate(requests, Sampling(temperature=0.6, top_p=0.95, max_tokens=48, seed=0))
+        short = engine.generate(requests[:1], Sampling(temperature=0.0, top_p=1.0, max_tokens=3, seed=0))
+    finally:
+        engine.close()
+    assert [len(o) for o in outs] == [2, 2, 1, 1]
+    assert all(c.text and c.prompt_tokens > 0 and 0 < c.completion_tokens <= 48 for o in outs for c in o)
+    assert "stop" in {c.finish_reason for c in outs[0] + outs[1]}
+    assert outs[2][0].finish_reason == "length" and outs[2][0].completion_tokens == 48
+    assert outs[3][0].text.startswith("User prompt:") and len(outs[3][0].text) > len("User prompt:")
+    assert [(c.finish_reason, c.completion_tokens) for c in short[0]] == [("length", 3), ("length", 3)]
+
+
+def test_a_wrong_api_key_is_refused_by_name(server: VLLMServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(KEY_ENV, "sk-wrong")
+    with pytest.raises(EngineError, match=rf"refused the API key \(HTTP 401\); set \${KEY_ENV}"):
+        make_engine(_engine_config(server), ModelConfig(path=SMOLLM2))
+
+
+def test_a_server_killed_mid_shard_and_restarted_is_retried_to_the_end(
+    server: VLLMServer, api_key: None, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    cfg, round_dir = _round(tmp_path, server, "personas.n=12", "run.shard_size=12", "engine.max_retries=12")
+    killer = _kill_after(server, answers=2, restart=True)
+    with caplog.at_level(logging.INFO, logger="sao_core.engines.openai"):
+        entry = run_shard("prompts", cfg, round_dir, 0, EngineProvider(cfg))
+    killer.join()
+    assert server.starts == 2
+    assert any("failed" in r.getMessage() and "try 2" in r.getMessage() for r in caplog.records)
+    assert entry.rows_in == 12 and entry.rows_out + sum(entry.drops.values()) == 12
+    assert entry.engine == "openai" and entry.completion_tokens > 0
+    out = storage.join(round_dir, "prompts", "_candidates")
+    assert storage.read_shard(out, 0, "jsonl")[1] == entry  # written whole, and it verifies
+
+
+def test_a_server_killed_for_good_fails_the_shard_and_writes_nothing(
+    server: VLLMServer, api_key: None, tmp_path: Path
+) -> None:
+    cfg, round_dir = _round(tmp_path, server, "personas.n=12", "run.shard_size=12", "engine.max_retries=2")
+    killer = _kill_after(server, answers=2, restart=False)
+    with pytest.raises(
+        EngineError, match=r"failed after 3 tries; last error: http://127\.0\.0\.1:\d+/v1: \w+Error"
+    ):
+        run_shard("prompts", cfg, round_dir, 0, EngineProvider(cfg))
+    killer.join()
+    out = storage.join(round_dir, "prompts", "_candidates")
+    assert storage.read_shard_manifest(out, 0) is None
+    assert not storage.list_files(out, "part-*")
