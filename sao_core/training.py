@@ -11,7 +11,7 @@ TRL implements all three objectives in 1.16: SimPO as CPOTrainer(loss_type="simp
 trl.experimental.cpo, ORPO in trl.experimental.orpo, DPO in trl. Every TRL setting we rely on is set in
 `build_trl_config`: TRL's defaults move between releases (bf16, gradient checkpointing, lr, logging).
 
-The output folder ({round}/model/ by default, any fsspec URL) holds:
+The output folder ({round}/model/{training hash}/ by default, any fsspec URL) holds:
 
     adapter/            LoRA adapter (PEFT save_pretrained) and tokenizer
     full/               full model: full fine-tune, or the merged LoRA when training.merge
@@ -1120,9 +1120,15 @@ def launch_distributed(cfg: RoundConfig, pairs_url: str, output_url: str) -> dic
     return manifest
 
 
+def default_output_url(cfg: RoundConfig) -> str:
+    """{round}/model/{training hash}: each training setting trains into its own folder, so retuning
+    the training section never collides with (or overwrites) a model trained from the same data."""
+    return storage.join(round_url(cfg), "model", hash_config(cfg.training))
+
+
 def train(cfg: RoundConfig, pairs_url: str, output_url: str | None = None) -> dict[str, Any]:
     """Train on the pairs into output_url (default {round}/model), in this process or launched; the manifest."""
-    output_url = (output_url or storage.join(round_url(cfg), "model")).rstrip("/")
+    output_url = (output_url or default_output_url(cfg)).rstrip("/")
     cfg = _absolute_model_paths(cfg)  # the launched ranks run from another folder
     pairs = check_inputs(cfg, pairs_url)
     done = _finished(output_url, _identity(cfg, pairs.sha256))

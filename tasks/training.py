@@ -8,13 +8,8 @@ from prefect import task
 from prefect.artifacts import create_link_artifact, create_table_artifact
 
 from sao_core import storage
-from sao_core.training import train
+from sao_core.training import default_output_url, train
 from tasks.common import artifact_key, link_for, load_round_config, make_cache_key
-
-
-def model_url(round_dir: str, training_hash: str) -> str:
-    """Each training setting trains into its own folder: retuning never overwrites an earlier model."""
-    return storage.join(round_dir, "model", training_hash)
 
 
 @task(
@@ -28,7 +23,7 @@ def model_url(round_dir: str, training_hash: str) -> str:
 def train_policy(round_ref: dict[str, Any], params_hash: str, pairs_url: str) -> dict[str, Any]:
     """Train (or resume, or find finished) the round's policy; returns where it is and its figures."""
     cfg = load_round_config(round_ref["config_url"])
-    out = model_url(round_ref["round_dir"], params_hash)
+    out = default_output_url(cfg)
     manifest = train(cfg, pairs_url, out)
     figures = {
         k: v for k, v in manifest.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)

@@ -44,6 +44,8 @@ def test_missing_model_path_is_named(tmp_path, capsys):
             "--set",
             f"model.path={missing}",
             "--set",
+            "engine.name=transformers",
+            "--set",
             f"run.root={tmp_path}",
         ]
     )

@@ -172,5 +172,7 @@ def test_parse_verdict_lenient(text, winner, error):
 def test_judge_prefill_and_lenient_through_the_stage():
     reqs = build_judge_requests([_row()], swap=False, prefill="ranking:")
     assert reqs[0].prefill == "ranking:"
-    [j] = parse_judge_completions([_row()], [[Completion("ranking: 2. yes", "stop")]], swap=False, lenient=True)
+    [j] = parse_judge_completions(
+        [_row()], [[Completion("ranking: 2. yes", "stop")]], swap=False, lenient=True
+    )
     assert j["valid"] and j["chosen_response_id"] == "pr-1-r1"
