@@ -14,7 +14,7 @@ import sys
 from sao_core.errors import SAOError
 
 
-def _add_config_args(p: argparse.ArgumentParser) -> None:
+def add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, help="round recipe: a YAML path or any fsspec URL")
     p.add_argument(
         "--set",
@@ -65,12 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log each shard")
     sub = parser.add_subparsers(dest="command", required=True)
     synth = sub.add_parser("synth", help="run the data stages of one round: personas to preference pairs")
-    _add_config_args(synth)
+    add_config_args(synth)
     synth.set_defaults(func=cmd_synth)
     run = sub.add_parser(
         "run", help="run a whole round (data, gate, training, evaluation, report) on Prefect"
     )
-    _add_config_args(run)
+    add_config_args(run)
     run.set_defaults(func=cmd_run)
     from sao_core.training import add_train_parser
 

@@ -1151,19 +1151,13 @@ def add_train_parser(subparsers: Any) -> None:
         description="Train on a pairs folder or file. training.launcher picks one process, accelerate or "
         "torchrun; a rerun resumes from the last checkpoint and a finished run is not redone.",
     )
-    p.add_argument("--config", required=True, help="round config YAML (path or URL)")
+    from sao_core.cli import add_config_args
+
+    add_config_args(p)
     p.add_argument(
         "--pairs", required=True, help="pairs folder ({round}/pairs) or one .jsonl/.parquet file, by URL"
     )
-    p.add_argument("--output", default=None, help="model folder URL (default: {round}/model)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="config override, repeatable",
-    )
+    p.add_argument("--output", default=None, help="model folder URL (default: {round}/model/{training hash})")
     p.set_defaults(func=run_train_command)
 
 

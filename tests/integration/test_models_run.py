@@ -99,27 +99,24 @@ def test_bundled_smollm2_four_stages_to_trl_pairs(tmp_path):
 
     cfg = load_config(
         str(ROOT / "configs/cpu-smollm2.yaml"),
-        [
-            f"run.root={tmp_path}",
-            "personas.n=6",
-            "run.shard_size=3",
-            "prompts.max_tokens=64",
-            "responses.max_tokens=48",
-        ],
+        [f"run.root={tmp_path}", "personas.n=8", "run.shard_size=4", "prompts.max_tokens=64"],
     )
     result = run_synth(cfg)
     s = result.summary
     assert s["prompts"]["model_revision"].startswith("sha256:")
-    assert s["prompts"]["rows_in"] == 6
+    assert s["prompts"]["rows_in"] == 8
     assert s["judgements"]["rows_in"] == s["responses"]["rows_out"]
+    assert s["judgements"]["diagnostics"]["parse_rate"] > 0  # the recipe's judge prefill works
+    # Every row is accounted for with a reason.
+    for stage in ("prompts", "responses", "pairs"):
+        assert s[stage]["rows_in"] == s[stage]["rows_out"] + sum(s[stage]["drops"].values())
     files = storage.data_files(result.pairs_url, "jsonl")
     assert len(files) == 2
     n_pairs = s["pairs"]["rows_out"]
-    if n_pairs:
-        ds = datasets.load_dataset("json", data_files=files, split="train")
-        assert ds.num_rows == n_pairs
-        row = ds[0]
-        assert row["prompt"][0]["role"] == "user" and row["chosen"][0]["role"] == "assistant"
-    # Whatever survived, every row is accounted for with a reason.
-    for stage in ("prompts", "responses", "pairs"):
-        assert s[stage]["rows_in"] == s[stage]["rows_out"] + sum(s[stage]["drops"].values())
+    assert n_pairs >= 1, s
+    ds = datasets.load_dataset("json", data_files=files, split="train")
+    assert ds.num_rows == n_pairs
+    row = ds[0]
+    assert row["prompt"][0]["role"] == "user" and row["prompt"][0]["content"].startswith("As a")
+    assert row["chosen"][0]["role"] == "assistant" and row["rejected"][0]["role"] == "assistant"
+    assert row["chosen"][0]["content"] != row["rejected"][0]["content"]
