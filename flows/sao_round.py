@@ -16,6 +16,7 @@ from typing import Any
 
 from prefect import flow
 
+from tasks.common import result_storage, stored
 from tasks.config import resolve_config
 from tasks.evaluation import evaluate
 from tasks.gate import quality_gate
@@ -32,15 +33,17 @@ from tasks.training import train_policy
 def sao_round(config: str, overrides: list[str] | None = None) -> dict[str, Any]:
     """resolve -> personas -> prompts -> responses -> judgements -> pairs -> gate -> train -> evaluate -> report"""
     ref = resolve_config(config, list(overrides or []))
+    results = result_storage(ref["root"])
+    ref = {**ref, "result_storage": results}
     p = ref["params"]
-    personas = sample_personas(ref, p["personas"])
-    prompts = synthesize_prompts(ref, p["prompts"], personas["url"])
-    responses = generate_responses(ref, p["responses"], prompts["url"])
-    judgements = judge_responses(ref, p["judgements"], responses["url"])
-    pairs = build_pairs(ref, p["pairs"], judgements["url"], responses["url"])
+    personas = stored(sample_personas, results)(ref, p["personas"])
+    prompts = stored(synthesize_prompts, results)(ref, p["prompts"], personas["url"])
+    responses = stored(generate_responses, results)(ref, p["responses"], prompts["url"])
+    judgements = stored(judge_responses, results)(ref, p["judgements"], responses["url"])
+    pairs = stored(build_pairs, results)(ref, p["pairs"], judgements["url"], responses["url"])
     quality_gate(ref, pairs, judgements)
-    model = train_policy(ref, ref["training_hash"], pairs["url"])
-    evaluation = evaluate(ref, ref["evaluation_hash"], model) if ref["evaluate"] else None
+    model = stored(train_policy, results)(ref, ref["training_hash"], pairs["url"])
+    evaluation = stored(evaluate, results)(ref, ref["evaluation_hash"], model) if ref["evaluate"] else None
     stages = {s["stage"]: s for s in (personas, prompts, responses, judgements, pairs)}
     report = write_report(ref, stages, model, evaluation)
     return {"round_dir": ref["round_dir"], "report": report, "model": model["url"], "evaluation": evaluation}

@@ -8,11 +8,13 @@ change to one section re-runs only the tasks that read it.
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import threading
 from collections.abc import Callable
 from typing import Any
 
+from prefect import task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 from prefect.context import TaskRunContext
 
@@ -84,6 +86,30 @@ def release_engines() -> None:
         for provider in _ENGINES.values():
             provider.close()
         _ENGINES.clear()
+
+
+@task(name="result-storage", retries=2, retry_delay_seconds=[2, 10])
+def result_storage(root: str) -> str | None:
+    """Where task results persist: Prefect's local result folder for local roots; for an s3:// root a
+    saved RemoteFileSystem block under {root}/_prefect_results (its slug), so any worker sharing the
+    bucket is served from the same cache. Credentials stay in the environment, not in the block."""
+    if not root.startswith("s3://"):
+        return None
+    from prefect.filesystems import RemoteFileSystem
+
+    settings: dict[str, Any] = {}
+    if os.environ.get("AWS_ENDPOINT_URL"):
+        settings["client_kwargs"] = {"endpoint_url": os.environ["AWS_ENDPOINT_URL"]}
+    name = "sao-results-" + hashlib.sha256(root.encode()).hexdigest()[:12]
+    RemoteFileSystem(basepath=storage.join(root, "_prefect_results"), settings=settings).save(
+        name, overwrite=True
+    )
+    return f"remote-file-system/{name}"
+
+
+def stored(task_: Any, slug: str | None) -> Any:
+    """The task with the round's result storage, when it has one of its own."""
+    return task_.with_options(result_storage=slug) if slug else task_
 
 
 def load_round_config(config_url: str) -> RoundConfig:

@@ -21,6 +21,7 @@ def resolve_config(config: str, overrides: list[str]) -> dict[str, Any]:
         "config_url": join(round_dir, "resolved_config.yaml"),
         "config_hash": hash_config(cfg),
         "campaign": cfg.run.campaign,
+        "root": cfg.run.root,
         "round": cfg.run.round,
         "format": cfg.run.format,
         "params": {

@@ -19,7 +19,7 @@ from sao_core import storage
 from sao_core.pipeline import stage_summary
 from sao_core.report import format_chains, sample_chains
 from sao_core.stages import finalize_stage, num_shards, run_shard, stage_url
-from tasks.common import artifact_key, engine_for, load_round_config, make_cache_key, publish_stage
+from tasks.common import artifact_key, engine_for, load_round_config, make_cache_key, publish_stage, stored
 
 INPUT_STAGE = {"prompts": "personas", "responses": "prompts", "judgements": "responses"}
 
@@ -65,7 +65,9 @@ def run_model_stage(
         key=artifact_key(cfg.run.campaign, stage, "progress"),
         description=f"{stage}: shards done of {total}",
     )
-    shard = stage_shard.with_options(timeout_seconds=round_ref["shard_timeout_s"])
+    shard = stored(stage_shard, round_ref.get("result_storage")).with_options(
+        timeout_seconds=round_ref["shard_timeout_s"]
+    )
     for index in range(total):
         shard(stage, config_url, round_dir, index, params_hash)
         update_progress_artifact(progress, 100.0 * (index + 1) / max(total, 1))

@@ -153,3 +153,23 @@ def test_readme_main_command_on_the_tiny_recipe(tmp_path):
         "report: "
     )
     assert Path(report).is_file()
+
+
+def test_round_on_s3_keeps_artifacts_and_task_results_in_the_bucket(s3_env, prefect_api):
+    """A whole round with run.root on a real S3 endpoint (moto): data, model, report and Prefect's
+    task results all in the bucket; the second run is served from those results."""
+    import s3fs
+
+    from flows.sao_round import sao_round
+
+    overrides = [f"run.root={s3_env}/rounds", "personas.n=4", "run.shard_size=2"]
+    state = sao_round(TINY, overrides, return_state=True)
+    assert state.is_completed(), state
+    result = state.result()
+    assert result["round_dir"].startswith(f"{s3_env}/rounds/tiny/round_001-")
+    fs = s3fs.S3FileSystem()
+    assert fs.exists(result["report"]) and fs.exists(f"{result['model']}/adapter/adapter_config.json")
+    assert fs.ls(f"{s3_env}/rounds/_prefect_results")  # persisted task results, not on local disk
+    again = sao_round(TINY, overrides, return_state=True)
+    runs = task_runs(again.state_details.flow_run_id)
+    assert runs["prompts-round-1"] == ["Cached"] and runs["train-round-1"] == ["Cached"]
