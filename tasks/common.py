@@ -8,6 +8,7 @@ change to one section re-runs only the tasks that read it.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import threading
@@ -20,6 +21,7 @@ from prefect.context import TaskRunContext
 
 from sao_core import storage
 from sao_core.config import RoundConfig, load_config
+from sao_core.errors import StorageError
 from sao_core.stages import EngineProvider
 
 CACHE_VERSION = "v1"  # bump to invalidate every cached task result after a change of task semantics
@@ -29,15 +31,15 @@ def stage_digest(stage_url: str) -> str:
     """sha256 over a finished stage's shard hashes (its content), or "" when it has none yet."""
     try:
         manifest = storage.read_stage_manifest(stage_url)
-    except Exception:
-        return ""
+    except (StorageError, FileNotFoundError):
+        return ""  # not finished: the task will fail on it, and a failed run is never cached
     shas = [str(e.get("sha256", "")) for e in manifest.get("shards", [])]
     return hashlib.sha256("\x1f".join(shas).encode()).hexdigest()
 
 
 def make_cache_key(name: str, *input_params: str) -> Callable[[TaskRunContext, dict[str, Any]], str]:
     """A cache_key_fn: task name, the round folder it writes to, its `params_hash` parameter and the
-    content digests of its input URLs (or of the `digest` of an input given as a task result)."""
+    content digests of its input URLs (or the hash of an input given as an upstream task's result)."""
 
     def key(_context: TaskRunContext, parameters: dict[str, Any]) -> str:
         round_dir = (parameters.get("round_ref") or {}).get("round_dir", "")
@@ -46,8 +48,10 @@ def make_cache_key(name: str, *input_params: str) -> Callable[[TaskRunContext, d
             value = parameters.get(p)
             if isinstance(value, str):
                 parts.append(stage_digest(value))
-            elif isinstance(value, dict):
-                parts.append(str(value.get("digest", "")))
+            elif isinstance(value, dict):  # an upstream task's result: where it wrote and its figures
+                parts.append(
+                    hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+                )
             else:
                 parts.append(repr(value))
         return f"sao-{name}-" + hashlib.sha256("|".join(parts).encode()).hexdigest()[:32]

@@ -99,6 +99,7 @@ def test_round_end_to_end_artifacts_and_cache(tmp_path, prefect_api):
     ):
         assert runs3[name] == ["Cached"], (name, runs3[name])
     assert runs3["train-round-1"] == ["Completed"]
+    assert runs3["evaluate-round-1"] == ["Completed"]  # the new model is evaluated, not served from cache
     assert state3.result()["model"] != result["model"]  # each training setting has its own folder
 
 
