@@ -55,22 +55,9 @@ def evaluate_policy(
     judge_reqs = []
     prefill = cfg.judging.prefill or ""  # the round's judge settings
     for p, new, old in zip(prompts, new_answers, base_answers, strict=True):
-        judge_reqs.append(
-            ChatRequest.user(
-                f"{p['id']}:new-first",
-                format_judge_prompt(p["prompt"], new.text, old.text),
-                kind="judge",
-                prefill=prefill,
-            )
-        )
-        judge_reqs.append(
-            ChatRequest.user(
-                f"{p['id']}:base-first",
-                format_judge_prompt(p["prompt"], old.text, new.text),
-                kind="judge",
-                prefill=prefill,
-            )
-        )
+        for order, one, two in (("new-first", new, old), ("base-first", old, new)):
+            text = format_judge_prompt(p["prompt"], one.text, two.text)
+            judge_reqs.append(ChatRequest.user(f"{p['id']}:{order}", text, kind="judge", prefill=prefill))
     verdicts = base.get().generate(judge_reqs, Sampling(0.0, 1.0, ecfg.judge_max_tokens, seed=cfg.run.seed))
     rows, wins, losses, ties, invalid, first, parsed = [], 0, 0, 0, 0, 0, 0
     for i, p in enumerate(prompts):
