@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import os
 from typing import Any, Literal
 
 import yaml
@@ -341,6 +342,12 @@ def hash_config(cfg: BaseModel) -> str:
 
 
 def round_url(cfg: RoundConfig) -> str:
-    """The round folder, {root}/{campaign}/round_{k:03d}-{config_hash} (DESIGN.md)."""
+    """The round folder, {root}/{campaign}/round_{k:03d}-{config_hash} (DESIGN.md).
+
+    A relative local root is made absolute: the folder (and every cache key built on it) must name
+    one place, whichever directory the command ran from.
+    """
     root = cfg.run.root.rstrip("/")
+    if "://" not in root:
+        root = os.path.abspath(root)
     return f"{root}/{cfg.run.campaign}/round_{cfg.run.round:03d}-{hash_config(cfg)}"

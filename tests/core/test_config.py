@@ -1,3 +1,4 @@
+import os
 from pathlib import Path
 
 import pytest
@@ -106,7 +107,8 @@ def test_hash_changes_with_content_and_round_url_has_layout():
     a, b = build_config({}), build_config({}, ["judging.swap=true"])
     assert hash_config(a) != hash_config(b)
     assert hash_config(a) == hash_config(build_config({}))
-    assert round_url(a) == f"artifacts/default/round_001-{hash_config(a)}"
+    assert round_url(a) == f"{os.path.abspath('artifacts')}/default/round_001-{hash_config(a)}"
+    assert round_url(build_config({}, ["run.root=s3://b/p"])).startswith("s3://b/p/default/round_001-")
 
 
 def test_round_hash_ignores_where_artifacts_live():
