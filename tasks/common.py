@@ -143,9 +143,8 @@ def publish_stage(stage: str, round_dir: str, summary: dict[str, Any], campaign:
         {"metric": "seconds", "value": round(seconds, 2)},
         {"metric": "tokens/s", "value": round(tokens / seconds, 1) if seconds and tokens else 0},
     ]
-    for extra in ("repetition_rate",):
-        if extra in summary:
-            table.append({"metric": extra.replace("_", " "), "value": summary[extra]})
+    if "repetition_rate" in summary:
+        table.append({"metric": "repetition rate", "value": summary["repetition_rate"]})
     for k, v in (summary.get("diagnostics") or {}).items():
         if isinstance(v, (int, float)) or v is None:
             table.append({"metric": f"judge {k.replace('_', ' ')}", "value": v})

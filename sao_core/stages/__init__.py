@@ -17,7 +17,6 @@ import hashlib
 import json
 import logging
 import os
-import random
 import re
 import time
 from collections import Counter
@@ -375,9 +374,3 @@ def run_model_stage(stage: str, cfg: RoundConfig, round_dir: str, engines: Engin
     for index in range(num_shards(cfg, round_dir, stage)):
         run_shard(stage, cfg, round_dir, index, engines)
     return finalize_stage(stage, cfg, round_dir)
-
-
-def sample_rows(url: str, fmt: str, n: int, seed: int = 0) -> list[dict[str, Any]]:
-    """A few rows of a finished stage, for reports."""
-    rows = storage.read_stage_rows(url, fmt)
-    return random.Random(seed).sample(rows, min(n, len(rows)))

@@ -39,17 +39,6 @@ CHAT_OK = '"POST /v1/chat/completions HTTP/1.1" 200'
 pytestmark = [pytest.mark.vllm, pytest.mark.tier1]
 
 
-def _vllm_python() -> Path:
-    python = Path(os.environ.get("SAO_VLLM_PYTHON", VLLM_VENV / "bin" / "python"))
-    ready = python.exists() and ("SAO_VLLM_PYTHON" in os.environ or (VLLM_VENV / ".sao-stamp").is_file())
-    if not ready:
-        message = f"no vLLM environment at {python} (bash scripts/setup_vllm_env.sh builds it)"
-        if os.environ.get("SAO_REQUIRE_VLLM") == "1":
-            pytest.fail(f"SAO_REQUIRE_VLLM=1: {message}")
-        pytest.skip(message)
-    return python
-
-
 class VLLMServer:
     """`vllm serve` on 127.0.0.1 in a session of its own, so a kill takes its engine processes too."""
 
@@ -106,8 +95,8 @@ class VLLMServer:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VLLMServer]:
-    served = VLLMServer(_vllm_python(), tmp_path_factory.mktemp("vllm-serve") / "serve.log")
+def server(tmp_path_factory: pytest.TempPathFactory, vllm_python: str) -> Iterator[VLLMServer]:
+    served = VLLMServer(Path(vllm_python), tmp_path_factory.mktemp("vllm-serve") / "serve.log")
     served.start()
     yield served
     served.kill()

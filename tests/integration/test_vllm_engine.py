@@ -43,19 +43,6 @@ SHORT_QUESTIONS = (
 pytestmark = [pytest.mark.vllm, pytest.mark.tier1]
 
 
-@pytest.fixture(scope="module")
-def vllm_python() -> str:
-    """The vLLM environment's interpreter; skipped when it is absent, failed if SAO_REQUIRE_VLLM=1."""
-    python = Path(os.environ.get("SAO_VLLM_PYTHON", VLLM_VENV / "bin" / "python"))
-    ready = python.exists() and ("SAO_VLLM_PYTHON" in os.environ or (VLLM_VENV / ".sao-stamp").is_file())
-    if not ready:
-        message = f"no vLLM environment at {python} (bash scripts/setup_vllm_env.sh builds it)"
-        if os.environ.get("SAO_REQUIRE_VLLM") == "1":
-            pytest.fail(f"SAO_REQUIRE_VLLM=1: {message}")
-        pytest.skip(message)
-    return str(python)
-
-
 def _config(tmp_path: Path, python: str, model: str, *overrides: str) -> RoundConfig:
     return load_config(
         str(REPO / "configs" / "tiny.yaml"),
