@@ -25,6 +25,7 @@ lint: setup
 	.venv/bin/ruff check .
 	.venv/bin/ruff format --check .
 	.venv/bin/mypy
+	.venv/bin/lint-imports --no-cache
 
 # SAO_REQUIRE_VLLM=1: the vllm-marked tests fail, instead of skipping, if .venv-vllm is missing.
 test: lint setup-vllm

@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from sao_core import storage
+from sao_core.chat import ChatRequest, Sampling
 from sao_core.config import RoundConfig
-from sao_core.engines import ChatRequest, Sampling
 from sao_core.judging import format_judge_prompt, parse_verdict
-from sao_core.stages import EngineProvider
+from sao_core.stages.runner import EngineProvider
 
 BUILTIN_PROMPTS = Path(__file__).parent / "data" / "eval_prompts.jsonl"
 
@@ -65,11 +65,11 @@ def evaluate_policy(
         va, vb = parse_verdict(a, cfg.judging.lenient), parse_verdict(b, cfg.judging.lenient)
         # In the first order the new answer is Response 1, in the second Response 2.
         new_won = [
-            None if va.winner is None else va.winner == 1,
-            None if vb.winner is None else vb.winner == 2,
+            None if va.preferred_position is None else va.preferred_position == 1,
+            None if vb.preferred_position is None else vb.preferred_position == 2,
         ]
-        first += sum(v.winner == 1 for v in (va, vb))
-        parsed += sum(v.winner is not None for v in (va, vb))
+        first += sum(v.preferred_position == 1 for v in (va, vb))
+        parsed += sum(v.preferred_position is not None for v in (va, vb))
         if None in new_won:
             outcome = "invalid"
             invalid += 1

@@ -1,6 +1,6 @@
 """Self-judgement (SAO.md step 4): the model ranks its own two answers with the paper's template.
 
-build_judge_requests -> engine -> parse_verdict per completion -> decide per prompt. An unparseable
+build_judge_requests -> engine -> parse_verdict per completion -> chosen and rejected per prompt. An unparseable
 verdict is never a crash and never silently dropped: the judgement row is kept as invalid with its raw
 text and counted. With `judging.swap` every pair is judged in both orders and only order-consistent
 verdicts count (our addition; the paper judges once).
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from itertools import combinations
 from typing import Any
 
-from sao_core.engines import ChatRequest, Completion
+from sao_core.chat import ChatRequest, Completion
 
 # Verbatim from the SAO paper, Figure 1 "Pair-wise Response Ranking" (SAO.md step 4). Do not edit.
 JUDGE_TEMPLATE = """You are an impartial judge. Your task is to rank two answers to a given prompt based on their quality.
@@ -47,9 +47,9 @@ BARE_VERDICT_RE = re.compile(
 
 @dataclass(frozen=True)
 class Verdict:
-    """First number is preferred. `winner` is None for an invalid verdict, with `error` saying why."""
+    """The position (1 or 2) the judge ranked first; None for an invalid verdict, with `error` saying why."""
 
-    winner: int | None
+    preferred_position: int | None
     error: str | None = None
 
 
@@ -68,14 +68,14 @@ def parse_verdict(text: str | None, lenient: bool = False) -> Verdict:
             return Verdict(int(bare.group(1)))
     if not matches:
         return Verdict(None, "no_ranking")
-    winners = set()
+    firsts = set()
     for first, second in matches:
         if first == second:
             return Verdict(None, "repeated_option")
-        winners.add(int(first))
-    if len(winners) > 1:
+        firsts.add(int(first))
+    if len(firsts) > 1:
         return Verdict(None, "conflicting_rankings")
-    return Verdict(winners.pop())
+    return Verdict(firsts.pop())
 
 
 def format_judge_prompt(prompt: str, response_1: str, response_2: str) -> str:
@@ -107,7 +107,7 @@ def build_judge_requests(
     return requests
 
 
-def _decide(responses: list[dict[str, Any]], comparisons: list[dict[str, Any]]) -> tuple[int, int] | str:
+def _chosen_and_rejected(responses: list[dict[str, Any]], comparisons: list[dict[str, Any]]) -> tuple[int, int] | str:
     """(chosen index, rejected index), or the reason no pair can be chosen.
 
     Per unordered pair, the verdicts of all its orders must agree. With k > 2 answers the chosen one
@@ -117,7 +117,8 @@ def _decide(responses: list[dict[str, Any]], comparisons: list[dict[str, Any]]) 
     by_pair: dict[tuple[int, int], list[int | None]] = {}
     for c in comparisons:
         a, b = c["response_1"], c["response_2"]
-        winner = None if c["winner"] is None else (a if c["winner"] == 1 else b)
+        position = c["preferred_position"]
+        winner = None if position is None else (a if position == 1 else b)
         by_pair.setdefault((min(a, b), max(a, b)), []).append(winner)
     outcome: dict[tuple[int, int], int] = {}
     errors = []
@@ -174,11 +175,11 @@ def parse_judge_completions(
                     "response_2_id": responses[b]["response_id"],
                     "raw_judge_output": out.text,
                     "finish_reason": out.finish_reason,
-                    "winner": verdict.winner,
+                    "preferred_position": verdict.preferred_position,
                     "error": verdict.error,
                 }
             )
-        decision = _decide(responses, comparisons)
+        decision = _chosen_and_rejected(responses, comparisons)
         judgement: dict[str, Any] = {
             "prompt_id": row["prompt_id"],
             "persona_id": row["persona_id"],
@@ -215,13 +216,14 @@ def count_judgements(rows: list[dict[str, Any]], responses: list[dict[str, Any]]
         orders: dict[tuple[str, str], int | None] = {}
         for comp in row["comparisons"]:
             c["verdicts"] += 1
-            if comp["winner"] is None:
+            position = comp["preferred_position"]
+            if position is None:
                 c[f"verdict_error:{comp['error']}"] += 1
                 continue
             c["parsed_verdicts"] += 1
-            c["first_wins"] += comp["winner"] == 1
-            winner_id = comp["response_1_id"] if comp["winner"] == 1 else comp["response_2_id"]
-            loser_id = comp["response_2_id"] if comp["winner"] == 1 else comp["response_1_id"]
+            c["first_wins"] += position == 1
+            winner_id = comp["response_1_id"] if position == 1 else comp["response_2_id"]
+            loser_id = comp["response_2_id"] if position == 1 else comp["response_1_id"]
             if lengths[winner_id] != lengths[loser_id]:
                 c["length_decided"] += 1
                 c["longer_wins"] += lengths[winner_id] > lengths[loser_id]

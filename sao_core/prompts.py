@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from sao_core.engines import ChatRequest, Completion
+from sao_core.chat import ChatRequest, Completion
 
 # Verbatim from Persona Hub as reproduced in the SAO paper (SAO.md step 2). Do not edit.
 PROMPT_TEMPLATE = """Guess a prompt that the following persona may ask you to do:
@@ -24,7 +24,6 @@ Note:
 1. The prompt should be informative and specific.
 2. Your output should start with "User prompt:\""""
 
-PREFIX = "User prompt:"
 _PREFIX_RE = re.compile(r"user prompt\s*:", re.IGNORECASE)
 _QUOTES = "\"'`“”‘’«»"
 

@@ -10,7 +10,7 @@ import hashlib
 from collections.abc import Iterable
 from typing import Any
 
-from sao_core.engines import ChatRequest, Completion
+from sao_core.chat import ChatRequest, Completion
 
 
 def build_response_requests(prompts: Iterable[dict[str, Any]], k: int) -> list[ChatRequest]:

@@ -180,7 +180,7 @@ class ShardManifest:
     dropped_file: str | None = None
     dropped_sha256: str | None = None
     input_sha256: str = ""
-    params_hash: str = ""
+    settings_hash: str = ""  # sao_core.stages.layout.stage_settings_hash: the stage's own settings
     seconds: float = 0.0
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -192,6 +192,8 @@ class ShardManifest:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], where: str) -> ShardManifest:
+        if "params_hash" in data and "settings_hash" not in data:  # shards written before the rename
+            data = {("settings_hash" if k == "params_hash" else k): v for k, v in data.items()}
         try:
             return cls(**data)
         except TypeError as e:
@@ -267,13 +269,13 @@ def read_shard(stage_url: str, index: int, fmt: str) -> tuple[list[dict[str, Any
     return rows, entry
 
 
-def shard_is_done(stage_url: str, index: int, input_sha256: str, params_hash: str) -> ShardManifest | None:
+def shard_is_done(stage_url: str, index: int, input_sha256: str, settings_hash: str) -> ShardManifest | None:
     """The manifest entry when the shard is complete, valid and made from these inputs; else None."""
     try:
         entry = read_shard_manifest(stage_url, index)
         if entry is None or not entry.complete:
             return None
-        if entry.input_sha256 != input_sha256 or entry.params_hash != params_hash:
+        if entry.input_sha256 != input_sha256 or entry.settings_hash != settings_hash:
             return None
         verify_shard(stage_url, entry)
     except (StorageError, FileNotFoundError):

@@ -91,7 +91,9 @@ def main() -> None:
         from sao_core.models import resolve_model
         from sao_core.personas import sample_personas
         from sao_core.prompts import build_prompt_requests
-        from sao_core.stages import EngineProvider, prepare_round, run_personas, run_shard
+        from sao_core.stages.layout import prepare_round
+        from sao_core.stages.round import run_personas
+        from sao_core.stages.runner import EngineProvider, run_shard
     except ImportError as e:
         fail(2, f"cannot import the project or torch here: {e}")
     on_gpu = torch.cuda.is_available()

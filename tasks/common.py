@@ -1,6 +1,6 @@
 """What every SAO task shares: cache keys from content hashes, one engine per process, artifacts.
 
-Cache keys are built from a task's own config section (its params hash) and the sha256 of the shards
+Cache keys are built from the hash of the settings a task's output depends on (its `settings_hash`) and the sha256 of the shards
 it reads, never from pickled objects, so a re-run of a finished round is served from the cache and a
 change to one section re-runs only the tasks that read it.
 """
@@ -22,7 +22,7 @@ from prefect.context import TaskRunContext
 from sao_core import storage
 from sao_core.config import RoundConfig, load_config
 from sao_core.errors import StorageError
-from sao_core.stages import EngineProvider
+from sao_core.stages.runner import EngineProvider
 
 CACHE_VERSION = "v1"  # bump to invalidate every cached task result after a change of task semantics
 
@@ -38,12 +38,12 @@ def stage_digest(stage_url: str) -> str:
 
 
 def make_cache_key(name: str, *input_params: str) -> Callable[[TaskRunContext, dict[str, Any]], str]:
-    """A cache_key_fn: task name, the round folder it writes to, its `params_hash` parameter and the
+    """A cache_key_fn: task name, the round folder it writes to, its `settings_hash` parameter and the
     content digests of its input URLs (or the hash of an input given as an upstream task's result)."""
 
     def key(_context: TaskRunContext, parameters: dict[str, Any]) -> str:
         round_dir = (parameters.get("round_ref") or {}).get("round_dir", "")
-        parts = [CACHE_VERSION, name, round_dir, str(parameters.get("params_hash", ""))]
+        parts = [CACHE_VERSION, name, round_dir, str(parameters.get("settings_hash", ""))]
         for p in input_params:
             value = parameters.get(p)
             if isinstance(value, str):
@@ -85,13 +85,6 @@ def release_engine(cfg: RoundConfig) -> None:
         provider.close()
 
 
-def release_engines() -> None:
-    with _ENGINE_LOCK:
-        for provider in _ENGINES.values():
-            provider.close()
-        _ENGINES.clear()
-
-
 @task(name="result-storage", retries=2, retry_delay_seconds=[2, 10])
 def result_storage(root: str) -> str | None:
     """Where task results persist: Prefect's local result folder for local roots; for an s3:// root a
@@ -111,7 +104,7 @@ def result_storage(root: str) -> str | None:
     return f"remote-file-system/{name}"
 
 
-def stored(task_: Any, slug: str | None) -> Any:
+def with_result_storage(task_: Any, slug: str | None) -> Any:
     """The task with the round's result storage, when it has one of its own."""
     return task_.with_options(result_storage=slug) if slug else task_
 

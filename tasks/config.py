@@ -7,7 +7,7 @@ from typing import Any
 from prefect import task
 
 from sao_core.config import hash_config, load_config
-from sao_core.stages import prepare_round, stage_params_hash
+from sao_core.stages.layout import prepare_round, stage_settings_hash
 from sao_core.storage import join
 
 
@@ -24,13 +24,16 @@ def resolve_config(config: str, overrides: list[str]) -> dict[str, Any]:
         "root": cfg.run.root,
         "round": cfg.run.round,
         "format": cfg.run.format,
-        "params": {
-            stage: stage_params_hash(cfg, stage)
+        # What each task's output depends on besides its inputs: its `settings_hash` parameter.
+        "settings": {
+            stage: stage_settings_hash(cfg, stage)
             for stage in ("personas", "prompts", "responses", "judgements")
         }
-        | {"pairs": hash_config(cfg), "gate": hash_config(cfg.judging) + hash_config(cfg.pairing)},
-        "training_hash": hash_config(cfg.training),
-        "evaluation_hash": hash_config(cfg.evaluation) + hash_config(cfg.model),
+        | {
+            "pairs": hash_config(cfg),
+            "training": hash_config(cfg.training),
+            "evaluation": hash_config(cfg.evaluation) + hash_config(cfg.model),
+        },
         "evaluate": cfg.evaluation.enabled,
         "shard_timeout_s": cfg.engine.shard_timeout_s,
     }

@@ -20,7 +20,7 @@ from tasks.common import artifact_key, engine_for, load_round_config, make_cache
     cache_key_fn=make_cache_key("evaluate", "model"),
     persist_result=True,
 )
-def evaluate(round_ref: dict[str, Any], params_hash: str, model: dict[str, Any]) -> dict[str, Any]:
+def evaluate(round_ref: dict[str, Any], settings_hash: str, model: dict[str, Any]) -> dict[str, Any]:
     cfg = load_round_config(round_ref["config_url"])
     if model.get("full") and not model.get("adapter"):
         policy_model = cfg.model.model_copy(update={"path": model["full"]})

@@ -8,5 +8,5 @@ from tasks.shards import run_model_stage, stage_task
 
 
 @stage_task("judgements")
-def judge_responses(round_ref: dict[str, Any], params_hash: str, input_url: str) -> dict[str, Any]:
-    return run_model_stage("judgements", round_ref, params_hash, input_url)
+def judge_responses(round_ref: dict[str, Any], settings_hash: str, input_url: str) -> dict[str, Any]:
+    return run_model_stage("judgements", round_ref, settings_hash, input_url)

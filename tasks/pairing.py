@@ -8,7 +8,8 @@ from prefect import task
 
 from sao_core.pipeline import stage_summary
 from sao_core.report import format_chains, sample_chains
-from sao_core.stages import run_pairs, stage_url
+from sao_core.stages.layout import stage_url
+from sao_core.stages.round import run_pairs
 from tasks.common import load_round_config, make_cache_key, publish_stage
 
 
@@ -21,7 +22,7 @@ from tasks.common import load_round_config, make_cache_key, publish_stage
     persist_result=True,
 )
 def build_pairs(
-    round_ref: dict[str, Any], params_hash: str, input_url: str, responses_url: str
+    round_ref: dict[str, Any], settings_hash: str, input_url: str, responses_url: str
 ) -> dict[str, Any]:
     """Pairs from the judgements (input_url) and the answers they name (responses_url)."""
     cfg = load_round_config(round_ref["config_url"])

@@ -8,7 +8,8 @@ from prefect import task
 
 from sao_core.pipeline import stage_summary
 from sao_core.report import format_chains, sample_chains
-from sao_core.stages import run_personas, stage_url
+from sao_core.stages.layout import stage_url
+from sao_core.stages.round import run_personas
 from tasks.common import load_round_config, make_cache_key, publish_stage
 
 
@@ -20,7 +21,7 @@ from tasks.common import load_round_config, make_cache_key, publish_stage
     cache_key_fn=make_cache_key("personas"),
     persist_result=True,
 )
-def sample_personas(round_ref: dict[str, Any], params_hash: str) -> dict[str, Any]:
+def sample_personas(round_ref: dict[str, Any], settings_hash: str) -> dict[str, Any]:
     cfg = load_round_config(round_ref["config_url"])
     manifest = run_personas(cfg, round_ref["round_dir"])
     summary = stage_summary(manifest)

@@ -8,5 +8,5 @@ from tasks.shards import run_model_stage, stage_task
 
 
 @stage_task("responses")
-def generate_responses(round_ref: dict[str, Any], params_hash: str, input_url: str) -> dict[str, Any]:
-    return run_model_stage("responses", round_ref, params_hash, input_url)
+def generate_responses(round_ref: dict[str, Any], settings_hash: str, input_url: str) -> dict[str, Any]:
+    return run_model_stage("responses", round_ref, settings_hash, input_url)

@@ -18,17 +18,23 @@ from prefect.tasks import exponential_backoff
 from sao_core import storage
 from sao_core.pipeline import stage_summary
 from sao_core.report import format_chains, sample_chains
-from sao_core.stages import finalize_stage, num_shards, run_shard, stage_url
-from tasks.common import artifact_key, engine_for, load_round_config, make_cache_key, publish_stage, stored
-
-INPUT_STAGE = {"prompts": "personas", "responses": "prompts", "judgements": "responses"}
+from sao_core.stages.layout import input_stage, num_shards, stage_url
+from sao_core.stages.runner import finalize_stage, run_shard
+from tasks.common import (
+    artifact_key,
+    engine_for,
+    load_round_config,
+    make_cache_key,
+    publish_stage,
+    with_result_storage,
+)
 
 
 def _shard_cache_key(_context: TaskRunContext, p: dict[str, Any]) -> str:
-    """A shard's params hash plus the sha256 of the input shard it reads."""
-    entry = storage.read_shard_manifest(stage_url(p["round_dir"], INPUT_STAGE[p["stage"]]), p["index"])
+    """A shard's stage settings hash plus the sha256 of the input shard it reads."""
+    entry = storage.read_shard_manifest(stage_url(p["round_dir"], input_stage(p["stage"])), p["index"])
     input_sha = entry.sha256 if entry else ""
-    raw = f"v1|{p['round_dir']}|{p['stage']}|{p['index']}|{p['params_hash']}|{input_sha}"
+    raw = f"v1|{p['round_dir']}|{p['stage']}|{p['index']}|{p['settings_hash']}|{input_sha}"
     return f"sao-shard-{p['stage']}-" + hashlib.sha256(raw.encode()).hexdigest()[:32]
 
 
@@ -41,7 +47,9 @@ def _shard_cache_key(_context: TaskRunContext, p: dict[str, Any]) -> str:
     cache_key_fn=_shard_cache_key,
     persist_result=True,
 )
-def stage_shard(stage: str, config_url: str, round_dir: str, index: int, params_hash: str) -> dict[str, Any]:
+def stage_shard(
+    stage: str, config_url: str, round_dir: str, index: int, settings_hash: str
+) -> dict[str, Any]:
     """Generate, parse and write one shard; returns its manifest entry (counts, hash, seconds, tokens)."""
     cfg = load_round_config(config_url)
     entry = run_shard(stage, cfg, round_dir, index, engine_for(cfg))
@@ -54,22 +62,22 @@ def stage_shard(stage: str, config_url: str, round_dir: str, index: int, params_
 
 
 def run_model_stage(
-    stage: str, round_ref: dict[str, Any], params_hash: str, input_url: str
+    stage: str, round_ref: dict[str, Any], settings_hash: str, input_url: str
 ) -> dict[str, Any]:
     """Body of the stage tasks in tasks/prompts.py, tasks/responses.py and tasks/judging.py."""
     config_url, round_dir = round_ref["config_url"], round_ref["round_dir"]
     cfg = load_round_config(config_url)
-    total = num_shards(cfg, round_dir, stage)
+    total = num_shards(round_dir, stage)
     progress = create_progress_artifact(
         0.0,
         key=artifact_key(cfg.run.campaign, stage, "progress"),
         description=f"{stage}: shards done of {total}",
     )
-    shard = stored(stage_shard, round_ref.get("result_storage")).with_options(
+    shard = with_result_storage(stage_shard, round_ref.get("result_storage")).with_options(
         timeout_seconds=round_ref["shard_timeout_s"]
     )
     for index in range(total):
-        shard(stage, config_url, round_dir, index, params_hash)
+        shard(stage, config_url, round_dir, index, settings_hash)
         update_progress_artifact(progress, 100.0 * (index + 1) / max(total, 1))
     manifest = finalize_stage(stage, cfg, round_dir)
     summary = stage_summary(manifest)

@@ -20,7 +20,7 @@ from tasks.common import artifact_key, link_for, load_round_config, make_cache_k
     cache_key_fn=make_cache_key("train", "pairs_url"),
     persist_result=True,
 )
-def train_policy(round_ref: dict[str, Any], params_hash: str, pairs_url: str) -> dict[str, Any]:
+def train_policy(round_ref: dict[str, Any], settings_hash: str, pairs_url: str) -> dict[str, Any]:
     """Train (or resume, or find finished) the round's policy; returns where it is and its figures."""
     cfg = load_round_config(round_ref["config_url"])
     out = default_output_url(cfg)

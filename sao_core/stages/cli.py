@@ -18,40 +18,15 @@ import os
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from sao_core import storage
 from sao_core.config import RoundConfig, load_config
 from sao_core.engines import Engine, make_engine
-from sao_core.errors import SAOError, StorageError
-
-if TYPE_CHECKING:
-    from sao_core.stages import EngineProvider
+from sao_core.errors import SAOError
+from sao_core.stages.layout import input_stage, shard_target, stage_url
+from sao_core.stages.runner import EngineProvider, run_shard
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ShardTarget:
-    """Where a shard's output goes and what its manifest must name to count as done."""
-
-    out_url: str
-    input_sha256: str
-    params_hash: str
-
-
-def shard_target(stage: str, cfg: RoundConfig, round_dir: str, index: int) -> ShardTarget:
-    """The output folder, input digest and parameter hash that run_shard checks for this shard."""
-    from sao_core.stages import MODEL_STAGES, _digest, _input_stage, _output_url, stage_params_hash, stage_url
-
-    if stage not in MODEL_STAGES:
-        raise ValueError(f"unknown model stage {stage!r}; allowed: {', '.join(MODEL_STAGES)}")
-    in_url = stage_url(round_dir, _input_stage(stage))
-    entry = storage.read_shard_manifest(in_url, index)
-    if entry is None or not entry.complete:
-        raise StorageError(f"{stage} shard {index}: its input shard {index} of {in_url} is not finished")
-    return ShardTarget(_output_url(round_dir, stage), _digest(entry.sha256), stage_params_hash(cfg, stage))
 
 
 def build_engine(cfg: RoundConfig, model_dir: str | None = None) -> Engine:
@@ -70,12 +45,10 @@ def _load_if_needed(
 
     Skipped for a finished shard, and for an empty input shard (nothing to generate: vLLM never starts).
     """
-    from sao_core.stages import _input_stage, stage_url
-
     target = shard_target(stage, cfg, round_dir, index)
-    if storage.shard_is_done(target.out_url, index, target.input_sha256, target.params_hash) is not None:
+    if storage.shard_is_done(target.out_url, index, target.input_sha256, target.settings_hash) is not None:
         return
-    entry = storage.read_shard_manifest(stage_url(round_dir, _input_stage(stage)), index)
+    entry = storage.read_shard_manifest(stage_url(round_dir, input_stage(stage)), index)
     if entry is None or entry.rows_out == 0:
         return
     start = time.perf_counter()
@@ -108,8 +81,6 @@ def build_parser(stage: str) -> argparse.ArgumentParser:
 
 def main(stage: str, argv: Sequence[str] | None = None) -> int:
     """Parse the arguments, run the shard, print its summary; the exit code says how it went."""
-    from sao_core.stages import EngineProvider, run_shard
-
     args = build_parser(stage).parse_args(argv)
     logging.basicConfig(
         level=logging.WARNING if args.quiet else logging.INFO,

@@ -9,7 +9,8 @@ from sao_core.config import build_config
 from sao_core.engines.fake import FakeEngine
 from sao_core.errors import EngineError, PersonaSourceError
 from sao_core.pipeline import run_synth
-from sao_core.stages import EngineProvider, stage_url
+from sao_core.stages.layout import stage_url
+from sao_core.stages.runner import EngineProvider
 
 
 def fake_cfg(root, *overrides):

@@ -101,15 +101,28 @@ def test_row_count_mismatch(tmp_path):
         storage.read_shard(url, 0, "jsonl")
 
 
-def test_shard_is_done_checks_inputs_and_params(tmp_path):
+def test_shard_is_done_checks_inputs_and_settings(tmp_path):
     url = storage.join(str(tmp_path), "s")
     e = _entry()
-    e.input_sha256, e.params_hash = "in1", "p1"
+    e.input_sha256, e.settings_hash = "in1", "p1"
     storage.write_shard(url, 0, ROWS, [], "jsonl", e)
     assert storage.shard_is_done(url, 0, "in1", "p1") is not None
     assert storage.shard_is_done(url, 0, "in2", "p1") is None
     assert storage.shard_is_done(url, 0, "in1", "p2") is None
     assert storage.shard_is_done(url, 1, "in1", "p1") is None
+
+
+def test_a_shard_manifest_written_before_the_settings_hash_rename_still_counts_as_done(tmp_path):
+    url = storage.join(str(tmp_path), "s")
+    e = _entry()
+    e.input_sha256, e.settings_hash = "in1", "p1"
+    storage.write_shard(url, 0, ROWS, [], "jsonl", e)
+    old = storage.read_json(storage.shard_manifest_url(url, 0))
+    old["params_hash"] = old.pop("settings_hash")
+    storage.write_json(storage.shard_manifest_url(url, 0), old)
+    assert storage.read_shard_manifest(url, 0).settings_hash == "p1"
+    assert storage.shard_is_done(url, 0, "in1", "p1") is not None
+    assert storage.shard_is_done(url, 0, "in1", "p2") is None
 
 
 def test_unknown_format():

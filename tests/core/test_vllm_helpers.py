@@ -20,17 +20,13 @@ import yaml
 from sao_core import storage
 from sao_core.config import EngineConfig, build_config, config_to_dict, load_config
 from sao_core.engines import ChatRequest, Sampling, make_engine
-from sao_core.engines.vllm import (
-    config_overrides,
-    interpreter,
-    llm_kwargs,
-    request_seed,
-    sampling_kwargs,
-    to_completion,
-)
+from sao_core.engines.child import interpreter
+from sao_core.engines.vllm import llm_kwargs, request_seed, sampling_kwargs, to_completion
 from sao_core.errors import ConfigError, EngineError, StorageError
-from sao_core.stages import EngineProvider, prepare_round, run_personas, run_shard
-from sao_core.stages.cli import shard_target
+from sao_core.stages.child import config_overrides
+from sao_core.stages.layout import prepare_round, shard_target
+from sao_core.stages.round import run_personas
+from sao_core.stages.runner import EngineProvider, run_shard
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -227,7 +223,7 @@ def test_shard_command_runs_by_hand_with_the_fake_engine(tmp_path: Path) -> None
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     assert summary["stage"] == "prompts" and summary["shard"] == 1 and summary["rows_in"] == 2
     target = shard_target("prompts", cfg, round_dir, 1)
-    entry = storage.shard_is_done(target.out_url, 1, target.input_sha256, target.params_hash)
+    entry = storage.shard_is_done(target.out_url, 1, target.input_sha256, target.settings_hash)
     assert entry is not None and entry.engine == "fake"
     again = _stage_command("prompts", round_dir, "--shard", "1", "-q")
     assert again.returncode == 0 and json.loads(again.stdout.strip().splitlines()[-1]) == summary

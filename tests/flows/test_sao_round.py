@@ -31,7 +31,7 @@ def test_task_bodies_run_with_fn(tmp_path, prefect_api):
 
     ref = resolve_config.fn(TINY, [f"run.root={tmp_path}", "personas.n=6"])
     assert ref["round_dir"].startswith(str(tmp_path)) and ref["config_url"].endswith("resolved_config.yaml")
-    personas = sample_personas.fn(ref, ref["params"]["personas"])
+    personas = sample_personas.fn(ref, ref["settings"]["personas"])
     assert personas["summary"]["rows_out"] == 6
     judged = {"summary": {"diagnostics": {"parse_rate": 0.9}}}
     assert quality_gate.fn(ref, {"summary": {"rows_out": 3}}, judged)["pairs"] == 3

@@ -26,7 +26,9 @@ from sao_core.config import EngineConfig, ModelConfig, RoundConfig, load_config
 from sao_core.engines import ChatRequest, Sampling, make_engine
 from sao_core.errors import EngineError
 from sao_core.models import resolve_model
-from sao_core.stages import EngineProvider, prepare_round, run_personas, run_shard
+from sao_core.stages.layout import prepare_round
+from sao_core.stages.round import run_personas
+from sao_core.stages.runner import EngineProvider, run_shard
 
 REPO = Path(__file__).resolve().parents[2]
 VLLM_VENV = REPO / ".venv-vllm"

@@ -22,8 +22,9 @@ from sao_core.engines import ChatRequest, Completion, Sampling, make_engine
 from sao_core.engines.vllm import VLLMEngine
 from sao_core.errors import EngineError
 from sao_core.models import model_revision, resolve_model
-from sao_core.stages import EngineProvider, prepare_round, run_model_stage, run_personas, run_shard
-from sao_core.stages.cli import shard_target
+from sao_core.stages.layout import prepare_round, shard_target
+from sao_core.stages.round import run_personas
+from sao_core.stages.runner import EngineProvider, run_model_stage, run_shard
 
 REPO = Path(__file__).resolve().parents[2]
 VLLM_VENV = REPO / ".venv-vllm"
@@ -125,7 +126,7 @@ def test_tiny_shards_run_in_children_and_a_killed_child_fails_only_its_shard(
     assert storage.read_shard_manifest(out, 1) is None
     assert not storage.exists(storage.join(out, storage.shard_name(1, "jsonl")))
     target = shard_target("prompts", cfg, round_dir, 0)
-    assert storage.shard_is_done(out, 0, target.input_sha256, target.params_hash) == entry
+    assert storage.shard_is_done(out, 0, target.input_sha256, target.settings_hash) == entry
 
     start = time.perf_counter()
     assert run_shard("prompts", cfg, round_dir, 0, EngineProvider(cfg)) == entry  # done: no child at all

@@ -1,0 +1,106 @@
+"""The two stages of a round that call no model: personas (first) and pairs (last).
+
+run_personas(cfg, round_dir)   # n personas, none used by an earlier round of the campaign, in shards
+run_pairs(cfg, round_dir)      # each shard's valid judgements as TRL preference rows
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections import Counter
+from typing import Any
+
+from sao_core import storage
+from sao_core.config import RoundConfig, hash_config
+from sao_core.errors import PersonaSourceError
+from sao_core.stages.layout import digest, num_shards, stage_settings_hash, stage_url
+from sao_core.storage import ShardManifest
+
+_ROUND_DIR = re.compile(r"round_(\d{3,})-[0-9a-f]+$")
+
+
+def used_persona_ids(cfg: RoundConfig) -> set[str]:
+    """Persona ids sampled by earlier rounds (lower round numbers) of the same campaign."""
+    campaign = storage.join(cfg.run.root, cfg.run.campaign)
+    used: set[str] = set()
+    if not storage.exists(campaign):
+        return used
+    fs, path = storage.url_to_fs(campaign)
+    for folder in sorted(fs.ls(path, detail=False)):
+        m = _ROUND_DIR.search(str(folder).rstrip("/"))
+        if not m or int(m.group(1)) >= cfg.run.round:
+            continue
+        personas = storage.join(campaign, str(folder).rstrip("/").rsplit("/", 1)[-1], "personas")
+        if not storage.exists(storage.join(personas, "manifest.json")):
+            continue
+        fmt = storage.read_stage_manifest(personas).get("format", cfg.run.format)
+        used.update(row["persona_id"] for row in storage.read_stage_rows(personas, fmt))
+    return used
+
+
+def run_personas(cfg: RoundConfig, round_dir: str) -> dict[str, Any]:
+    """Sample the round's personas and write them as shards of run.shard_size rows."""
+    from sao_core.personas import sample_personas
+
+    out = stage_url(round_dir, "personas")
+    settings = stage_settings_hash(cfg, "personas")
+    if storage.exists(storage.join(out, "manifest.json")):
+        manifest = storage.read_stage_manifest(out)
+        entries = [storage.shard_is_done(out, int(e["shard"]), "", settings) for e in manifest["shards"]]
+        if entries and all(entries):
+            return manifest
+    start = time.perf_counter()
+    exclude = used_persona_ids(cfg) if cfg.personas.exclude_used else set()
+    rows = sample_personas(cfg.personas, seed=cfg.run.seed + 7919 * cfg.run.round, exclude_ids=exclude)
+    if not rows:
+        raise PersonaSourceError(f"persona source {cfg.personas.source!r} gave zero personas")
+    rows = [{**r, "round": cfg.run.round} for r in rows]  # type: ignore[dict-item]
+    size = cfg.run.shard_size
+    entries_out = []
+    for index, begin in enumerate(range(0, len(rows), size)):
+        chunk = rows[begin : begin + size]
+        entry = ShardManifest(
+            stage="personas",
+            shard=index,
+            rows_in=len(chunk),
+            settings_hash=settings,
+            seconds=0.0,
+            stats={"excluded_used": len(exclude)},
+        )
+        entries_out.append(storage.write_shard(out, index, chunk, [], cfg.run.format, entry))
+    entries_out[0].seconds = round(time.perf_counter() - start, 3)
+    return storage.write_stage_manifest(
+        out,
+        "personas",
+        entries_out,
+        format=cfg.run.format,
+        source=cfg.personas.source,
+        excluded_used=len(exclude),
+    )
+
+
+def run_pairs(cfg: RoundConfig, round_dir: str) -> dict[str, Any]:
+    """Turn each shard's valid judgements into TRL preference rows (cheap: always recomputed)."""
+    from sao_core.pairing import select_pairs
+
+    count = num_shards(round_dir, "pairs")
+    judge_url, resp_url, out_url = (stage_url(round_dir, s) for s in ("judgements", "responses", "pairs"))
+    chash = hash_config(cfg)
+    entries = []
+    for i in range(count):
+        start = time.perf_counter()
+        judgements, j_entry = storage.read_shard(judge_url, i, cfg.run.format)
+        responses, r_entry = storage.read_shard(resp_url, i, cfg.run.format)
+        kept, dropped = select_pairs(judgements, responses, chash)
+        entry = ShardManifest(
+            stage="pairs",
+            shard=i,
+            rows_in=len(judgements),
+            drops=dict(Counter(d["drop_reason"] for d in dropped)),
+            input_sha256=digest(j_entry.sha256, r_entry.sha256),
+            settings_hash=chash,
+            seconds=round(time.perf_counter() - start, 3),
+        )
+        entries.append(storage.write_shard(out_url, i, kept, dropped, cfg.run.format, entry))
+    return storage.write_stage_manifest(out_url, "pairs", entries, format=cfg.run.format, config_hash=chash)

@@ -1,0 +1,225 @@
+"""The shard runner: one shard of a model stage is the unit of work, of retry and of fan-out.
+
+    engines = EngineProvider(cfg)
+    run_shard("responses", cfg, round_dir, 3, engines)   # one shard, in this process
+    finalize_stage("responses", cfg, round_dir)           # stage manifest with totals
+    run_model_stage("responses", cfg, round_dir, engines) # every shard in turn, then the manifest
+
+A shard whose manifest entry is complete, verifies against its file's sha256 and was made from the same
+input shard and stage settings is skipped, so a re-run after a crash resumes where it stopped. Under the
+vllm engine a shard runs in a child process (sao_core.stages.child), unless this process is that child.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+from sao_core import storage
+from sao_core.config import JudgingConfig, PromptsConfig, ResponsesConfig, RoundConfig
+from sao_core.engines import ChatRequest, Completion, Engine, Sampling, make_engine
+from sao_core.errors import StorageError
+from sao_core.stages.layout import (
+    MODEL_STAGES,
+    digest,
+    input_stage,
+    num_shards,
+    output_url,
+    stage_settings_hash,
+    stage_url,
+)
+from sao_core.storage import ShardManifest
+
+log = logging.getLogger(__name__)
+
+ParseFn = Callable[[list[list[Completion]]], tuple[list[dict], list[dict], dict]]
+
+
+class EngineProvider:
+    """Builds the engine on first use, so a fully resumed stage never loads the model."""
+
+    def __init__(self, cfg: RoundConfig, factory: Callable[[], Engine] | None = None) -> None:
+        self.cfg = cfg
+        self._factory = factory or (lambda: make_engine(cfg.engine, cfg.model, seed=cfg.run.seed))
+        self._engine: Engine | None = None
+
+    def get(self) -> Engine:
+        if self._engine is None:
+            self._engine = self._factory()
+        return self._engine
+
+    def close(self) -> None:
+        if self._engine is not None:
+            self._engine.close()
+            self._engine = None
+
+
+def _sampling(cfg: RoundConfig, stage: str, shard: int) -> Sampling:
+    sections: dict[str, PromptsConfig | ResponsesConfig | JudgingConfig] = {
+        "prompts": cfg.prompts,
+        "responses": cfg.responses,
+        "judgements": cfg.judging,
+    }
+    section = sections[stage]
+    return Sampling(
+        temperature=section.temperature,
+        top_p=section.top_p,
+        max_tokens=section.max_tokens,
+        seed=cfg.run.seed * 1_000_003 + shard,
+    )
+
+
+def _build_and_parse(
+    stage: str, cfg: RoundConfig, rows: list[dict[str, Any]]
+) -> tuple[list[ChatRequest], ParseFn]:
+    """The stage's pure halves: requests for the engine, and a parser of its completions."""
+    if stage == "prompts":
+        from sao_core.prompts import build_prompt_requests, parse_prompt_completions
+
+        def parse_prompts(outs: list[list[Completion]]) -> tuple[list[dict], list[dict], dict]:
+            kept, dropped = parse_prompt_completions(rows, outs, cfg.run.round)
+            return kept, dropped, {}
+
+        return build_prompt_requests(rows, cfg.prompts.prefill), parse_prompts
+    if stage == "responses":
+        from sao_core.responses import build_response_requests, parse_response_completions
+
+        def parse_responses(outs: list[list[Completion]]) -> tuple[list[dict], list[dict], dict]:
+            kept, dropped = parse_response_completions(rows, outs)
+            return kept, dropped, {}
+
+        return build_response_requests(rows, cfg.responses.k), parse_responses
+    if stage == "judgements":
+        from sao_core.judging import build_judge_requests, count_judgements, parse_judge_completions
+
+        def parse_judgements(outs: list[list[Completion]]) -> tuple[list[dict], list[dict], dict]:
+            judged = parse_judge_completions(rows, outs, cfg.judging.swap, cfg.judging.lenient)
+            return judged, [], {"judge_counts": count_judgements(judged, rows)}
+
+        return build_judge_requests(rows, cfg.judging.swap, cfg.judging.prefill), parse_judgements
+    raise ValueError(f"unknown model stage {stage!r}; allowed: {', '.join(MODEL_STAGES)}")
+
+
+def run_shard(
+    stage: str, cfg: RoundConfig, round_dir: str, index: int, engines: EngineProvider
+) -> ShardManifest:
+    """Run one shard of a model stage (skipped when already done from the same input and settings)."""
+    if stage not in MODEL_STAGES:
+        raise ValueError(f"unknown model stage {stage!r}; allowed: {', '.join(MODEL_STAGES)}")
+    in_url = stage_url(round_dir, input_stage(stage))
+    in_rows, in_entry = storage.read_shard(in_url, index, cfg.run.format)
+    out_url = output_url(round_dir, stage)
+    settings = stage_settings_hash(cfg, stage)
+    input_sha = digest(in_entry.sha256)
+    done = storage.shard_is_done(out_url, index, input_sha, settings)
+    if done is not None:
+        log.info("%s shard %d: done earlier, skipped", stage, index)
+        return done
+    if cfg.engine.name == "vllm" and os.environ.get("SAO_STAGE_CHILD") != "1":
+        # vLLM holds the GPU for the life of its process: the shard runs in a child of its own.
+        from sao_core.stages.child import run_shard_in_child
+
+        return run_shard_in_child(stage, cfg, round_dir, index)
+    requests, parse = _build_and_parse(stage, cfg, in_rows)
+    start = time.perf_counter()
+    engine = engines.get()
+    outs = engine.generate(requests, _sampling(cfg, stage, index)) if requests else []
+    seconds = time.perf_counter() - start
+    if len(outs) != len(requests) or any(len(o) != r.n for o, r in zip(outs, requests, strict=False)):
+        raise StorageError(
+            f"{stage} shard {index}: engine {engine.name} returned a wrong number of completions"
+        )
+    kept, dropped, stats = parse(outs)
+    entry = ShardManifest(
+        stage=stage,
+        shard=index,
+        rows_in=len(in_rows),
+        drops=dict(Counter(d["drop_reason"] for d in dropped)),
+        input_sha256=input_sha,
+        settings_hash=settings,
+        seconds=round(seconds, 3),
+        prompt_tokens=sum(c.prompt_tokens for o in outs for c in o[:1]),
+        completion_tokens=sum(c.completion_tokens for o in outs for c in o),
+        engine=engine.name,
+        model=engine.model,
+        model_revision=engine.model_revision,
+        stats=stats,
+    )
+    written = storage.write_shard(out_url, index, kept, dropped, cfg.run.format, entry)
+    log.info("%s shard %d: %d in, %d out, %.1fs", stage, index, len(in_rows), len(kept), seconds)
+    return written
+
+
+def _read_entries(url: str, count: int) -> list[ShardManifest]:
+    entries = []
+    for i in range(count):
+        entry = storage.read_shard_manifest(url, i)
+        if entry is None or not entry.complete:
+            raise StorageError(f"{url}: shard {i} of {count} has not finished; run it before finalising")
+        entries.append(entry)
+    return entries
+
+
+def finalize_stage(stage: str, cfg: RoundConfig, round_dir: str) -> dict[str, Any]:
+    """Check every shard of a stage finished and write the stage manifest (prompts: dedupe first)."""
+    count = num_shards(round_dir, stage)
+    out_url = output_url(round_dir, stage)
+    entries = _read_entries(out_url, count)
+    if stage == "prompts":
+        return _dedupe_prompts(cfg, round_dir, entries)
+    extra: dict[str, Any] = {"format": cfg.run.format}
+    if stage == "judgements":
+        from sao_core.judging import judge_diagnostics
+
+        counts: Counter[str] = Counter()
+        for e in entries:
+            counts.update(e.stats.get("judge_counts", {}))
+        extra["judge_counts"] = dict(counts)
+        extra["diagnostics"] = judge_diagnostics(dict(counts))
+        extra["swap"] = cfg.judging.swap
+    return storage.write_stage_manifest(out_url, stage, entries, **extra)
+
+
+def _dedupe_prompts(cfg: RoundConfig, round_dir: str, candidates: list[ShardManifest]) -> dict[str, Any]:
+    """Drop exact and normalised duplicates across the whole round, first occurrence kept, shards kept."""
+    from sao_core.prompts import PromptDeduper
+
+    cand_url = output_url(round_dir, "prompts")
+    out_url = stage_url(round_dir, "prompts")
+    deduper = PromptDeduper()
+    entries = []
+    for cand in candidates:
+        rows, _ = storage.read_shard(cand_url, cand.shard, cfg.run.format)
+        kept: list[dict[str, Any]] = []
+        dropped: list[dict[str, Any]] = []
+        for row in rows:
+            reason = deduper.offer(row["prompt"])
+            (kept if reason is None else dropped).append(
+                row if reason is None else {**row, "drop_reason": reason}
+            )
+        drops = Counter(cand.drops)
+        drops.update(d["drop_reason"] for d in dropped)
+        entry = ShardManifest(
+            **{**cand.__dict__, "drops": dict(drops), "dropped_file": None, "dropped_sha256": None}
+        )
+        entry.input_sha256 = digest(cand.sha256)
+        entries.append(storage.write_shard(out_url, cand.shard, kept, dropped, cfg.run.format, entry))
+    return storage.write_stage_manifest(
+        out_url,
+        "prompts",
+        entries,
+        format=cfg.run.format,
+        repetition_rate=round(deduper.repetition_rate, 4),
+        parsed_prompts=deduper.seen,
+    )
+
+
+def run_model_stage(stage: str, cfg: RoundConfig, round_dir: str, engines: EngineProvider) -> dict[str, Any]:
+    """Every shard of a model stage in turn, then its manifest."""
+    for index in range(num_shards(round_dir, stage)):
+        run_shard(stage, cfg, round_dir, index, engines)
+    return finalize_stage(stage, cfg, round_dir)
