@@ -4,9 +4,10 @@
     rows[0]  # {"persona_id": "pe-...", "persona": "A seasoned ...", "source": "builtin"}
 
 Sources:
-- `builtin`: a persona space the project generates itself from the attribute lists below (occupation,
-  experience, trait, interest, goal, life context, sentence template). A mixed-radix index maps to one
-  persona, so sampling never materialises the space; no download, no third-party licence.
+- `builtin`: a persona space the project generates itself from attribute lists shipped as package data
+  (sao_core/data/personas/builtin.yaml: sentence template, occupation, experience, trait, interest, goal,
+  life context). A mixed-radix index maps to one persona, so sampling never materialises the space; no
+  download, no third-party licence.
 - `file`: JSONL, JSON, Parquet or CSV (optionally .gz for the text formats) at any fsspec URL (local,
   s3://, memory://) with a persona column; Persona Hub's persona.jsonl works as it is.
 - `hf`: a Hugging Face dataset through `datasets.load_dataset` (needs network, or a local folder).
@@ -19,23 +20,33 @@ same seed, and file sampling does not depend on the order of rows in the file.
 from __future__ import annotations
 
 import csv
+import functools
 import gzip
 import hashlib
 import io
 import json
+import math
 import random
-from collections.abc import Iterable, Iterator
+import string
+from collections import Counter
+from collections.abc import Iterable, Iterator, Mapping
 from collections.abc import Set as AbstractSet
+from importlib import resources
+from importlib.resources.abc import Traversable
+from types import MappingProxyType
 from typing import Any
+
+import yaml
 
 from sao_core.config import PersonasConfig
 from sao_core.errors import PersonaSourceError, StorageError
 from sao_core.storage import read_bytes
 
 __all__ = [
-    "BUILTIN_SIZE",
     "builtin_attributes",
+    "builtin_lists",
     "builtin_persona",
+    "builtin_size",
     "load_persona_pool",
     "normalize_persona",
     "persona_id",
@@ -55,627 +66,86 @@ def persona_id(text: str) -> str:
 
 
 # --- builtin: the attribute lists -------------------------------------------------------------------
-# Written for this project. Every entry fits every template: occupations are bare noun phrases, experience
-# and traits are adjectives, interests are noun phrases, goals and life contexts are "-ing" phrases.
-# No entry may repeat within its list (a test checks), so each index gives a distinct text.
-
-OCCUPATIONS: tuple[str, ...] = (
-    # education
-    "primary school teacher",
-    "secondary school maths teacher",
-    "nursery teacher",
-    "special educational needs coordinator",
-    "university lecturer",
-    "school librarian",
-    "music teacher",
-    "driving instructor",
-    "adult literacy tutor",
-    "language tutor",
-    "teaching assistant",
-    "school bus driver",
-    # health and care
-    "registered nurse",
-    "paramedic",
-    "family doctor",
-    "hospital pharmacist",
-    "community pharmacist",
-    "physiotherapist",
-    "occupational therapist",
-    "dental hygienist",
-    "midwife",
-    "veterinary surgeon",
-    "radiographer",
-    "ultrasound technician",
-    "speech and language therapist",
-    "optometrist",
-    "dietitian",
-    "care home worker",
-    "hospice nurse",
-    "medical laboratory scientist",
-    "home care assistant",
-    "mental health counsellor",
-    # software and data
-    "software engineer",
-    "data analyst",
-    "web developer",
-    "systems administrator",
-    "cybersecurity analyst",
-    "database administrator",
-    "mobile app developer",
-    "machine learning engineer",
-    "IT support technician",
-    "game developer",
-    "software tester",
-    "technical writer",
-    "user experience designer",
-    "product manager",
-    # engineering and the built world
-    "civil engineer",
-    "mechanical engineer",
-    "electrical engineer",
-    "structural engineer",
-    "chemical engineer",
-    "environmental engineer",
-    "aerospace engineer",
-    "land surveyor",
-    "architect",
-    "urban planner",
-    "landscape architect",
-    "interior designer",
-    "building inspector",
-    # trades
-    "electrician",
-    "plumber",
-    "carpenter",
-    "welder",
-    "car mechanic",
-    "bricklayer",
-    "roofer",
-    "heating engineer",
-    "locksmith",
-    "painter and decorator",
-    "tailor",
-    "cabinetmaker",
-    "bicycle mechanic",
-    "boat builder",
-    "piano tuner",
-    "stonemason",
-    # land and food
-    "arable farmer",
-    "dairy farmer",
-    "market gardener",
-    "beekeeper",
-    "forester",
-    "commercial fisher",
-    "vineyard manager",
-    "horticulturist",
-    "park ranger",
-    "head chef",
-    "pastry chef",
-    "baker",
-    "barista",
-    "restaurant owner",
-    "food truck operator",
-    "butcher",
-    "craft brewer",
-    "cheesemaker",
-    "caterer",
-    # business and money
-    "accountant",
-    "bookkeeper",
-    "financial adviser",
-    "bank cashier",
-    "insurance underwriter",
-    "tax adviser",
-    "internal auditor",
-    "actuary",
-    "payroll officer",
-    "small business owner",
-    "independent bookshop owner",
-    "estate agent",
-    "procurement officer",
-    "human resources manager",
-    "recruiter",
-    "management consultant",
-    "marketing coordinator",
-    "sales representative",
-    "customer service agent",
-    "office administrator",
-    "executive assistant",
-    "logistics coordinator",
-    "warehouse supervisor",
-    "supply chain analyst",
-    "event planner",
-    "wedding photographer",
-    # law and public service
-    "solicitor",
-    "paralegal",
-    "court interpreter",
-    "police officer",
-    "firefighter",
-    "prison officer",
-    "social worker",
-    "youth worker",
-    "probation officer",
-    "community organiser",
-    "charity fundraiser",
-    "local council officer",
-    "customs officer",
-    "emergency call handler",
-    # media, arts and culture
-    "local newspaper journalist",
-    "magazine editor",
-    "copywriter",
-    "literary translator",
-    "novelist",
-    "poet",
-    "podcast producer",
-    "radio presenter",
-    "film editor",
-    "graphic designer",
-    "children's book illustrator",
-    "animator",
-    "museum curator",
-    "archivist",
-    "public librarian",
-    "art conservator",
-    "theatre lighting technician",
-    "stage actor",
-    "session musician",
-    "choir director",
-    "contemporary dancer",
-    "tattoo artist",
-    "fashion designer",
-    "jewellery maker",
-    "studio potter",
-    # science and research
-    "research chemist",
-    "marine biologist",
-    "astronomer",
-    "geologist",
-    "meteorologist",
-    "epidemiologist",
-    "statistician",
-    "economist",
-    "historian",
-    "archaeologist",
-    "anthropologist",
-    "linguist",
-    "clinical psychologist",
-    "laboratory technician",
-    "climate scientist",
-    "ecologist",
-    # transport and travel
-    "airline pilot",
-    "flight attendant",
-    "air traffic controller",
-    "train driver",
-    "bus driver",
-    "long-haul lorry driver",
-    "delivery driver",
-    "taxi driver",
-    "merchant navy officer",
-    "travel agent",
-    "tour guide",
-    "hotel receptionist",
-    # sport, personal and animal care
-    "personal trainer",
-    "yoga instructor",
-    "youth football coach",
-    "swimming instructor",
-    "football referee",
-    "hairdresser",
-    "beauty therapist",
-    "florist",
-    "dog groomer",
-    "dog trainer",
-    "zookeeper",
-    "childminder",
-    "nanny",
-    "funeral director",
-    "office cleaner",
-    "security guard",
-)
-
-EXPERIENCE: tuple[str, ...] = (
-    "newly qualified",
-    "early-career",
-    "mid-career",
-    "seasoned",
-    "recently promoted",
-    "semi-retired",
-    "part-time",
-    "long-serving",
-    "second-career",
-    "self-employed",
-    "recently hired",
-    "experienced",
-)
-
-TRAITS: tuple[str, ...] = (
-    "methodical and patient",
-    "curious and talkative",
-    "cautious",
-    "pragmatic",
-    "meticulous",
-    "easy-going",
-    "outspoken",
-    "quiet but determined",
-    "analytical",
-    "imaginative",
-    "resourceful",
-    "sociable",
-    "reserved",
-    "highly organised",
-    "spontaneous",
-    "thorough",
-    "ambitious",
-    "warm-hearted",
-    "dry-witted",
-    "energetic",
-    "calm under pressure",
-    "stubborn",
-    "open-minded",
-    "budget-conscious",
-    "competitive",
-    "sentimental",
-    "practical",
-    "idealistic",
-    "frugal",
-    "generous",
-    "tech-savvy",
-    "wary of new technology",
-    "sceptical",
-    "optimistic",
-    "anxious about deadlines",
-    "cheerful and chatty",
-    "shy but curious",
-    "blunt but fair",
-    "detail-oriented",
-    "big-picture",
-    "impatient with jargon",
-    "eager to learn",
-    "self-reliant",
-    "community-minded",
-    "environmentally conscious",
-    "easily bored by routine",
-    "gently humorous",
-    "conscientious",
-    "adventurous",
-    "nostalgic",
-)
-
-INTERESTS: tuple[str, ...] = (
-    "urban beekeeping",
-    "the history of map-making",
-    "sourdough baking",
-    "amateur astronomy",
-    "birdwatching",
-    "chess openings",
-    "long-distance running",
-    "vegetable gardening",
-    "restoring old furniture",
-    "board game design",
-    "medieval history",
-    "jazz piano",
-    "film photography",
-    "local folklore",
-    "classic cars",
-    "sustainable fashion",
-    "home brewing",
-    "rock climbing",
-    "learning Japanese",
-    "open-source software",
-    "personal finance",
-    "ancient Rome",
-    "wild swimming",
-    "mushroom foraging",
-    "knitting",
-    "watercolour painting",
-    "stand-up comedy",
-    "spoken-word poetry",
-    "escape rooms",
-    "cryptic crosswords",
-    "retro video games",
-    "model railways",
-    "urban sketching",
-    "trail running",
-    "bicycle touring",
-    "sea kayaking",
-    "calligraphy",
-    "origami",
-    "wheel-thrown pottery",
-    "woodworking",
-    "3D printing",
-    "electronics tinkering",
-    "amateur radio",
-    "family history research",
-    "the philosophy of science",
-    "behavioural economics",
-    "space exploration",
-    "marine conservation",
-    "rewilding",
-    "permaculture",
-    "composting",
-    "zero-waste living",
-    "minimalist living",
-    "meditation",
-    "salsa dancing",
-    "choral singing",
-    "opera",
-    "West African music",
-    "vinyl record collecting",
-    "science fiction novels",
-    "detective fiction",
-    "graphic novels",
-    "fantasy worldbuilding",
-    "tabletop role-playing games",
-    "amateur theatre",
-    "documentary films",
-    "silent cinema",
-    "modernist architecture",
-    "industrial heritage",
-    "lighthouses",
-    "fossil hunting",
-    "collecting rocks and minerals",
-    "weather forecasting",
-    "aquarium keeping",
-    "houseplants",
-    "bonsai",
-    "orchid growing",
-    "horse riding",
-    "dog agility",
-    "cat behaviour",
-    "recording birdsong",
-    "nature journaling",
-    "mathematical puzzles",
-    "number theory",
-    "the history of cryptography",
-    "the history of medicine",
-    "food history",
-    "regional cuisines",
-    "fermentation",
-    "tea culture",
-    "coffee roasting",
-    "wine regions",
-    "community gardening",
-    "local politics",
-    "public transport design",
-    "cycling infrastructure",
-    "home solar power",
-    "electric vehicles",
-    "home automation",
-    "retro computing",
-    "speedcubing",
-    "juggling",
-    "close-up magic",
-    "sign language",
-    "the cello",
-    "songwriting",
-    "mythology",
-    "ancient Egypt",
-    "the Silk Road",
-    "maritime history",
-    "railway history",
-    "aviation history",
-    "ballet",
-    "figure skating",
-    "tennis statistics",
-    "football tactics",
-    "cricket",
-    "endurance sports nutrition",
-    "quilting",
-    "embroidery",
-    "kite flying",
-    "stargazing from dark-sky parks",
-)
-
-GOALS: tuple[str, ...] = (
-    "preparing for a professional licensing exam",
-    "planning a career change",
-    "writing a first grant application",
-    "organising a community fundraiser",
-    "training for a first half marathon",
-    "saving for a deposit on a first home",
-    "learning to code in the evenings",
-    "applying for a promotion",
-    "starting a small side business",
-    "planning a family holiday on a tight budget",
-    "renovating an old kitchen",
-    "preparing a talk for a regional conference",
-    "writing a memoir",
-    "setting up a home office",
-    "mentoring a new colleague",
-    "building a personal website",
-    "learning a language before moving abroad",
-    "trying to sleep better",
-    "cutting down on screen time",
-    "organising a school reunion",
-    "applying for a master's programme",
-    "planning for retirement",
-    "negotiating a pay rise",
-    "planning a small wedding",
-    "adopting a rescue dog",
-    "teaching a teenager to drive",
-    "decluttering a crowded house",
-    "writing a children's book",
-    "launching an email newsletter",
-    "studying for a part-time degree",
-    "preparing for a job interview",
-    "getting better at public speaking",
-    "managing a team for the first time",
-    "moving to a smaller home",
-    "learning to cook healthier meals",
-    "getting back into exercise after an injury",
-    "planning a vegetable patch",
-    "building a household budget spreadsheet",
-    "starting a podcast",
-    "making sense of a workplace pension",
-    "learning to play the guitar",
-    "organising a charity bike ride",
-    "automating a tedious part of their work",
-    "writing clearer reports",
-    "digitising years of paper records",
-    "preparing to train an apprentice",
-    "proposing a change to how their workplace runs",
-    "resolving a dispute with a landlord",
-    "filing taxes as a freelancer for the first time",
-    "choosing a new laptop",
-    "planning a three-month sabbatical",
-    "learning basic statistics",
-    "applying for a small business loan",
-    "starting a book club",
-    "volunteering as a homework tutor",
-    "house-training a new puppy",
-    "standing for election to the local council",
-    "writing a first novel",
-    "translating a family recipe book",
-    "setting up a repair café",
-    "preparing a portfolio for new clients",
-    "planning a cycling trip across the country",
-    "studying for a first-aid certificate",
-    "organising a neighbourhood clean-up",
-    "improving their written English",
-    "learning to use spreadsheets properly",
-    "researching a family history",
-    "building a shed in the garden",
-    "redesigning a small business's logo",
-    "sorting out a chaotic email inbox",
-    "planning meals for a week on a budget",
-    "reducing their household's energy bills",
-    "writing a speech for a friend's wedding",
-    "preparing for a first parent-teacher meeting",
-    "choosing a secondary school for their child",
-    "applying for a work visa",
-    "setting up a small online shop",
-    "learning to swim as an adult",
-    "running a stall at a weekend market",
-    "organising an office move",
-    "writing a complaint to their energy supplier",
-    "learning about investing for the first time",
-    "preparing an exhibition of their own work",
-    "coaching a colleague through a difficult project",
-    "setting boundaries between work and home",
-    "planning a surprise birthday party",
-    "revising for an evening-class exam",
-    "starting to keep chickens",
-    "learning to drive at forty",
-    "planning a route for a long-distance walk",
-    "writing a cover letter for a dream job",
-    "setting up a community WhatsApp group",
-    "reorganising a cluttered workshop",
-    "building a simple mobile app",
-    "preparing for a long-haul flight with toddlers",
-    "putting together a training plan for new staff",
-    "writing a policy document for a volunteer group",
-    "learning first words of sign language",
-    "organising a local history walk",
-    "starting a running club",
-    "comparing broadband deals",
-    "planning a memorial for a beloved grandparent",
-    "giving feedback to a struggling team member",
-    "creating a YouTube channel about their craft",
-    "recording a family oral history",
-    "buying a first electric car",
-    "drafting a business plan",
-    "applying for a community arts grant",
-    "preparing for a charity quiz night",
-    "rebuilding confidence after a redundancy",
-    "learning to bake bread at home",
-    "writing a short film script",
-    "planning a gap year",
-    "tidying up their online privacy settings",
-    "hosting a dinner for ten on a budget",
-    "setting up a mentoring scheme at work",
-    "tracking down a rare book",
-    "preparing to foster a child",
-    "designing a garden for wildlife",
-)
-
-CONTEXTS: tuple[str, ...] = (
-    "raising two young children",
-    "caring for an elderly parent",
-    "living in a small rural village",
-    "working night shifts",
-    "studying part-time",
-    "sharing a flat with three friends",
-    "commuting long hours by train",
-    "living abroad for the first time",
-    "recovering from a knee operation",
-    "returning to work after parental leave",
-    "juggling two part-time jobs",
-    "living on a tight budget",
-    "settling into a new city",
-    "adjusting to an empty nest",
-    "managing a long-term health condition",
-    "volunteering at weekends",
-    "coaching a youth team on Saturdays",
-    "renting a draughty old house",
-    "living on a narrowboat",
-    "splitting time between two cities",
-    "working remotely from a spare bedroom",
-    "expecting a first baby",
-    "moving house",
-    "helping run the family business",
-    "looking after a large garden",
-    "raising teenagers",
-    "parenting solo",
-    "living with three generations under one roof",
-    "balancing work with evening classes",
-    "training a lively young dog",
-    "working a four-day week",
-    "living in a high-rise flat",
-    "living near the coast",
-    "living in a mountain town",
-    "spending summers on a family farm",
-    "sharing one car with a partner",
-    "commuting by bicycle",
-    "caring for a partner with a disability",
-    "learning to live with hearing loss",
-    "living alone for the first time",
-    "supporting a sibling through university",
-    "running a household of five on one income",
-    "working seasonal contracts",
-    "serving as a school governor",
-    "looking after a neighbour's allotment",
-    "preparing to emigrate",
-    "working between two languages every day",
-    "taking an online course after work",
-)
-
-# How each template joins the parts: a = "a/an experience occupation", t = trait, i = interest, g = goal,
-# c = life context. Different shapes keep the personas from all reading alike.
-TEMPLATES: tuple[str, ...] = (
-    "{a} who is {t}, currently {g} while {c}, with a long-standing interest in {i}.",
-    "{a}, {t} and fascinated by {i}, who is {g} while {c}.",
-    "While {c}, {a} who is {t} is {g} and reads everything about {i}.",
-    "{a} with a passion for {i}: {t}, {c}, and in the middle of {g}.",
-    "Currently {g}, {a} who is {t}, {c}, and always keen to talk about {i}.",
-    "{a} ({t}) who is {c} and {g}, and who spends spare time on {i}.",
-    "{a} who is {g}; {t}, {c}, and quietly obsessed with {i}.",
-    "{a} known for being {t}, who is {c} while {g} and who enjoys {i} at weekends.",
-)
+# The lists are data (sao_core/data/personas/builtin.yaml, shipped as package data), read once per process.
+# The digit order below and the order of entries in each list fix which persona an index gives, so seeds
+# keep meaning the same personas; tests pin digests of builtin samples.
 
 # The least significant digit comes first: index -> template, occupation, experience, trait, ...
-_RADICES: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("template", TEMPLATES),
-    ("occupation", OCCUPATIONS),
-    ("experience", EXPERIENCE),
-    ("trait", TRAITS),
-    ("interest", INTERESTS),
-    ("goal", GOALS),
-    ("context", CONTEXTS),
-)
+_DIGITS = ("template", "occupation", "experience", "trait", "interest", "goal", "context")
+_TEMPLATE_FIELDS = ["a", "c", "g", "i", "t"]  # each template uses each field once, sorted
 
 
-def _space_size() -> int:
-    size = 1
-    for _, values in _RADICES:
-        size *= len(values)
-    return size
+def _builtin_data() -> Traversable:
+    return resources.files("sao_core") / "data" / "personas" / "builtin.yaml"
 
 
-BUILTIN_SIZE: int = _space_size()
+def _read_builtin_lists(resource: Traversable) -> Mapping[str, tuple[str, ...]]:
+    """The attribute lists of a builtin data file, in digit order; PersonaSourceError names a bad file."""
+    where = f"builtin persona data {resource}"
+    try:
+        text = resource.read_text(encoding="utf-8")
+    except FileNotFoundError as e:
+        raise PersonaSourceError(
+            f"{where} does not exist: sao_core was installed without its package data"
+        ) from e
+    except (OSError, UnicodeDecodeError) as e:
+        raise PersonaSourceError(f"{where} cannot be read: {type(e).__name__}: {e}") from e
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise PersonaSourceError(f"{where} is not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise PersonaSourceError(f"{where} holds {type(data).__name__}, not a mapping of the lists by name")
+    # PyYAML keeps the last of two equal keys without a word; a second list of the same name is an error.
+    keys = [key.value for key, _ in root.value] if isinstance(root, yaml.MappingNode) else []
+    repeated_keys = sorted({key for key in keys if keys.count(key) > 1})
+    missing = [name for name in _DIGITS if name not in data]
+    unknown = sorted(str(key) for key in data if key not in _DIGITS)
+    if repeated_keys or missing or unknown:
+        raise PersonaSourceError(
+            f"{where} must hold exactly the lists {', '.join(_DIGITS)}; "
+            f"repeated: {repeated_keys}, missing: {missing}, unknown: {unknown}"
+        )
+    lists: dict[str, tuple[str, ...]] = {}
+    for name in _DIGITS:
+        values = data[name]
+        if not isinstance(values, list) or not values:
+            raise PersonaSourceError(f"{where}: {name!r} must be a non-empty list of entries")
+        for pos, value in enumerate(values, 1):
+            if not isinstance(value, str) or not value or value != normalize_persona(value):
+                raise PersonaSourceError(
+                    f"{where}: {name} entry {pos} is {value!r}; entries are text with single spaces, not blank or padded"
+                )
+        repeated = sorted(v for v, count in Counter(values).items() if count > 1)
+        if repeated:
+            raise PersonaSourceError(
+                f"{where}: {name} repeats {repeated}; each index must give a distinct text"
+            )
+        lists[name] = tuple(values)
+    for pos, template in enumerate(lists["template"], 1):
+        try:
+            fields = sorted(f for _, f, _, _ in string.Formatter().parse(template) if f is not None)
+        except ValueError as e:
+            raise PersonaSourceError(f"{where}: template {pos} ({template!r}) is malformed: {e}") from e
+        if fields != _TEMPLATE_FIELDS:
+            raise PersonaSourceError(
+                f"{where}: template {pos} ({template!r}) must use each of {{a}}, {{t}}, {{i}}, {{g}}, {{c}} once"
+            )
+    return MappingProxyType(lists)
+
+
+@functools.cache
+def builtin_lists() -> Mapping[str, tuple[str, ...]]:
+    """The builtin attribute lists by attribute name, in digit order (template first), read once."""
+    return _read_builtin_lists(_builtin_data())
+
+
+@functools.cache
+def builtin_size() -> int:
+    """How many distinct personas the builtin source has: the product of its list lengths."""
+    return math.prod(len(values) for values in builtin_lists().values())
+
 
 # "an" goes by sound, not by letter: a university lecturer, an MRI technician, an hour.
 _AN_PREFIXES = ("hour", "honest", "honour", "heir")
@@ -698,18 +168,19 @@ def _article(phrase: str) -> str:
 
 def builtin_attributes(index: int) -> dict[str, str]:
     """The attributes (template, occupation, experience, trait, interest, goal, context) of a builtin index."""
-    if not 0 <= index < BUILTIN_SIZE:
-        raise IndexError(f"builtin persona index {index} is outside 0..{BUILTIN_SIZE - 1}")
+    size = builtin_size()
+    if not 0 <= index < size:
+        raise IndexError(f"builtin persona index {index} is outside 0..{size - 1}")
     parts: dict[str, str] = {}
     rest = index
-    for name, values in _RADICES:
+    for name, values in builtin_lists().items():
         rest, digit = divmod(rest, len(values))
         parts[name] = values[digit]
     return parts
 
 
 def builtin_persona(index: int) -> str:
-    """The builtin persona at `index` (0 <= index < BUILTIN_SIZE); each index gives a distinct text."""
+    """The builtin persona at `index` (0 <= index < builtin_size()); each index gives a distinct text."""
     p = builtin_attributes(index)
     person = f"{p['experience']} {p['occupation']}"
     text = p["template"].format(
@@ -912,7 +383,9 @@ def load_persona_pool(cfg: PersonasConfig) -> dict[str, str]:
         return read_persona_file(cfg.path, cfg.column)
     if cfg.source == "hf":
         return _read_hf(cfg, where)
-    raise PersonaSourceError(f"persona source {where} has {BUILTIN_SIZE} personas; sample it, do not load it")
+    raise PersonaSourceError(
+        f"persona source {where} has {builtin_size()} personas; sample it, do not load it"
+    )
 
 
 # --- sampling ----------------------------------------------------------------------------------------
@@ -962,7 +435,7 @@ def sample_personas(
     where = _source_name(cfg)
     n = cfg.n
     if cfg.source == "builtin":
-        size = BUILTIN_SIZE
+        size = builtin_size()
         if n > size:
             raise _too_few(n, where, size, 0)
         rows, seen, excluded = _take(_builtin_texts(seed, size), n, exclude_ids, where)

@@ -1,20 +1,26 @@
 import gzip
+import hashlib
 import io
 import json
+import math
 import random
 import re
+import tomllib
 import uuid
 from collections import Counter
+from pathlib import Path
 
 import pytest
+import yaml
 
 from sao_core import personas
 from sao_core.config import PersonasConfig
 from sao_core.errors import PersonaSourceError
 from sao_core.personas import (
-    BUILTIN_SIZE,
     builtin_attributes,
+    builtin_lists,
     builtin_persona,
+    builtin_size,
     persona_id,
     read_persona_file,
     sample_personas,
@@ -96,23 +102,34 @@ def test_persona_id_is_stable_and_ignores_spacing():
 # --- builtin -------------------------------------------------------------------------------------------
 
 
-def test_builtin_lists_have_no_repeats_and_the_space_is_large():
-    size = 1
-    for name, values in personas._RADICES:
+def test_builtin_lists_are_distinct_non_blank_and_in_digit_order():
+    lists = builtin_lists()
+    assert list(lists) == ["template", "occupation", "experience", "trait", "interest", "goal", "context"]
+    for name, values in lists.items():
+        assert values, f"{name} is empty"
         assert len(set(values)) == len(values), f"{name} repeats an entry"
-        assert all(v == v.strip() and "  " not in v for v in values), name
-        size *= len(values)
-    assert size == BUILTIN_SIZE
-    assert BUILTIN_SIZE >= 100_000_000  # the paper's 60k per round, for many rounds
+        assert all(isinstance(v, str) and v.strip() and v == " ".join(v.split()) for v in values), name
+    for template in lists["template"]:
+        assert sorted(re.findall(r"\{(\w*)\}", template)) == ["a", "c", "g", "i", "t"], template
+    assert builtin_lists() is lists  # read once per process
+    assert builtin_size() == math.prod(len(v) for v in lists.values())
+    assert builtin_size() >= 100_000_000  # the paper's 60k per round, for many rounds
     with pytest.raises(IndexError, match="outside"):
-        builtin_persona(BUILTIN_SIZE)
+        builtin_persona(builtin_size())
     with pytest.raises(IndexError):
         builtin_persona(-1)
 
 
+def test_builtin_data_is_package_data():
+    # Installed from a wheel, the lists are there only if pyproject.toml ships sao_core/data.
+    pyproject = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())
+    assert "data/**" in pyproject["tool"]["setuptools"]["package-data"]["sao_core"]
+    assert personas._builtin_data().is_file()
+
+
 def test_builtin_space_is_pinned():
     # Seeds must keep meaning the same personas across releases: editing a list changes this on purpose.
-    assert BUILTIN_SIZE == 679_024_281_600
+    assert builtin_size() == 679_024_281_600
     assert builtin_persona(0) == (
         "A newly qualified primary school teacher who is methodical and patient, currently preparing for a "
         "professional licensing exam while raising two young children, with a long-standing interest in "
@@ -122,11 +139,115 @@ def test_builtin_space_is_pinned():
     assert got == ["pe-32626069ffedd363", "pe-310d77d3d21d6a50", "pe-d1c4b0625ed152f2"]
 
 
+def _digest(obj: object) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()
+
+
+# sha256 of the sorted-key JSON of what the builtin source gave, taken from the code before the attribute
+# lists moved out of sao_core/personas.py into sao_core/data/personas/builtin.yaml. An entry added,
+# removed, edited or moved, or a change to the index maths or the sampling, changes them: update them
+# only on purpose, since the seeds of earlier rounds then name other personas.
+BUILTIN_SAMPLE_DIGESTS = [
+    (50, 0, 0, "dee1d7bb94f1a20595abfc38d6fba76e08c4867889dac9d34d7c58d76ad69f10"),
+    (50, 1, 0, "e7fb076b9ad371240b10d9b9f082324c04581c4abde4e12799f7c6ca8c7b8102"),
+    (50, 12345, 0, "31e7eebc956055813c9810e41110ad4049bd3656054725d7a220bef15d0faca0"),
+    (2000, 7919, 0, "aae0ecca2e75e0372505a987330456305c4c0076875bcd014cc1132c8b360e48"),
+    # exclude the first 25 personas of the same seed, as a later round of a campaign does
+    (50, 1, 25, "452e1112b76827ed6503ef9041bcc2083057984227d3bef237b790ae10f82621"),
+]
+
+
+@pytest.mark.parametrize(("n", "seed", "n_excluded", "digest"), BUILTIN_SAMPLE_DIGESTS)
+def test_builtin_samples_match_their_pinned_digests(n, seed, n_excluded, digest):
+    used = (
+        {r["persona_id"] for r in sample_personas(_builtin(n_excluded), seed=seed)} if n_excluded else set()
+    )
+    assert _digest(sample_personas(_builtin(n), seed=seed, exclude_ids=used)) == digest
+
+
+def test_builtin_entries_match_their_pinned_digests():
+    # Indices with every digit 0 but one walk each list entry by entry, in order; then the last index.
+    indices, step = [], 1
+    for values in builtin_lists().values():
+        indices += [k * step for k in range(len(values))]
+        step *= len(values)
+    indices.append(step - 1)
+    assert len(indices) == 563
+    # Taken from the code before the lists became data files, like BUILTIN_SAMPLE_DIGESTS.
+    assert _digest([builtin_persona(i) for i in indices]) == (
+        "991f7dbf2ed190e0b6d23c337b75c36ed479e3add16dffa6f09a3063095e4d0a"
+    )
+    assert _digest([builtin_attributes(i) for i in indices]) == (
+        "674625a1fa904f3ecdba262f633a9d426459737cf09955daca175c9b102403a1"
+    )
+
+
+def _lists_yaml(**change: object) -> str:
+    lists: dict[str, object] = {
+        "context": ["living abroad", "working nights"],  # out of digit order on purpose
+        "template": ["{a} who is {t}, {g} while {c}, likes {i}.", "While {c}, {a} ({t}) is {g}; {i}."],
+        "occupation": ["nurse", "baker"],
+        "experience": ["seasoned"],
+        "trait": ["cautious", "curious"],
+        "interest": ["chess"],
+        "goal": ["moving house"],
+    }
+    lists.update(change)
+    return yaml.safe_dump({k: v for k, v in lists.items() if v is not None}, sort_keys=False)
+
+
+def test_builtin_data_loads_in_digit_order(tmp_path):
+    path = tmp_path / "builtin.yaml"
+    path.write_text(_lists_yaml())
+    lists = personas._read_builtin_lists(path)
+    assert list(lists) == ["template", "occupation", "experience", "trait", "interest", "goal", "context"]
+    assert lists["occupation"] == ("nurse", "baker")
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (None, "does not exist"),
+        ("template: [\n", "is not valid YAML"),
+        ("", "holds NoneType, not a mapping"),
+        ("- nurse\n- baker\n", "holds list, not a mapping"),
+        (_lists_yaml(goal=None), "missing: ['goal']"),
+        (_lists_yaml(hobby=["chess"]), "unknown: ['hobby']"),
+        (_lists_yaml() + "trait: [shy]\n", "repeated: ['trait']"),
+        (_lists_yaml(trait=[]), "'trait' must be a non-empty list"),
+        (_lists_yaml(trait="cautious"), "'trait' must be a non-empty list"),
+        (_lists_yaml(trait=["cautious", ""]), "trait entry 2 is ''"),
+        (_lists_yaml(trait=["cautious", "  "]), "trait entry 2 is '  '"),
+        (_lists_yaml(trait=[" cautious"]), "trait entry 1 is ' cautious'"),
+        (_lists_yaml(trait=["dry  witted"]), "trait entry 1 is 'dry  witted'"),
+        (_lists_yaml(trait=[True]), "trait entry 1 is True"),
+        (_lists_yaml(trait=["cautious", "shy", "cautious"]), "trait repeats ['cautious']"),
+        (_lists_yaml(template=["{a} who is {t}, likes {i}."]), "must use each of"),
+        (_lists_yaml(template=["{a} {a} {t} {i} {g} {c}"]), "must use each of"),
+        (_lists_yaml(template=["{a} who is {t} {i} {g} {c"]), "is malformed"),
+    ],
+)
+def test_bad_builtin_data_gets_a_clear_error_naming_the_file(tmp_path, text, expected):
+    path = tmp_path / "builtin.yaml"
+    if text is not None:
+        path.write_text(text)
+    with pytest.raises(PersonaSourceError, match=re.escape(expected)) as err:
+        personas._read_builtin_lists(path)
+    assert f"builtin persona data {path}" in str(err.value)
+
+
+def test_builtin_data_that_is_not_utf8_is_named(tmp_path):
+    path = tmp_path / "builtin.yaml"
+    path.write_bytes(b"trait: [caf\xe9]\n")
+    with pytest.raises(PersonaSourceError, match=re.escape(f"builtin persona data {path} cannot be read")):
+        personas._read_builtin_lists(path)
+
+
 def test_builtin_digits_each_change_the_text():
     index = 123_456_789
     base = builtin_persona(index)
     step = 1
-    for _, values in personas._RADICES:
+    for values in builtin_lists().values():
         neighbour = index + step if (index // step) % len(values) + 1 < len(values) else index - step
         assert builtin_persona(neighbour) != base
         step *= len(values)
@@ -157,7 +278,7 @@ def builtin_20k():
 
 def _template_patterns() -> list[re.Pattern[str]]:
     out = []
-    for template in personas.TEMPLATES:
+    for template in builtin_lists()["template"]:
         pattern = re.escape(template)
         for key in "atigc":
             pattern = pattern.replace(re.escape("{" + key + "}"), f"(?P<{key}>.+?)")
@@ -194,18 +315,19 @@ def test_builtin_sample_is_varied_and_well_formed(builtin_20k):
         templates[which] += 1
         words[text.split()[0]] += 1
         person = match["a"].split(maxsplit=1)[1]  # drop the article
-        experience = next(e for e in personas.EXPERIENCE if person.startswith(e + " "))
+        experience = next(e for e in builtin_lists()["experience"] if person.startswith(e + " "))
         occupations[person[len(experience) + 1 :]] += 1
-    assert len(templates) == len(personas.TEMPLATES)
-    assert min(templates.values()) > 20_000 / len(personas.TEMPLATES) / 2  # no template starves
-    assert set(occupations) == set(personas.OCCUPATIONS)
+    n_templates = len(builtin_lists()["template"])
+    assert len(templates) == n_templates
+    assert min(templates.values()) > 20_000 / n_templates / 2  # no template starves
+    assert set(occupations) == set(builtin_lists()["occupation"])
     assert max(templates.values()) < 0.25 * 20_000
     assert len(words) >= 4  # sentences open differently ("A", "An", "While", "Currently")
 
 
 def test_builtin_attributes_cover_the_lists():
-    attrs = [builtin_attributes(i) for i in random.Random(0).sample(range(BUILTIN_SIZE), 20_000)]
-    for name, values in personas._RADICES:
+    attrs = [builtin_attributes(i) for i in random.Random(0).sample(range(builtin_size()), 20_000)]
+    for name, values in builtin_lists().items():
         seen = {a[name] for a in attrs}
         assert len(seen) == len(values), name
 
@@ -221,7 +343,7 @@ def test_builtin_exclusion_skips_used_ids_and_extends_the_same_order():
 
 
 def test_builtin_too_few_after_exclusion(monkeypatch):
-    monkeypatch.setattr(personas, "BUILTIN_SIZE", 30)
+    monkeypatch.setattr(personas, "builtin_size", lambda: 30)
     everything = sample_personas(_builtin(30), seed=0)
     assert len({r["persona_id"] for r in everything}) == 30
     used = {r["persona_id"] for r in everything[:25]}
