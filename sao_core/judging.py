@@ -107,7 +107,9 @@ def build_judge_requests(
     return requests
 
 
-def _chosen_and_rejected(responses: list[dict[str, Any]], comparisons: list[dict[str, Any]]) -> tuple[int, int] | str:
+def _chosen_and_rejected(
+    responses: list[dict[str, Any]], comparisons: list[dict[str, Any]]
+) -> tuple[int, int] | str:
     """(chosen index, rejected index), or the reason no pair can be chosen.
 
     Per unordered pair, the verdicts of all its orders must agree. With k > 2 answers the chosen one

@@ -4,7 +4,7 @@ from sao_core import storage
 from sao_core.config import build_config
 from sao_core.engines.fake import FakeEngine
 from sao_core.evaluation import evaluate_policy, load_eval_prompts
-from sao_core.stages import EngineProvider
+from sao_core.stages.runner import EngineProvider
 
 
 def test_bundled_prompts():

@@ -1,3 +1,6 @@
+import difflib
+import hashlib
+
 import pytest
 
 from sao_core.engines import Completion
@@ -13,7 +16,7 @@ from sao_core.judging import (
 
 
 @pytest.mark.parametrize(
-    ("text", "winner", "error"),
+    ("text", "preferred_position", "error"),
     [
         ("ranking: 1 > 2", 1, None),
         ("ranking: 2 > 1", 2, None),
@@ -35,15 +38,44 @@ from sao_core.judging import (
         (None, None, "empty"),
     ],
 )
-def test_parse_verdict(text, winner, error):
+def test_parse_verdict(text, preferred_position, error):
     v = parse_verdict(text)
-    assert (v.winner, v.error) == (winner, error)
+    assert (v.preferred_position, v.error) == (preferred_position, error)
+
+
+# SAO.md, "One round" step 4: the judge prompt quoted from the SAO paper (Figure 1, "Pair-wise Response
+# Ranking"), copied character for character. The digest is that of SAO.md's text, so this copy cannot
+# drift from it unnoticed; the copy itself is kept so that a failure shows what changed.
+PAPER_JUDGE_TEMPLATE = """You are an impartial judge. Your task is to rank two answers to a given prompt based on their quality.
+
+Prompt: {prompt}
+
+Response 1: <Response 1> {response 1} </Response 1>
+
+Response 2: <Response 2> {response 2} </Response 2>
+
+Please carefully read each response and evaluate them based on the following criteria:
+
+1. Relevance and specificity to the prompt
+2. Accuracy and correctness of information
+3. Completeness and comprehensiveness
+4. Clarity and understandability
+
+Then, rank these two responses from best to worst. You must output your ranking strictly in the following format: ranking: X > Y, where X and Y represent one of 1 or 2, without repetition.
+
+Remember, you must output a complete ranking including both options. Now, please provide your ranking:"""
+PAPER_JUDGE_TEMPLATE_SHA256 = "42746006c6bc8cf4b12bea4fa181f5d2093faa8472b8d6cf9ef1411699c475c3"
 
 
 def test_template_is_the_papers():
-    assert JUDGE_TEMPLATE.startswith("You are an impartial judge.")
-    assert "Response 1: <Response 1> {response_1} </Response 1>" in JUDGE_TEMPLATE
-    assert JUDGE_TEMPLATE.endswith("Now, please provide your ranking:")
+    assert hashlib.sha256(PAPER_JUDGE_TEMPLATE.encode()).hexdigest() == PAPER_JUDGE_TEMPLATE_SHA256
+    # The paper's placeholders "{response 1}" and "{response 2}" are response_1 and response_2 in code
+    # (str.format names); filled back in, the whole text must be the paper's.
+    ours = JUDGE_TEMPLATE.format(prompt="{prompt}", response_1="{response 1}", response_2="{response 2}")
+    diff = difflib.ndiff(PAPER_JUDGE_TEMPLATE.splitlines(keepends=True), ours.splitlines(keepends=True))
+    assert ours == PAPER_JUDGE_TEMPLATE, (
+        "JUDGE_TEMPLATE differs from the paper's (- paper, + ours):\n" + "".join(diff)
+    )
 
 
 def test_comparison_orders():
@@ -80,6 +112,7 @@ def test_requests_put_answers_in_order():
 def test_single_order_valid_and_invalid():
     [ok] = _judge([_row()], ["ranking: 2 > 1"], swap=False)
     assert ok["valid"] and ok["chosen_response_id"] == "pr-1-r1" and ok["rejected_response_id"] == "pr-1-r0"
+    assert (ok["comparisons"][0]["preferred_position"], ok["comparisons"][0]["error"]) == (2, None)
     [bad] = _judge([_row()], ["I like both"], swap=False)
     assert not bad["valid"] and bad["invalid_reason"] == "invalid_verdict"
     assert bad["raw_judge_output"] == "I like both"  # kept, not dropped
@@ -149,7 +182,7 @@ def test_diagnostics_of_nothing():
 
 
 @pytest.mark.parametrize(
-    ("text", "winner", "error"),
+    ("text", "preferred_position", "error"),
     [
         ("ranking: 1. Both are good", 1, None),
         ("ranking: 2\n\nResponse 2 is clearer.", 2, None),
@@ -162,11 +195,11 @@ def test_diagnostics_of_nothing():
         ("I prefer the first", None, "no_ranking"),
     ],
 )
-def test_parse_verdict_lenient(text, winner, error):
+def test_parse_verdict_lenient(text, preferred_position, error):
     v = parse_verdict(text, lenient=True)
-    assert (v.winner, v.error) == (winner, error)
-    if winner is not None and ">" not in text:
-        assert parse_verdict(text).winner is None  # the strict parser refuses a bare verdict
+    assert (v.preferred_position, v.error) == (preferred_position, error)
+    if preferred_position is not None and ">" not in text:
+        assert parse_verdict(text).preferred_position is None  # the strict parser refuses a bare verdict
 
 
 def test_judge_prefill_and_lenient_through_the_stage():

@@ -7,14 +7,15 @@ killed mid-run, is in tests/integration/test_openai_vllm_serve.py.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import threading
-import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
@@ -24,24 +25,38 @@ from sao_core.engines import ChatRequest, Sampling, make_engine
 from sao_core.engines import openai as openai_engine
 from sao_core.engines.openai import OpenAIEngine, backoff_seconds
 from sao_core.errors import ConfigError, EngineError
-from sao_core.stages import EngineProvider, prepare_round, run_personas, run_shard
+from sao_core.stages.layout import prepare_round
+from sao_core.stages.round import run_personas
+from sao_core.stages.runner import EngineProvider, run_shard
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLING = Sampling(temperature=0.6, top_p=0.95, max_tokens=16, seed=1)
+# Only a guard against a hang when the engine misbehaves; no outcome depends on it.
+HANG_GUARD_S = 60.0
+T = TypeVar("T")
 
 
 class StubServer:
-    """An OpenAI-compatible chat server that echoes the last message and fails as scripted."""
+    """An OpenAI-compatible chat server that echoes the last message and fails as scripted.
 
-    def __init__(self, model: str = "stub-model", delay: float = 0.0) -> None:
+    No outcome here depends on timing: a stalled call waits until the server stops, and after
+    `hold_calls()` every chat call waits until the test lets it go with `release()`, so a test knows
+    at each step which calls are in flight (`wait_until` blocks until the counters read as expected).
+    """
+
+    def __init__(self, model: str = "stub-model") -> None:
         self.model = model
-        self.delay = delay
         self.faults: list[str] = []  # consumed one per chat call: 429, 500, drop, stall, abort, 401, 400
         self.calls: list[dict[str, Any]] = []
         self.headers: list[dict[str, str]] = []
-        self.in_flight = 0
+        self.in_flight = 0  # chat calls received and not answered yet
         self.max_in_flight = 0
-        self.lock = threading.Lock()
+        self.answered = 0
+        self.stalled = 0  # stalled calls still waiting
+        self.holding = False
+        self.releases = 0  # held calls the test has let go and that have not gone yet
+        self.closing = False
+        self.changed = threading.Condition()
         stub = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -65,32 +80,48 @@ class StubServer:
 
             def do_POST(self) -> None:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                with stub.lock:
+                with stub.changed:
                     stub.calls.append(body)
                     stub.headers.append(dict(self.headers))
                     fault = stub.faults.pop(0) if stub.faults else ""
                     stub.in_flight += 1
                     stub.max_in_flight = max(stub.max_in_flight, stub.in_flight)
-                try:
-                    self._answer(body, fault)
-                finally:
-                    with stub.lock:
-                        stub.in_flight -= 1
-
-            def _answer(self, body: dict[str, Any], fault: str) -> None:
-                if fault == "drop":
+                    stub.changed.notify_all()
+                    if stub.holding:
+                        stub.changed.wait_for(lambda: stub.releases > 0 or stub.closing)
+                        if not stub.closing:
+                            stub.releases -= 1
+                reply = self._reply(body, fault)
+                # A call stops counting before its answer leaves: the engine cannot start another call
+                # on the freed slot until it has the answer, so `in_flight` never counts one too many.
+                with stub.changed:
+                    stub.in_flight -= 1
+                    stub.answered += reply is not None
+                    stub.changed.notify_all()
+                if reply is None:  # the connection drops without an answer
                     self.close_connection = True
-                    self.connection.shutdown(socket.SHUT_RDWR)
+                    with contextlib.suppress(OSError):  # the client may have hung up already
+                        self.connection.shutdown(socket.SHUT_RDWR)
                     return
+                self._send(*reply)
+
+            def _reply(
+                self, body: dict[str, Any], fault: str
+            ) -> tuple[int, dict[str, Any], dict[str, str]] | None:
+                if fault == "drop":
+                    return None
                 if fault == "stall":
-                    time.sleep(1.5)
+                    with stub.changed:
+                        stub.stalled += 1
+                        stub.changed.notify_all()
+                        stub.changed.wait_for(lambda: stub.closing)
+                        stub.stalled -= 1
+                    return None
                 if fault.isdigit() and fault != "200":
-                    self._send(int(fault), {"error": {"message": f"scripted {fault}"}}, {"Retry-After": "0"})
-                    return
-                time.sleep(stub.delay)
+                    return int(fault), {"error": {"message": f"scripted {fault}"}}, {"Retry-After": "0"}
                 text = f"echo:{body['messages'][-1]['content']}:seed={body['seed']}"
                 finish = "abort" if fault == "abort" else "length" if body["max_tokens"] < 4 else "stop"
-                self._send(
+                return (
                     200,
                     {
                         "id": "x",
@@ -105,6 +136,7 @@ class StubServer:
                         ],
                         "usage": {"prompt_tokens": 7, "completion_tokens": min(5, body["max_tokens"])},
                     },
+                    {},
                 )
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
@@ -113,9 +145,45 @@ class StubServer:
         self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
         self.thread.start()
 
+    def hold_calls(self) -> None:
+        """From now on every chat call waits for a `release()` before it is answered."""
+        with self.changed:
+            self.holding = True
+
+    def release(self, calls: int = 1) -> None:
+        with self.changed:
+            self.releases += calls
+            self.changed.notify_all()
+
+    def wait_until(self, **counts: int) -> None:
+        """Block until each named counter (in_flight, answered, stalled) has reached the given value."""
+        with self.changed:
+            if not self.changed.wait_for(
+                lambda: all(getattr(self, k) >= v for k, v in counts.items()), timeout=HANG_GUARD_S
+            ):
+                now = {k: getattr(self, k) for k in ("in_flight", "answered", "stalled", "max_in_flight")}
+                raise AssertionError(f"stub server: waited for {counts}, counters are {now}")
+
     def stop(self) -> None:
+        with self.changed:
+            self.closing = True  # held and stalled calls go, so no handler outlives the test
+            self.changed.notify_all()
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+def _in_background(fn: Callable[..., T], *args: Any) -> Future[T]:
+    """Run fn on a thread of its own, so that the test can drive the stub while the engine waits on it."""
+    future: Future[T] = Future()
+
+    def run() -> None:
+        try:
+            future.set_result(fn(*args))
+        except BaseException as e:
+            future.set_exception(e)
+
+    threading.Thread(target=run, daemon=True).start()
+    return future
 
 
 @pytest.fixture
@@ -171,11 +239,33 @@ def test_a_prefill_is_continued_and_starts_the_text(stub: StubServer) -> None:
     assert call["continue_final_message"] is True and call["add_generation_prompt"] is False
 
 
-def test_concurrency_is_bounded(stub: StubServer) -> None:
-    stub.delay = 0.05
+def test_concurrency_is_bounded(stub: StubServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    callers: set[int] = set()
+    post = OpenAIEngine._post
+
+    def recorded_post(self: OpenAIEngine, *args: Any, **kwargs: Any) -> Any:
+        callers.add(threading.get_ident())
+        return post(self, *args, **kwargs)
+
+    monkeypatch.setattr(OpenAIEngine, "_post", recorded_post)
+    # Calls are answered one at a time, when the test says so. Each freed slot is refilled from the
+    # queue at once: three calls are in flight while three or more remain, and never a fourth.
+    stub.hold_calls()
     engine = _engine(stub.url, max_concurrency=3)
-    engine.generate([ChatRequest.user(f"r{i}", "q") for i in range(12)], SAMPLING)
-    assert stub.max_in_flight == 3
+    requests = [ChatRequest.user(f"r{i}", f"q{i}") for i in range(12)]
+    outs = _in_background(engine.generate, requests, SAMPLING)
+    for answered in range(12):
+        stub.wait_until(answered=answered, in_flight=min(3, 12 - answered))
+        assert stub.max_in_flight == 3, f"{stub.max_in_flight} calls in flight with max_concurrency=3"
+        stub.release()
+    assert [o[0].text.split(":")[1] for o in outs.result(timeout=HANG_GUARD_S)] == [
+        f"q{i}" for i in range(12)
+    ]
+    assert stub.max_in_flight == 3 and len(stub.calls) == 12
+    # Calls run on max_concurrency threads (the engine's docstring). The server alone can miss a
+    # fourth caller whose call lands just after the test let one go; the number of callers cannot.
+    assert len(callers) == 3
+    engine.close()
 
 
 def test_429_5xx_dropped_connections_and_aborts_are_retried(stub: StubServer) -> None:
@@ -187,11 +277,16 @@ def test_429_5xx_dropped_connections_and_aborts_are_retried(stub: StubServer) ->
 
 
 def test_a_stalled_call_times_out_and_is_retried(stub: StubServer) -> None:
-    stub.faults = ["stall"]
-    engine = _engine(stub.url, request_timeout_s=0.3, max_retries=1)
-    start = time.perf_counter()
-    assert engine.generate([ChatRequest.user("r0", "q")], SAMPLING)[0][0].text.startswith("echo:q")
-    assert time.perf_counter() - start < 1.5
+    stub.faults = ["stall"]  # the first call is not answered while the test runs
+    engine = _engine(stub.url, request_timeout_s=0.5, max_retries=3)
+    outs = _in_background(engine.generate, [ChatRequest.user("r0", "q")], SAMPLING)
+    out = outs.result(timeout=HANG_GUARD_S)[0][0]
+    # The answer can only have come from a retry: the stalled call is still waiting. A retry repeats
+    # the same completion (same body, so the same seed).
+    stub.wait_until(stalled=1)
+    assert out.text == f"echo:q:seed={stub.calls[0]['seed']}" and out.finish_reason == "stop"
+    assert len(stub.calls) >= 2 and all(call == stub.calls[0] for call in stub.calls)
+    engine.close()
 
 
 def test_retries_running_out_fail_the_shard_and_write_nothing(stub: StubServer, tmp_path: Path) -> None:

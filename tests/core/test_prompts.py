@@ -1,3 +1,6 @@
+import difflib
+import hashlib
+
 import pytest
 
 from sao_core.engines import Completion
@@ -10,13 +13,30 @@ from sao_core.prompts import (
     parse_prompt_output,
 )
 
+# SAO.md, "One round" step 2: Persona Hub's prompt-synthesis template as the SAO paper reproduces it,
+# copied character for character. The digest is that of SAO.md's text, so this copy cannot drift from it
+# unnoticed; the copy itself is kept so that a failure shows what changed.
+PAPER_PROMPT_TEMPLATE = """Guess a prompt that the following persona may ask you to do:
+
+{persona}
+
+Note:
+
+1. The prompt should be informative and specific.
+2. Your output should start with "User prompt:\""""
+PAPER_PROMPT_TEMPLATE_SHA256 = "bb005c55e07d880e40a92e293ea5dfdb6ef39a313e211c67f5c8139c514964bb"
+
 
 def test_template_is_the_papers():
-    text = PROMPT_TEMPLATE.format(persona="A beekeeper.")
-    assert text.startswith(
-        "Guess a prompt that the following persona may ask you to do:\n\nA beekeeper.\n\nNote:"
+    assert hashlib.sha256(PAPER_PROMPT_TEMPLATE.encode()).hexdigest() == PAPER_PROMPT_TEMPLATE_SHA256
+    diff = difflib.ndiff(
+        PAPER_PROMPT_TEMPLATE.splitlines(keepends=True), PROMPT_TEMPLATE.splitlines(keepends=True)
     )
-    assert text.endswith('2. Your output should start with "User prompt:"')
+    assert PROMPT_TEMPLATE == PAPER_PROMPT_TEMPLATE, (
+        "PROMPT_TEMPLATE differs from the paper's (- paper, + ours):\n" + "".join(diff)
+    )
+    text = PROMPT_TEMPLATE.format(persona="A beekeeper.")
+    assert text == PAPER_PROMPT_TEMPLATE.replace("{persona}", "A beekeeper.")
 
 
 @pytest.mark.parametrize(

@@ -61,8 +61,9 @@ def test_tiny_model_runs_all_four_stages(tmp_path, tiny_model):
 
 
 def test_tiny_model_judges_real_pairs(tmp_path, tiny_model):
-    """Judging and pairing on real model output: responses from the tiny model, its own verdicts."""
-    from sao_core.judging import build_judge_requests, parse_judge_completions
+    """Judging and pairing on real model output: the tiny model's own verdicts on two fixed answers."""
+    from sao_core.judging import build_judge_requests, parse_judge_completions, parse_verdict
+    from sao_core.pairing import select_pairs
 
     cfg = build_config({"model": {"path": tiny_model}, "engine": {"batch_size": 8}})
     engine = make_engine(cfg.engine, cfg.model)
@@ -70,17 +71,46 @@ def test_tiny_model_judges_real_pairs(tmp_path, tiny_model):
         {
             "prompt_id": f"p{i}",
             "persona_id": "x",
-            "prompt": "Q?",
+            "prompt": question,
             "round": 1,
-            "responses": [{"response_id": f"p{i}a", "text": "one"}, {"response_id": f"p{i}b", "text": "two"}],
+            "responses": [{"response_id": f"p{i}a", "text": a}, {"response_id": f"p{i}b", "text": b}],
         }
-        for i in range(3)
+        for i, (question, a, b) in enumerate(
+            [("Q?", "one", "two"), ("Name a colour.", "Blue.", "Red, I think."), ("2 + 2?", "4", "Four.")]
+        )
     ]
     reqs = build_judge_requests(rows, swap=True)
     outs = engine.generate(reqs, Sampling(0.0, 1.0, 8))
     judged = parse_judge_completions(rows, outs, swap=True)
     assert len(judged) == 3 and all(len(j["comparisons"]) == 2 for j in judged)
-    assert all(j["valid"] or j["invalid_reason"] for j in judged)
+    # Whatever random weights write, each output is kept on the comparison it answered, in request order.
+    comparisons = [c for j in judged for c in j["comparisons"]]
+    assert [c["raw_judge_output"] for c in comparisons] == [o[0].text for o in outs]
+    assert [(c["response_1_id"], c["response_2_id"]) for c in comparisons] == [
+        ids for i in range(3) for ids in ((f"p{i}a", f"p{i}b"), (f"p{i}b", f"p{i}a"))
+    ]
+    for j in judged:
+        # Each verdict is the strict parser's reading of its own text, and the row follows the two
+        # verdicts: an unreadable one makes it invalid, two that name different answers inconsistent.
+        preferred = []
+        for c in j["comparisons"]:
+            v = parse_verdict(c["raw_judge_output"])
+            assert (c["preferred_position"], c["error"]) == (v.preferred_position, v.error)
+            position = v.preferred_position
+            preferred.append(None if position is None else c[f"response_{position}_id"])
+        if None in preferred:
+            expected = (False, "invalid_verdict", None)
+        elif preferred[0] != preferred[1]:
+            expected = (False, "inconsistent_order", None)
+        else:
+            expected = (True, None, preferred[0])
+        assert (j["valid"], j["invalid_reason"], j["chosen_response_id"]) == expected
+    # Pairing keeps exactly the valid judgements and drops each other one with its reason.
+    pairs, dropped = select_pairs(judged, rows, "config-hash")
+    assert [p["prompt_id"] for p in pairs] == [j["prompt_id"] for j in judged if j["valid"]]
+    assert [d["drop_reason"] for d in dropped] == [
+        f"invalid_judgement:{j['invalid_reason']}" for j in judged if not j["valid"]
+    ]
 
 
 def test_missing_model_folder_is_named(tmp_path):
@@ -93,6 +123,7 @@ def test_missing_model_folder_is_named(tmp_path):
         make_engine(cfg.engine, cfg.model)
 
 
+@pytest.mark.usefixtures("smollm2")  # the recipe's model is the bundled one
 def test_bundled_smollm2_four_stages_to_trl_pairs(tmp_path):
     """The bundled SmolLM2 on CPU, a handful of personas, pairs loaded with datasets in TRL's format."""
     import datasets

@@ -97,7 +97,7 @@ class VLLMServer:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, vllm_python: str) -> Iterator[VLLMServer]:
+def server(tmp_path_factory: pytest.TempPathFactory, vllm_python: str, smollm2: str) -> Iterator[VLLMServer]:
     served = VLLMServer(Path(vllm_python), tmp_path_factory.mktemp("vllm-serve") / "serve.log")
     served.start()
     yield served

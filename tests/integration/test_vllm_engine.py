@@ -163,6 +163,7 @@ class ShortQuestions:
         pass
 
 
+@pytest.mark.usefixtures("smollm2")
 def test_smollm2_answers_and_judges_in_vllm_children(vllm_python: str, tmp_path: Path) -> None:
     cfg = _config(
         tmp_path, vllm_python, SMOLLM2, "personas.n=8", "run.shard_size=8", "responses.max_tokens=96",
@@ -187,6 +188,7 @@ def test_smollm2_answers_and_judges_in_vllm_children(vllm_python: str, tmp_path:
     assert judgements["diagnostics"]["verdicts"] == responses["rows_out"]
 
 
+@pytest.mark.usefixtures("smollm2")
 def test_vllm_engine_holds_one_worker_and_matches_transformers_greedy(vllm_python: str) -> None:
     cfg = load_config(
         str(REPO / "configs" / "tiny.yaml"),
