@@ -11,6 +11,7 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/*
 
 ENV PYTHONUNBUFFERED=1 \
+    SAO_PROJECT_DIR=/opt/sao \
     PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     VIRTUAL_ENV=/opt/venv \
@@ -41,6 +42,7 @@ COPY tasks/ tasks/
 COPY flows/ flows/
 COPY configs/ configs/
 COPY deployments/ deployments/
+COPY prefect.yaml ./
 # Editable, so sao_core is imported from /opt/sao: recipes and accelerate configs are named relative to it,
 # and an engine child's PYTHONPATH points at the folder holding sao_core (sao_core/engines/child.py).
 # artifacts/ is the recipes' default run.root (relative to the working directory), writable by sao.

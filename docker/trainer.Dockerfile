@@ -12,6 +12,7 @@ RUN apt-get update \
 
 # NVIDIA_*: what the NVIDIA container toolkit mounts from the host driver (CUDA itself comes from the wheels).
 ENV PYTHONUNBUFFERED=1 \
+    SAO_PROJECT_DIR=/opt/sao \
     PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     VIRTUAL_ENV=/opt/venv \
@@ -42,6 +43,7 @@ COPY tasks/ tasks/
 COPY flows/ flows/
 COPY configs/ configs/
 COPY deployments/ deployments/
+COPY prefect.yaml ./
 # Editable, so sao_core is imported from /opt/sao, where the training configs it names are found.
 # artifacts/ is the recipes' default run.root (relative to the working directory), writable by sao.
 RUN pip install --no-cache-dir --no-deps -e . \

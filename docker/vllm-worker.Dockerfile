@@ -22,6 +22,7 @@ RUN apt-get update \
 
 # NVIDIA_*: what the NVIDIA container toolkit mounts from the host driver (CUDA itself comes from the wheels).
 ENV PYTHONUNBUFFERED=1 \
+    SAO_PROJECT_DIR=/opt/sao \
     PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     VIRTUAL_ENV=/opt/venv \
@@ -58,6 +59,7 @@ COPY tasks/ tasks/
 COPY flows/ flows/
 COPY configs/ configs/
 COPY deployments/ deployments/
+COPY prefect.yaml ./
 COPY scripts/gpu_check.py scripts/
 # Editable in both environments, so sao_core is imported from /opt/sao: the engine child's PYTHONPATH points
 # at the folder holding sao_core (sao_core/engines/child.py), which must not be the main site-packages.

@@ -3,6 +3,7 @@
     sao synth --config configs/cpu-smollm2.yaml [--set personas.n=8 ...]   # the data stages, no Prefect
     sao run --config configs/cpu-smollm2.yaml                               # a whole round on Prefect
     sao train --config CFG --pairs URL [--output URL]                       # preference optimisation
+    sao deploy [--gpu-pool-type docker] [--cron "0 2 * * *"]                # pools, automation, deployments
     sao -v synth --config ...                                               # also log every shard
 
 Prefect is imported by `sao run` only, so `sao synth` and `sao train` start without it. Exit codes: 0 done,
@@ -84,6 +85,21 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_deploy(args: argparse.Namespace) -> int:
+    from flows.deploy import deploy
+
+    steps = deploy(
+        gpu_pool_type=args.gpu_pool_type,
+        train_pool_type=args.train_pool_type,
+        cron=args.cron,
+        timezone=args.timezone,
+        heartbeat_grace_s=args.heartbeat_grace_s,
+    )
+    for step in steps:
+        print(step)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sao", description="Self-Alignment Optimization pipeline")
     parser.add_argument(
@@ -115,6 +131,27 @@ def build_parser() -> argparse.ArgumentParser:
         "--output", default=None, help="model folder URL (default: {round}/model/{training hash})"
     )
     train.set_defaults(func=cmd_train)
+    deploy = sub.add_parser(
+        "deploy",
+        help="create the work pools, the crash automation and every deployment of prefect.yaml",
+        description="Against the server PREFECT_API_URL names: work pools sao-cpu, sao-gpu-batch and "
+        "sao-train from deployments/pools/, an automation marking runs without heartbeats Crashed, the "
+        "nightly schedule's variables, then `prefect --no-prompt deploy --all`.",
+    )
+    pool_types = ("process", "docker", "kubernetes")
+    deploy.add_argument("--gpu-pool-type", choices=pool_types, default="process", help="sao-gpu-batch's type")
+    deploy.add_argument("--train-pool-type", choices=pool_types, default="process", help="sao-train's type")
+    deploy.add_argument(
+        "--cron", help="nightly schedule (Prefect variable sao_nightly_cron; default 0 2 * * *)"
+    )
+    deploy.add_argument("--timezone", help="its timezone (variable sao_nightly_timezone; default UTC)")
+    deploy.add_argument(
+        "--heartbeat-grace-s",
+        type=int,
+        default=600,
+        help="mark a flow run Crashed after this long without a heartbeat (runs beat every 180 s)",
+    )
+    deploy.set_defaults(func=cmd_deploy)
     return parser
 
 
@@ -124,7 +161,7 @@ def setup_logging(command: str, verbose: bool) -> None:
     `run` leaves the handlers to Prefect (task and flow run names on every line); -v then adds the
     library's logger to Prefect's extra loggers, so its lines also reach each task run's logs in the UI.
     """
-    if command == "run":
+    if command in ("run", "deploy"):
         if verbose:
             extra = [n for n in os.environ.get("PREFECT_LOGGING_EXTRA_LOGGERS", "").split(",") if n]
             os.environ["PREFECT_LOGGING_EXTRA_LOGGERS"] = ",".join(dict.fromkeys([*extra, "sao_core"]))

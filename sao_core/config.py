@@ -186,6 +186,9 @@ class TrainingConfig(Section):
     keep_checkpoints: bool = False  # keep them once the final model is written
     seed: int = 0
     logging_steps: int = Field(1, ge=1)
+    # A Prefect deployment ("flow/deployment", e.g. sao-train/train from prefect.yaml) on a multi-GPU
+    # pool: the round's train task runs training there and waits. None: train where the round runs.
+    deployment: str | None = Field(None, pattern=r"^[^/]+/[^/]+$")
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainingConfig:
@@ -222,6 +225,26 @@ class EvaluationConfig(Section):
     enabled: bool = True
 
 
+class FanoutConfig(Section):
+    """Where the shards of the model stages (prompts, responses, judgements) run.
+
+    local: as tasks in the round's own process, one after another, on one loaded engine (the default).
+    deployment: one flow run of `deployment` per GPU worker (`workers` of them), each given a list of
+        shard indices and holding one engine for all of them (flows/gpu_batch.py); a batch whose run
+        ends Crashed, Failed or past `batch_timeout_s` is resubmitted, at most `max_attempts` times.
+    replicas: the openai engine over `engine.base_urls`; the stage's shards run as concurrent tasks,
+        `concurrency` at once (0: one per replica), so every replica stays busy.
+    """
+
+    mode: Literal["local", "deployment", "replicas"] = "local"
+    deployment: str = Field("sao-gpu-batch/gpu-batch", pattern=r"^[^/]+/[^/]+$")
+    workers: int = Field(1, ge=1)
+    max_attempts: int = Field(3, ge=1)
+    batch_timeout_s: float = Field(6 * 3600.0, gt=0)
+    poll_interval_s: float = Field(5.0, gt=0)
+    concurrency: int = Field(0, ge=0)
+
+
 class RoundConfig(Section):
     """Everything one SAO round needs; each stage reads only its own section."""
 
@@ -235,6 +258,21 @@ class RoundConfig(Section):
     pairing: PairingConfig = PairingConfig()
     training: TrainingConfig = TrainingConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
+    fanout: FanoutConfig = FanoutConfig()
+
+    @model_validator(mode="after")
+    def _fanout_fits_the_engine(self) -> RoundConfig:
+        if self.fanout.mode == "replicas" and self.engine.name != "openai":
+            raise ValueError(
+                f"fanout.mode 'replicas' spreads shards over engine.base_urls and needs engine.name "
+                f"'openai', got {self.engine.name!r}; for vLLM on GPU workers use fanout.mode 'deployment'"
+            )
+        if self.fanout.mode == "deployment" and self.run.root.startswith("memory://"):
+            raise ValueError(
+                "fanout.mode 'deployment' runs shards in other processes, which cannot see run.root "
+                f"{self.run.root!r}; use a folder every worker shares or an object store (s3://...)"
+            )
+        return self
 
 
 def _check_keys(model: type[BaseModel], data: Any, prefix: str) -> None:
@@ -328,15 +366,17 @@ def config_to_yaml(cfg: RoundConfig) -> str:
 def hash_config(cfg: BaseModel) -> str:
     """Content hash of a config or one of its sections: canonical JSON, sha256, 12 hex digits.
 
-    A round's hash covers what its data depends on. It leaves out `run.root` (where the artifacts
-    live is not what the round is) and the `training` and `evaluation` sections, which have their own
-    hashes (the model/ folder is keyed by the training hash): retuning training reuses the round's data.
+    A round's hash covers what its data depends on. It leaves out `run.root` and `fanout` (where the
+    artifacts live and where the shards run are not what the round is) and the `training` and
+    `evaluation` sections, which have their own hashes (the model/ folder is keyed by the training
+    hash): retuning training reuses the round's data.
     """
     data = config_to_dict(cfg)
     if isinstance(cfg, RoundConfig):
         data["run"].pop("root", None)
         data.pop("training", None)
         data.pop("evaluation", None)
+        data.pop("fanout", None)
     canonical = json.dumps(data, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:12]
 

@@ -35,3 +35,7 @@ class RoundQualityError(SAOError):
 
 class TrainingError(SAOError):
     """Training cannot start (bad pairs, settings, output) or a training process failed."""
+
+
+class FanoutError(SAOError):
+    """Shards sent to other workers are still missing after every allowed attempt."""

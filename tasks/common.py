@@ -85,6 +85,18 @@ def release_engine(cfg: RoundConfig) -> None:
         provider.close()
 
 
+def close_engines() -> int:
+    """Free every engine this process holds (a batch run's last step); return how many were built."""
+    with _ENGINE_LOCK:
+        providers = list(_ENGINES.values())
+        _ENGINES.clear()
+    builds = 0
+    for provider in providers:
+        builds += provider.builds
+        provider.close()
+    return builds
+
+
 @task(name="result-storage", retries=2, retry_delay_seconds=[2, 10])
 def result_storage(root: str) -> str | None:
     """Where task results persist: Prefect's local result folder for local roots; for an s3:// root a

@@ -1,18 +1,25 @@
-"""Model stages as Prefect tasks: one task per shard (the unit of retry and fan-out), one per stage.
+"""Model stages as Prefect tasks: one task per shard (the unit of retry and placement), one per stage.
 
-The stage task runs its shard tasks in turn in this process (they share one loaded engine), updates a
-progress artifact after each, then writes the stage manifest and its artifacts. A shard task that
-fails is retried by itself; shards that finished are served from the cache or skipped by sao_core.
+Where the shards run follows `fanout.mode`:
+- local: the stage task runs its shard tasks in turn in this process, on one loaded engine;
+- replicas: the shard tasks run concurrently (bounded), so every `vllm serve` replica stays busy;
+- deployment: batches of shards go to GPU workers as flow runs of the gpu-batch deployment
+  (tasks/fanout.py), each holding one engine for its whole batch.
+A progress artifact follows the shards as they finish; then the stage manifest and its artifacts are
+written here. A shard task that fails is retried by itself; finished shards are served from the cache
+or skipped by sao_core (their manifests say so), so nothing finished is redone.
 """
 
 from __future__ import annotations
 
 import hashlib
 from typing import Any
+from uuid import UUID
 
 from prefect import task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.context import TaskRunContext
+from prefect.futures import PrefectFuture, as_completed
 from prefect.tasks import exponential_backoff
 
 from sao_core import storage
@@ -61,6 +68,39 @@ def stage_shard(
     }
 
 
+def shard_task(result_storage: str | None, timeout_s: float) -> Any:
+    """The shard task with the round's result storage and the engine's shard time limit."""
+    return with_result_storage(stage_shard, result_storage).with_options(timeout_seconds=timeout_s)
+
+
+class Progress:
+    """The stage's progress artifact: shards finished of the stage's total."""
+
+    def __init__(self, campaign: str, stage: str, total: int) -> None:
+        self.total = max(total, 1)
+        self.artifact: UUID = create_progress_artifact(
+            0.0, key=artifact_key(campaign, stage, "progress"), description=f"{stage}: shards done of {total}"
+        )
+
+    def update(self, done: int) -> None:
+        update_progress_artifact(self.artifact, 100.0 * done / self.total)
+
+
+def _run_concurrently(shard: Any, args: list[tuple], limit: int, progress: Progress) -> None:
+    """Submit shard tasks, at most `limit` running at once; the first failure fails the stage."""
+    waiting = list(reversed(args))
+    running: set[PrefectFuture] = set()
+    finished = 0
+    while waiting or running:
+        while waiting and len(running) < limit:
+            running.add(shard.submit(*waiting.pop()))
+        future = next(as_completed(running))
+        running.discard(future)
+        future.result()  # raises the shard's error after its retries
+        finished += 1
+        progress.update(finished)
+
+
 def run_model_stage(
     stage: str, round_ref: dict[str, Any], settings_hash: str, input_url: str
 ) -> dict[str, Any]:
@@ -68,17 +108,20 @@ def run_model_stage(
     config_url, round_dir = round_ref["config_url"], round_ref["round_dir"]
     cfg = load_round_config(config_url)
     total = num_shards(round_dir, stage)
-    progress = create_progress_artifact(
-        0.0,
-        key=artifact_key(cfg.run.campaign, stage, "progress"),
-        description=f"{stage}: shards done of {total}",
-    )
-    shard = with_result_storage(stage_shard, round_ref.get("result_storage")).with_options(
-        timeout_seconds=round_ref["shard_timeout_s"]
-    )
-    for index in range(total):
-        shard(stage, config_url, round_dir, index, settings_hash)
-        update_progress_artifact(progress, 100.0 * (index + 1) / max(total, 1))
+    progress = Progress(cfg.run.campaign, stage, total)
+    shard = shard_task(round_ref.get("result_storage"), round_ref["shard_timeout_s"])
+    if cfg.fanout.mode == "deployment":
+        from tasks.fanout import run_on_deployment
+
+        run_on_deployment(stage, cfg, round_ref, settings_hash, total, progress.update)
+    elif cfg.fanout.mode == "replicas":
+        limit = cfg.fanout.concurrency or len(cfg.engine.base_urls) or 1
+        args = [(stage, config_url, round_dir, index, settings_hash) for index in range(total)]
+        _run_concurrently(shard, args, limit, progress)
+    else:
+        for index in range(total):
+            shard(stage, config_url, round_dir, index, settings_hash)
+            progress.update(index + 1)
     manifest = finalize_stage(stage, cfg, round_dir)
     summary = stage_summary(manifest)
     chains = sample_chains(round_dir, stage, cfg.run.format, n=3, seed=cfg.run.seed)

@@ -1,4 +1,9 @@
-"""Preference optimisation on the round's pairs (SimPO by default), launched as the config says."""
+"""Preference optimisation on the round's pairs (SimPO by default), launched as the config says.
+
+With `training.deployment` set, the round's train task runs the training flow (flows/train.py) as that
+deployment on a multi-GPU pool and waits for it; the output folder, resume and manifest are the same,
+since the run trains into the same `{round}/model/{training hash}/` URL.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +11,36 @@ from typing import Any
 
 from prefect import task
 from prefect.artifacts import create_link_artifact, create_table_artifact
+from prefect.deployments import run_deployment
 
 from sao_core import storage
+from sao_core.errors import TrainingError
 from sao_core.training import default_output_url, train
 from tasks.common import artifact_key, link_for, load_round_config, make_cache_key
+
+
+@task(name="train-model", task_run_name="train-model", retries=0)
+def train_model(config_url: str, pairs_url: str, output_url: str) -> dict[str, Any]:
+    """Train here, with the config's launcher (one process, accelerate or torchrun)."""
+    return train(load_round_config(config_url), pairs_url, output_url)
+
+
+def _train_on_deployment(deployment: str, config_url: str, pairs_url: str, output_url: str) -> dict[str, Any]:
+    run = run_deployment(
+        deployment,
+        parameters={"config_url": config_url, "pairs_url": pairs_url, "output_url": output_url},
+        flow_run_name="train",
+        timeout=None,  # training takes as long as it takes; a lost worker ends the run Crashed
+    )
+    if run.state is None or not run.state.is_completed():
+        state = run.state.type.value if run.state else "unknown"
+        message = run.state.message if run.state else ""
+        raise TrainingError(f"training run {run.id} on deployment {deployment} ended {state}: {message}")
+    manifest_url = storage.join(output_url, "manifest.json")
+    if not storage.exists(manifest_url):
+        raise TrainingError(f"training run {run.id} on {deployment} completed but wrote no {manifest_url}")
+    manifest: dict[str, Any] = storage.read_json(manifest_url)
+    return manifest
 
 
 @task(
@@ -24,7 +55,10 @@ def train_policy(round_ref: dict[str, Any], settings_hash: str, pairs_url: str) 
     """Train (or resume, or find finished) the round's policy; returns where it is and its figures."""
     cfg = load_round_config(round_ref["config_url"])
     out = default_output_url(cfg)
-    manifest = train(cfg, pairs_url, out)
+    if cfg.training.deployment:
+        manifest = _train_on_deployment(cfg.training.deployment, round_ref["config_url"], pairs_url, out)
+    else:
+        manifest = train(cfg, pairs_url, out)
     figures = {
         k: v for k, v in manifest.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)
     }

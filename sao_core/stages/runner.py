@@ -46,10 +46,12 @@ class EngineProvider:
         self.cfg = cfg
         self._factory = factory or (lambda: make_engine(cfg.engine, cfg.model, seed=cfg.run.seed))
         self._engine: Engine | None = None
+        self.builds = 0  # model loads so far: a batch of shards should cost one
 
     def get(self) -> Engine:
         if self._engine is None:
             self._engine = self._factory()
+            self.builds += 1
         return self._engine
 
     def close(self) -> None:

@@ -1,0 +1,36 @@
+"""One batch of a model stage's shards on one GPU worker: the `gpu-batch` deployment (prefect.yaml).
+
+    run_deployment("sao-gpu-batch/gpu-batch", parameters={"stage": "responses", "shards": [0, 1, 2], ...})
+
+A work pool's worker starts a new process (or container) per flow run, so this run's one engine is
+loaded once, by its first shard, and serves every shard of the batch; it is freed at the end. Shards
+already finished are skipped (their manifests say so). The run records what it did under
+{round}/_batches/{stage}/, which is how a stage (and a test) sees how many times the model was loaded.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow
+
+from tasks.batches import record_batch
+from tasks.shards import shard_task
+
+
+@flow(name="sao-gpu-batch", flow_run_name="{stage}-batch-{batch:02d}-try-{attempt}")
+def gpu_batch(
+    config_url: str,
+    round_dir: str,
+    stage: str,
+    shards: list[int],
+    settings_hash: str,
+    result_storage: str | None = None,
+    shard_timeout_s: float = 6 * 3600.0,
+    batch: int = 0,
+    attempt: int = 1,
+) -> dict[str, Any]:
+    """Every listed shard of `stage` in turn on one engine, then a record of the batch."""
+    shard = shard_task(result_storage, shard_timeout_s)
+    done = [shard(stage, config_url, round_dir, index, settings_hash) for index in shards]
+    return record_batch(round_dir, stage, shards, batch, attempt, done)
