@@ -9,6 +9,7 @@ from prefect import task
 from sao_core.config import hash_config, load_config
 from sao_core.stages.layout import prepare_round, stage_settings_hash
 from sao_core.storage import join
+from sao_core.training import training_hash
 
 
 @task(name="resolve-config", retries=2, retry_delay_seconds=[2, 10])
@@ -31,7 +32,7 @@ def resolve_config(config: str, overrides: list[str]) -> dict[str, Any]:
         }
         | {
             "pairs": hash_config(cfg),
-            "training": hash_config(cfg.training),
+            "training": training_hash(cfg),
             "evaluation": hash_config(cfg.evaluation) + hash_config(cfg.model),
         },
         "evaluate": cfg.evaluation.enabled,

@@ -5,7 +5,6 @@ The runs themselves (tiny model, 2 processes, kill and resume, SmolLM2) are in t
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -20,25 +19,17 @@ from sao_core.config import TrainingConfig, build_config
 from sao_core.errors import ConfigError, ModelNotFoundError, TrainingError
 from sao_core.storage import ShardManifest
 from sao_core.testing import build_tiny_tokenizer
-from sao_core.training import (
-    ROW_COLUMN,
-    add_train_parser,
-    build_launch_command,
+from sao_core.training import training_hash
+from sao_core.training.arguments import (
     build_peft_config,
     build_trl_config,
-    check_inputs,
-    find_pair_files,
     gradient_accumulation_steps,
-    last_checkpoint,
-    load_pairs,
-    params_hash,
-    plot_curves,
-    prepare_pairs,
-    read_train_log,
-    run_train_command,
-    stream_command,
     trainer_class,
 )
+from sao_core.training.data import ROW_COLUMN, find_pair_files, load_pairs, prepare_pairs
+from sao_core.training.launch import build_launch_command, check_inputs, stream_command
+from sao_core.training.outputs import check_run_identity, finished_manifest, last_checkpoint, run_identity
+from sao_core.training.plots import plot_curves, read_train_log
 
 ROOT = Path(__file__).parents[2]
 
@@ -105,13 +96,13 @@ def test_gradient_accumulation_comes_from_the_global_batch():
         gradient_accumulation_steps(t, 3)
 
 
-def test_params_hash_ignores_how_a_run_is_launched_but_not_what_it_learns():
+def test_training_hash_ignores_how_a_run_is_launched_but_not_what_it_learns():
     base = build_config({})
-    assert params_hash(base) == params_hash(
+    assert training_hash(base) == training_hash(
         build_config({"training": {"checkpoint_steps": 7, "logging_steps": 3}})
     )
-    assert params_hash(base) != params_hash(build_config({"training": {"learning_rate": 2e-6}}))
-    assert params_hash(base) != params_hash(build_config({"model": {"path": "org/other"}}))
+    assert training_hash(base) != training_hash(build_config({"training": {"learning_rate": 2e-6}}))
+    assert training_hash(base) != training_hash(build_config({"model": {"path": "org/other"}}))
 
 
 def test_simpo_trl_config_sets_every_setting_we_rely_on(tmp_path):
@@ -397,6 +388,19 @@ def test_last_checkpoint_skips_one_killed_while_saving(tmp_path):
     assert last_checkpoint(tmp_path / "none") is None
 
 
+def test_a_run_recorded_under_the_old_params_hash_key_is_the_same_run(tmp_path):
+    cfg = build_config({})
+    identity = run_identity(cfg, "pairs-sha")
+    old = {"params_hash": training_hash(cfg), "pairs_sha256": "pairs-sha", "model": cfg.model.path}
+    storage.write_json(str(tmp_path / "run.json"), old)
+    check_run_identity(str(tmp_path), identity, write=True)  # resumes: no error
+    assert storage.read_json(str(tmp_path / "run.json")) == old
+    storage.write_json(str(tmp_path / "manifest.json"), {"complete": True, "steps": 3, **old})
+    assert finished_manifest(str(tmp_path), identity)["steps"] == 3
+    with pytest.raises(TrainingError, match="holds checkpoints of another run"):
+        check_run_identity(str(tmp_path), run_identity(cfg, "other-pairs"), write=False)
+
+
 # --- launching --------------------------------------------------------------------------------------------
 
 
@@ -433,31 +437,28 @@ def test_deployment_files_load():
     assert (ROOT / ds_yaml["deepspeed_config"]["deepspeed_config_file"]).is_file()
 
 
-# --- command line hooks -----------------------------------------------------------------------------------
-
-
-def test_train_parser_and_command_report_errors(tmp_path, capsys):
-    parser = argparse.ArgumentParser()
-    add_train_parser(parser.add_subparsers(dest="command"))
-    config = tmp_path / "cfg.yaml"
-    config.write_text(yaml.safe_dump({"model": {"path": str(tmp_path / "missing-model")}}))
-    pairs = write_jsonl(tmp_path / "part-00000.jsonl", [pair_row(0)])
-    args = parser.parse_args(
-        ["train", "--config", str(config), "--pairs", pairs, "--set", "training.max_steps=2"]
-    )
-    assert (
-        args.func is run_train_command and args.overrides == ["training.max_steps=2"] and args.output is None
-    )
-    assert run_train_command(args) == 2
-    assert "sao train: error: model path" in capsys.readouterr().err
-
-
 def test_importing_the_training_modules_is_light():
     import subprocess
+    import textwrap
 
-    code = (
-        "import sys, sao_core.training, sao_core.stages.train;"
-        "print(','.join(m for m in ('torch', 'transformers', 'trl', 'peft', 'datasets', 'prefect') if m in sys.modules))"
+    # Heavy libraries load inside the functions that need them; the library never reaches up to the
+    # CLI, the stages, the orchestration or the test helpers.
+    code = textwrap.dedent(
+        """
+        import importlib, pkgutil, sys
+        import sao_core.training as package
+        names = [m.name for m in pkgutil.iter_modules(package.__path__)]
+        for name in names:
+            importlib.import_module(f"sao_core.training.{name}")
+        print(",".join(sorted(names)))
+        upward = ("sao_core.stages", "sao_core.cli", "sao_core.testing", "prefect", "flows", "tasks")
+        print(",".join(m for m in upward if m in sys.modules))
+        import sao_core.stages.train
+        heavy = ("torch", "transformers", "trl", "peft", "datasets", "matplotlib")
+        print(",".join(m for m in heavy if m in sys.modules))
+        """
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == ""
+    submodules, upward, heavy = out.stdout.split("\n")[:3]
+    assert submodules == "arguments,data,launch,outputs,plots,run"
+    assert upward == "" and heavy == ""

@@ -17,7 +17,9 @@ import pytest
 from sao_core.config import build_config, config_to_yaml
 from sao_core.errors import TrainingError
 from sao_core.testing import build_tiny_llama
-from sao_core.training import last_checkpoint, stream_command, train
+from sao_core.training import train
+from sao_core.training.launch import stream_command
+from sao_core.training.outputs import last_checkpoint
 
 pytestmark = pytest.mark.tier1
 ROOT = Path(__file__).parents[2]

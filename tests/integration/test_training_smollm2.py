@@ -8,8 +8,6 @@ import json
 import pytest
 
 from sao_core.config import build_config
-from sao_core.errors import ModelNotFoundError
-from sao_core.models import resolve_model
 from sao_core.training import train
 
 pytestmark = pytest.mark.tier1
@@ -36,14 +34,6 @@ PAIRS = [
         "Type.",
     ),
 ]
-
-
-@pytest.fixture(scope="module")
-def smollm2() -> str:
-    try:
-        return resolve_model("bundled:smollm2-135m-instruct")
-    except ModelNotFoundError as e:
-        pytest.skip(f"bundled SmolLM2 unavailable: {e}")
 
 
 def test_smollm2_lora_adapter_loads_with_peft_and_generates(smollm2, tmp_path):

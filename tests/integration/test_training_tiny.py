@@ -13,7 +13,9 @@ from sao_core import storage
 from sao_core.config import build_config
 from sao_core.errors import TrainingError
 from sao_core.testing import build_tiny_llama
-from sao_core.training import ROW_COLUMN, prepare_training, train
+from sao_core.training import train
+from sao_core.training.data import ROW_COLUMN
+from sao_core.training.run import prepare_training
 
 pytestmark = pytest.mark.tier1
 
@@ -232,7 +234,7 @@ def test_s3_output_uploads_checkpoints_and_a_fresh_machine_resumes_from_them(
 def test_sao_train_command_runs_in_process(tiny_model, pairs_dir, tmp_path, capsys):
     import yaml
 
-    from sao_core.cli import main
+    from flows.cli import main
 
     config = tmp_path / "round.yaml"
     config.write_text(yaml.safe_dump(tiny_config(tiny_model).model_dump(mode="json")))

@@ -1,0 +1,338 @@
+"""One training rank: load the tokenizer and model, build the TRL trainer, train, write the outputs.
+
+`run_training` is the whole run when there is one process; under `accelerate launch` / `torchrun` every
+rank runs it (sao_core.stages.train) and rank 0 writes the outputs.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sao_core import storage
+from sao_core.config import RoundConfig, TrainingConfig, hash_config
+from sao_core.errors import ModelNotFoundError, TrainingError
+from sao_core.models import model_revision, resolve_model
+from sao_core.training.arguments import build_peft_config, build_trl_config, check_objective, trainer_class
+from sao_core.training.data import ROW_COLUMN, Pairs, pairs_sha256, prepare_pairs
+from sao_core.training.outputs import (
+    backend,
+    check_run_identity,
+    device_name,
+    download_last_checkpoint,
+    finished_manifest,
+    last_checkpoint,
+    prune_remote_checkpoints,
+    run_identity,
+    staging_dir,
+    trainable_sha256,
+    upload_folder,
+    versions,
+    walk,
+    write_outputs,
+)
+from sao_core.training.plots import read_train_log
+
+RANK_LOG_TAG = "[sao-train]"  # starts every line we print, so a launcher's mixed output can be read
+
+
+def say(message: str) -> None:
+    print(f"{RANK_LOG_TAG} {message}", flush=True)
+
+
+# --- model and tokenizer -------------------------------------------------------------------------------
+
+
+def load_tokenizer(path: str) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise TrainingError(f"model {path} has no loadable tokenizer: {e}") from e
+    if not tokenizer.chat_template:
+        raise TrainingError(f"model {path} has no chat template: pairs are chats and need one")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def check_adapter(url: str) -> None:
+    """model.adapter must be a LoRA adapter folder (by URL): checked before anything loads."""
+    if not storage.exists(storage.join(url, "adapter_config.json")):
+        raise ModelNotFoundError(f"model.adapter {url} is not a LoRA adapter folder (no adapter_config.json)")
+
+
+def local_adapter(url: str, download_to: Path) -> str:
+    """A local folder holding the LoRA adapter at `url` (model.adapter: the policy a round starts from)."""
+    check_adapter(url)
+    if storage.is_local(url):
+        return storage.url_to_fs(url)[1]
+    shutil.rmtree(download_to, ignore_errors=True)
+    for f in walk(url):
+        dest = download_to / f[len(url.rstrip("/")) + 1 :]
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_bytes(storage.read_bytes(f))
+    return str(download_to)
+
+
+def load_model(path: str, adapter: str | None = None, dtype: Any = None) -> Any:
+    """The model to train, weights in fp32 unless `dtype` (see TrainingConfig.precision). With an
+    adapter (a local folder), the adapter is merged in: training starts from that policy, and it is
+    DPO's reference too (SAO.md step 7: round t+1 starts from M_t+1)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
+    if adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    return model
+
+
+# --- the trainer ---------------------------------------------------------------------------------------
+
+
+class _RowTaggingCollator:
+    """Wraps TRL's collator: takes our row index out of each example and puts the list in the batch."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        rows = [int(f.pop(ROW_COLUMN)) for f in features]
+        batch = self.inner(features)
+        batch[ROW_COLUMN] = rows
+        return batch
+
+
+def _progress_callback(total_hint: int) -> Any:
+    from transformers import TrainerCallback
+
+    class Progress(TrainerCallback):
+        """One line per logged step on the main process: what the launcher streams."""
+
+        def on_log(
+            self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kw: Any
+        ) -> None:
+            if not state.is_world_process_zero or not logs or "loss" not in logs:
+                return
+            parts = [f"step {state.global_step}/{state.max_steps or total_hint}", f"loss {logs['loss']:.4f}"]
+            for key, label in (("rewards/margins", "margin"), ("rewards/accuracies", "acc")):
+                if key in logs:
+                    parts.append(f"{label} {logs[key]:.4f}")
+            if "learning_rate" in logs:
+                parts.append(f"lr {logs['learning_rate']:.2e}")
+            say(" ".join(parts))
+
+    return Progress()
+
+
+def _checkpoint_sync_callback(output_url: str, staging: str) -> Any:
+    from transformers import TrainerCallback
+
+    class CheckpointSync(TrainerCallback):
+        """Uploads each checkpoint to a remote output (trainer_state.json last: it marks completion)."""
+
+        def on_save(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            import torch.distributed as dist
+
+            if dist.is_available() and dist.is_initialized():
+                dist.barrier()  # every rank has written its part of the checkpoint
+            if state.is_world_process_zero:
+                name = f"checkpoint-{state.global_step}"
+                upload_folder(
+                    Path(staging) / "checkpoints" / name, storage.join(output_url, "checkpoints", name)
+                )
+                prune_remote_checkpoints(output_url, Path(staging) / "checkpoints")
+
+    return CheckpointSync()
+
+
+@dataclass
+class TrainingSetup:
+    """A built trainer and what went into it (see prepare_training)."""
+
+    trainer: Any
+    pairs: Pairs
+    model_path: str
+    world_size: int
+    start_adapter: str | None = None  # local copy of model.adapter, merged into the model
+
+
+def prepare_training(
+    cfg: RoundConfig, pairs_url: str, staging: str, pairs: Pairs | None = None
+) -> TrainingSetup:
+    """Check the inputs (unless already checked: `pairs`), then build the TRL trainer; it trains nothing yet."""
+    import torch
+
+    tcfg = cfg.training
+    check_objective(tcfg.objective)
+    model_path = resolve_model(cfg.model.path)
+    rank = os.environ.get("RANK", "0")
+    adapter = (
+        local_adapter(cfg.model.adapter, Path(staging) / f"start-adapter-{rank}")
+        if cfg.model.adapter
+        else None
+    )
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if pairs is not None and pairs.tokenizer is not None:
+        tokenizer = pairs.tokenizer  # loaded from the same model path when the pairs were checked
+    else:
+        tokenizer = load_tokenizer(model_path)
+    if pairs is None:
+        pairs = prepare_pairs(pairs_url, tokenizer, tcfg)
+    # TrainingArguments set up the process group (and DeepSpeed's zero.Init) before the model loads.
+    args = build_trl_config(
+        tcfg, str(Path(staging) / "checkpoints"), world_size, not torch.cuda.is_available()
+    )
+    cls = trainer_class(tcfg.objective)
+    trainer = cls(
+        model=load_model(model_path, adapter),
+        args=args,
+        train_dataset=pairs.dataset,
+        processing_class=tokenizer,
+        peft_config=build_peft_config(tcfg),
+    )
+    trainer.rows_seen = []
+    trainer.data_collator = _RowTaggingCollator(trainer.data_collator)
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)
+    trainer.add_callback(_progress_callback(max(tcfg.max_steps, 0)))
+    return TrainingSetup(trainer, pairs, model_path, world_size, adapter)
+
+
+def _merge_adapter(setup: TrainingSetup, adapter_dir: Path, out_dir: Path, tcfg: TrainingConfig) -> None:
+    """Starting model + trained adapter, merged and saved as a plain model (loaded afresh from disk, so
+    it works after ZeRO-3 too)."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(tcfg.precision, torch.float32)
+    base = load_model(setup.model_path, setup.start_adapter, dtype=dtype)
+    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    merged.save_pretrained(out_dir)
+    AutoTokenizer.from_pretrained(adapter_dir).save_pretrained(out_dir)
+
+
+# --- the run -------------------------------------------------------------------------------------------
+
+
+def run_training(
+    cfg: RoundConfig, pairs_url: str, output_url: str, pairs: Pairs | None = None
+) -> dict[str, Any]:
+    """Train this rank (the whole run when there is one process); return the run's manifest.
+
+    Resumes from the last complete checkpoint in the output; a finished run with the same settings and
+    pairs returns its manifest without training.
+    """
+    tcfg = cfg.training
+    output_url = output_url.rstrip("/")
+    identity = run_identity(cfg, pairs.sha256 if pairs is not None else pairs_sha256(pairs_url))
+    done = finished_manifest(output_url, identity)
+    if done is not None:
+        say(f"{output_url} is already trained ({done.get('steps')} steps): nothing to do")
+        return done
+    check_run_identity(output_url, identity, write=False)
+    staging = staging_dir(output_url)
+    remote = not storage.is_local(output_url)
+    setup = prepare_training(cfg, pairs_url, str(staging), pairs)
+    trainer, pairs = setup.trainer, setup.pairs
+    is_main = trainer.args.process_index == 0
+    if is_main:
+        check_run_identity(output_url, identity, write=True)
+        if remote:
+            download_last_checkpoint(output_url, staging)
+            trainer.add_callback(_checkpoint_sync_callback(output_url, str(staging)))
+    elif remote:
+        trainer.add_callback(_checkpoint_sync_callback(output_url, str(staging)))
+    trainer.accelerator.wait_for_everyone()
+    resume = last_checkpoint(staging / "checkpoints")
+    if is_main:
+        dropped = sum(pairs.drops.values())
+        say(
+            f"{tcfg.objective} on {len(pairs.dataset)} pairs ({dropped} dropped as too long), "
+            f"{setup.world_size} process(es), global batch {tcfg.global_batch_size} = "
+            f"{tcfg.per_device_batch_size} x {trainer.args.gradient_accumulation_steps} x {setup.world_size}, "
+            f"{'LoRA' if tcfg.lora.enabled else 'full fine-tune'}, {tcfg.precision}"
+        )
+        if resume is not None:
+            say(f"resuming from {resume.name} (step {resume.name[11:]})")
+
+    started = time.perf_counter()
+    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    seconds = time.perf_counter() - started
+
+    from accelerate.utils import gather_object
+
+    rank_info = {
+        "rank": trainer.args.process_index,
+        "rows": [pairs.prompt_ids[r] for r in trainer.rows_seen],
+        "tokens": sum(pairs.tokens[r] for r in trainer.rows_seen),
+        "trainable_sha256": trainable_sha256(trainer.accelerator.unwrap_model(trainer.model)),
+    }
+    ranks = gather_object([rank_info]) if setup.world_size > 1 else [rank_info]
+    model_dir = staging / ("adapter" if tcfg.lora.enabled else "full")
+    trainer.save_model(str(model_dir))  # every rank: ZeRO-3 gathers the shards here
+    manifest: dict[str, Any] = {}
+    if is_main:
+        if tcfg.lora.enabled and tcfg.merge:
+            _merge_adapter(setup, model_dir, staging / "full", tcfg)
+        tokens = sum(r["tokens"] for r in ranks)
+        steps = read_train_log(trainer.state.log_history)
+        manifest = {
+            "stage": "train",
+            "complete": True,
+            **identity,
+            "config_hash": hash_config(tcfg),
+            "objective": tcfg.objective,
+            "model_revision": model_revision(cfg.model.path, setup.model_path, cfg.model.revision),
+            "adapter": "adapter" if tcfg.lora.enabled else None,
+            "full_model": "full" if (not tcfg.lora.enabled or tcfg.merge) else None,
+            "steps": trainer.state.global_step,
+            "epochs": trainer.state.epoch,
+            "resumed_from": resume.name if resume else None,
+            "rows_in": pairs.rows_in,
+            "rows": len(pairs.dataset),
+            "drops": pairs.drops,
+            "world_size": setup.world_size,
+            "global_batch_size": tcfg.global_batch_size,
+            "gradient_accumulation_steps": trainer.args.gradient_accumulation_steps,
+            "seconds": round(seconds, 3),
+            "tokens": tokens,
+            "tokens_per_s": round(tokens / seconds, 2) if seconds > 0 else None,
+            "final_loss": steps[-1]["loss"] if steps else None,
+            "ranks": [
+                {
+                    "rank": r["rank"],
+                    "rows": len(r["rows"]),
+                    "tokens": r["tokens"],
+                    "trainable_sha256": r["trainable_sha256"],
+                }
+                for r in ranks
+            ],
+            "pairs_files": pairs.files,
+            "device": device_name(trainer.args.use_cpu),
+            "backend": backend(),
+            "versions": versions(),
+        }
+        write_outputs(output_url, staging, remote, manifest, steps, ranks, tcfg)
+        if not tcfg.keep_checkpoints:
+            shutil.rmtree(staging / "checkpoints", ignore_errors=True)
+            if remote:
+                storage.remove(storage.join(output_url, "checkpoints"), recursive=True)
+        say(
+            f"done: {manifest['steps']} steps in {seconds:.1f} s, {tokens} tokens "
+            f"({manifest['tokens_per_s']} tokens/s), final loss {manifest['final_loss']}; wrote {output_url}"
+        )
+    if setup.start_adapter and setup.start_adapter.startswith(str(staging)):
+        shutil.rmtree(setup.start_adapter, ignore_errors=True)  # our download of a remote model.adapter
+    trainer.accelerator.wait_for_everyone()
+    return manifest or {"rank": trainer.args.process_index, "complete": True}
