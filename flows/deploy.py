@@ -163,9 +163,10 @@ def deploy_all(project_dir: Path = REPO) -> str:
     """`prefect --no-prompt deploy --all` on prefect.yaml; its output, or a DeployError quoting it."""
     prefect = Path(sys.executable).parent / "prefect"
     cmd = [str(prefect) if prefect.exists() else "prefect", "--no-prompt", "deploy", "--all"]
-    out = subprocess.run(
-        cmd, cwd=project_dir, capture_output=True, text=True, env=dict(os.environ), timeout=600
-    )
+    # Prefect prints each result in a panel as wide as the terminal: 80 columns in a pipe, which cuts
+    # the "successfully created with id '...'" lines that deploy() passes on.
+    env = {**os.environ, "COLUMNS": "250"}
+    out = subprocess.run(cmd, cwd=project_dir, capture_output=True, text=True, env=env, timeout=600)
     if out.returncode != 0:
         raise DeployError(
             f"{' '.join(cmd)} failed ({out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
@@ -191,7 +192,9 @@ def deploy(
     steps.append(ensure_crash_automation(heartbeat_grace_s))
     output = deploy_all()
     steps += [
-        line.strip() for line in output.splitlines() if "Deployment '" in line and "success" in line.lower()
+        line.strip(" │")  # the panel's borders
+        for line in output.splitlines()
+        if "Deployment '" in line and "success" in line.lower()
     ]
     steps.append("deployments: prefect --no-prompt deploy --all done")
     return steps

@@ -19,9 +19,10 @@ from uuid import UUID
 
 from prefect import get_run_logger
 from prefect.client.orchestration import get_client
+from prefect.client.schemas.objects import StateType
 from prefect.context import TaskRunContext
 from prefect.deployments import run_deployment
-from prefect.states import Cancelling
+from prefect.states import Cancelled, Cancelling
 
 from sao_core import storage
 from sao_core.config import RoundConfig
@@ -81,7 +82,14 @@ def _wait_for_runs(
             if time.monotonic() >= deadline:
                 for run_id in run_ids:
                     if run_id not in states:
-                        client.set_flow_run_state(run_id, Cancelling(message="batch timed out"), force=True)
+                        # A run no worker has picked up has no process to stop: cancel it outright.
+                        current = client.read_flow_run(run_id).state
+                        waiting = current is not None and current.type in (
+                            StateType.SCHEDULED,
+                            StateType.PENDING,
+                        )
+                        stop = Cancelled if waiting else Cancelling
+                        client.set_flow_run_state(run_id, stop(message="batch timed out"), force=True)
                         states[run_id] = "TIMEOUT"
                 return states
             time.sleep(poll_s)

@@ -1,0 +1,504 @@
+"""Shards fanned out to GPU workers on a real cluster: PostgreSQL, `prefect server`, `sao deploy`,
+process workers and an S3 endpoint, all on 127.0.0.1 (tests/cluster/conftest.py).
+
+    .venv/bin/python -m pytest -q tests/cluster -x -s
+
+Rounds are triggered through the REST API, as the UI's run form does, with `fanout.mode=deployment`
+and two gpu-batch workers; the fake engine of configs/tiny.yaml writes the data, the tiny model trains.
+What is checked:
+- a round completes with each model stage split over both workers, one engine build per batch run,
+  every shard exactly once, manifests, report and artifacts in the bucket and the API;
+- a batch run killed mid-shard ends Crashed (its worker reports it), its missing shards are
+  resubmitted (try 2) and the round completes, with the shards finished before the kill left as
+  they were;
+- a batch run whose process stops without exiting (a lost node) is marked Crashed by the heartbeat
+  automation of `sao deploy`, and the same follows;
+- two rounds triggered at once run one after the other (the deployment's ENQUEUE limit);
+- the nightly schedule is the one `sao deploy` set in its variables, and a second `sao deploy`
+  changes nothing that was there.
+
+About 4 minutes on 2 idle cores (6 under load): one cluster for the module, small rounds.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import psutil
+import pytest
+
+from sao_core import storage
+from sao_core.config import load_config, round_url
+from sao_core.stages.layout import MODEL_STAGES, input_stage, num_shards, output_url, stage_url
+from tests.cluster.conftest import (
+    CRON,
+    FINAL,
+    GPU_WORKERS,
+    HEARTBEAT_GRACE_S,
+    REPO,
+    TIMEZONE,
+    Cluster,
+    kill_process,
+    run_sao_deploy,
+    worker_children,
+)
+
+pytestmark = pytest.mark.tier1
+
+TINY = str(REPO / "configs" / "tiny.yaml")
+ROUND_DEPLOYMENT = "sao-round/round"
+ROUND_TIMEOUT_S = 600.0
+AUTOMATION = "sao-crash-runs-without-heartbeats"
+ID_KEY = {"prompts": "persona_id", "responses": "prompt_id", "judgements": "prompt_id"}
+
+
+# --- the API --------------------------------------------------------------------------------------
+
+
+def trigger_round(cluster: Cluster, overrides: list[str]) -> str:
+    """A run of sao-round/round with these parameters, as the UI's custom run form creates it."""
+    deployment = cluster.get(f"/deployments/name/{ROUND_DEPLOYMENT}")
+    run = cluster.post(
+        f"/deployments/{deployment['id']}/create_flow_run",
+        {"parameters": {"config": TINY, "overrides": overrides}},
+    )
+    return str(run["id"])
+
+
+def read_run(cluster: Cluster, run_id: str) -> dict[str, Any]:
+    return cluster.get(f"/flow_runs/{run_id}")
+
+
+def state_type(run: dict[str, Any]) -> str:
+    return (run.get("state") or {}).get("type", "")
+
+
+def wait_final(cluster: Cluster, run_id: str, timeout_s: float = ROUND_TIMEOUT_S) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        run = read_run(cluster, run_id)
+        if state_type(run) in FINAL:
+            return run
+        if time.monotonic() > deadline:
+            raise AssertionError(
+                f"flow run {run_id} not final after {timeout_s} s: {run.get('state')}\n{cluster.log_tails()}"
+            )
+        time.sleep(2)
+
+
+def when(timestamp: str) -> datetime:
+    return datetime.fromisoformat(timestamp.replace("Z", "+00:00"))
+
+
+def state_names(cluster: Cluster, run_id: str) -> list[str]:
+    return [s["name"] for s in cluster.get(f"/flow_run_states/?flow_run_id={run_id}")]
+
+
+def batch_runs(cluster: Cluster, round_dir: str, stage: str) -> list[dict[str, Any]]:
+    """The gpu-batch flow runs a round submitted for one stage (all tries)."""
+    runs = cluster.post(
+        "/flow_runs/filter", {"flow_runs": {"name": {"like_": f"{stage}-batch-"}}, "limit": 200}
+    )
+    return [r for r in runs if (r.get("parameters") or {}).get("round_dir") == round_dir]
+
+
+def task_run_names(cluster: Cluster, flow_run_ids: list[str]) -> list[str]:
+    runs = cluster.post("/task_runs/filter", {"flow_runs": {"id": {"any_": flow_run_ids}}, "limit": 200})
+    return [r["name"] for r in runs]
+
+
+def artifacts_of(cluster: Cluster, flow_run_ids: list[str]) -> list[dict[str, Any]]:
+    return cluster.post(
+        "/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": flow_run_ids}}, "limit": 200}
+    )
+
+
+# --- the bucket -----------------------------------------------------------------------------------
+
+
+def fresh_fs() -> Any:
+    """s3fs with no cached listings: other processes write the bucket while this one reads it."""
+    import s3fs
+
+    fs = s3fs.S3FileSystem()
+    fs.invalidate_cache()
+    return fs
+
+
+def round_dir_of(overrides: list[str]) -> str:
+    return round_url(load_config(TINY, overrides))
+
+
+def overrides_for(cluster: Cluster, name: str, *extra: str) -> list[str]:
+    return [
+        f"run.root={cluster.bucket}/{name}",
+        "fanout.mode=deployment",
+        "fanout.workers=2",
+        "fanout.poll_interval_s=1",
+        "personas.n=16",
+        "run.shard_size=4",
+        "evaluation.enabled=false",
+        *extra,
+    ]
+
+
+def batch_records(round_dir: str, stage: str) -> list[dict[str, Any]]:
+    fresh_fs()
+    return [
+        storage.read_json(url)
+        for url in storage.list_files(storage.join(round_dir, "_batches", stage), "*.json")
+    ]
+
+
+def check_shards_exactly_once(round_dir: str) -> dict[str, int]:
+    """Every model stage: one complete shard per input shard, no other shard file, every surviving
+    input row answered once (kept or dropped), no id twice. Returns the rows kept per stage."""
+    fresh_fs()
+    kept_rows: dict[str, int] = {}
+    for stage in MODEL_STAGES:
+        count = num_shards(round_dir, stage)
+        in_url = stage_url(round_dir, input_stage(stage))
+        out_url = output_url(round_dir, stage)
+        names = sorted(
+            u.rsplit("/", 1)[-1] for u in storage.list_files(storage.join(out_url, "_shards"), "*.json")
+        )
+        assert names == [f"part-{i:05d}.json" for i in range(count)], (stage, names)
+        data_files = storage.list_files(out_url, "part-*")
+        assert len(data_files) == count, (stage, data_files)
+        key = ID_KEY[stage]
+        kept: list[str] = []
+        answered: list[str] = []
+        inputs: list[str] = []
+        for index in range(count):
+            in_rows, _ = storage.read_shard(in_url, index, "jsonl")
+            rows, entry = storage.read_shard(out_url, index, "jsonl")
+            assert entry.rows_in == len(in_rows), (stage, index)
+            dropped = []
+            if entry.dropped_file:
+                dropped = storage.decode_rows(
+                    storage.read_bytes(storage.join(out_url, entry.dropped_file)), "jsonl", entry.dropped_file
+                )
+            inputs += [r[key] for r in in_rows]
+            kept += [r[key] for r in rows]
+            answered += [r[key] for r in rows] + [r[key] for r in dropped if key in r]
+        assert not [i for i, n in Counter(kept).items() if n > 1], f"{stage}: an id was written twice"
+        assert sorted(answered) == sorted(inputs), f"{stage}: rows lost or invented"
+        manifest = storage.read_stage_manifest(stage_url(round_dir, stage))
+        assert manifest["num_shards"] == count
+        kept_rows[stage] = len(kept)
+    assert storage.exists(storage.join(round_dir, "report.md"))
+    assert storage.exists(storage.join(round_dir, "manifest.json"))
+    return kept_rows
+
+
+def check_workers_ran(cluster: Cluster, runs: list[dict[str, Any]]) -> set[str]:
+    """Which gpu-batch workers (by their logs) submitted these flow runs."""
+    names = set()
+    for name in GPU_WORKERS:
+        log = cluster.worker_log(name)
+        if any(f"submitting flow run '{r['id']}'" in log for r in runs):
+            names.add(name)
+    return names
+
+
+# --- the scenarios --------------------------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def no_runs_left_behind(cluster: Cluster) -> Iterator[None]:
+    """A scenario that failed half-way leaves no round holding the deployment's slot for the next."""
+    yield
+    cluster.cancel_unfinished_runs()
+
+
+def test_nightly_schedule_is_the_one_sao_deploy_set(cluster: Cluster):
+    started = time.monotonic()
+    assert "pool sao-gpu-batch (process) created" in cluster.deploy_output, cluster.deploy_output
+    cron = cluster.get("/variables/name/sao_nightly_cron")["value"]
+    timezone = cluster.get("/variables/name/sao_nightly_timezone")["value"]
+    assert (cron, timezone) == (CRON, TIMEZONE)
+    deployment = cluster.get(f"/deployments/name/{ROUND_DEPLOYMENT}")
+    [schedule] = deployment["schedules"]
+    assert schedule["active"] is True
+    assert schedule["schedule"]["cron"] == cron and schedule["schedule"]["timezone"] == timezone
+    assert deployment["global_concurrency_limit"]["limit"] == 1
+    assert deployment["concurrency_options"]["collision_strategy"] == "ENQUEUE"
+    pools = {
+        ROUND_DEPLOYMENT: "sao-cpu",
+        "sao-gpu-batch/gpu-batch": "sao-gpu-batch",
+        "sao-train/train": "sao-train",
+    }
+    for name, pool in pools.items():
+        found = cluster.get(f"/deployments/name/{name}")
+        assert found["work_pool_name"] == pool
+        line = f"Deployment '{name}' successfully created with id '{found['id']}'."
+        assert line in cluster.deploy_output.splitlines(), cluster.deploy_output
+    [automation] = cluster.post("/automations/filter")
+    assert automation["name"] == AUTOMATION and automation["enabled"] is True
+    assert automation["trigger"]["posture"] == "Proactive"
+    assert automation["trigger"]["within"] == HEARTBEAT_GRACE_S
+    assert [a["type"] for a in automation["actions"]] == ["change-flow-run-state"]
+
+    # `sao deploy` again, without --cron: the variables are kept, the pools updated, the automation
+    # replaced (not doubled), the schedule unchanged.
+    again = run_sao_deploy(cluster.env, "--heartbeat-grace-s", str(HEARTBEAT_GRACE_S))
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    for line in (
+        f"variable sao_nightly_cron kept ({CRON!r})",
+        f"variable sao_nightly_timezone kept ({TIMEZONE!r})",
+        "pool sao-cpu (process) updated",
+        "pool sao-gpu-batch (process) updated",
+        "pool sao-train (process) updated",
+    ):
+        assert line in again.stdout.splitlines(), again.stdout
+    assert [a["name"] for a in cluster.post("/automations/filter")] == [AUTOMATION]
+    redeployed = cluster.get(f"/deployments/name/{ROUND_DEPLOYMENT}")
+    assert redeployed["id"] == deployment["id"]
+    assert [(s["schedule"]["cron"], s["schedule"]["timezone"]) for s in redeployed["schedules"]] == [
+        (CRON, TIMEZONE)
+    ]
+    print(f"\nschedule and redeploy: {time.monotonic() - started:.1f} s", flush=True)
+
+
+def test_round_fans_model_stages_out_to_both_gpu_workers(cluster: Cluster):
+    started = time.monotonic()
+    overrides = overrides_for(cluster, "rounds-fanout")
+    round_dir = round_dir_of(overrides)
+    run_id = trigger_round(cluster, overrides)
+    run = wait_final(cluster, run_id)
+    assert state_type(run) == "COMPLETED", f"{run['state']}\n{cluster.log_tails()}"
+
+    all_batch_ids = []
+    for stage in MODEL_STAGES:
+        runs = batch_runs(cluster, round_dir, stage)
+        assert sorted(r["name"] for r in runs) == [f"{stage}-batch-00-try-1", f"{stage}-batch-01-try-1"]
+        assert all(state_type(r) == "COMPLETED" for r in runs), [(r["name"], r["state"]) for r in runs]
+        all_batch_ids += [r["id"] for r in runs]
+        assert check_workers_ran(cluster, runs) == set(GPU_WORKERS), f"{stage}: not on both workers"
+        records = batch_records(round_dir, stage)
+        assert sorted(r["flow_run_id"] for r in records) == sorted(r["id"] for r in runs)
+        assert len({r["pid"] for r in records}) == 2, records
+        assert all(r["engine_builds"] == 1 for r in records if r["shards"]), records
+        shards = sorted(i for r in records for i in r["shards"])
+        assert shards == [0, 1, 2, 3], f"{stage}: each of the 4 shards in exactly one batch: {shards}"
+
+    kept = check_shards_exactly_once(round_dir)
+    assert kept["judgements"] == 16, kept
+
+    keys = {(a["key"], a["type"]) for a in artifacts_of(cluster, [run_id])}
+    for stage in ("personas", *MODEL_STAGES, "pairs"):
+        assert (f"tiny-{stage}-counts", "table") in keys, (stage, keys)
+    assert ("tiny-round-report", "markdown") in keys
+    batch_keys = {a["key"] for a in artifacts_of(cluster, all_batch_ids)}
+    assert {f"{s}-batch-{b:02d}" for s in MODEL_STAGES for b in (0, 1)} <= batch_keys, batch_keys
+    print(f"\nfan-out round: {time.monotonic() - started:.1f} s", flush=True)
+
+
+@dataclass
+class Frozen:
+    """A batch run's process stopped (SIGSTOP) between two of its shards."""
+
+    stage: str
+    run_id: str
+    pid: int
+    shards: list[int]
+    done_before: dict[int, tuple[bytes, Any]]  # shard -> its manifest's bytes and LastModified
+
+    process: Any  # psutil.Process: a kill never reaches another process given the same PID
+
+    def kill(self) -> None:
+        kill_process(self.process)
+
+
+def freeze_batch_mid_stage(
+    cluster: Cluster, round_dir: str, stage: str, timeout_s: float = 300.0
+) -> Frozen | None:
+    """Stop the process of `stage`'s first batch once some of its shards are written and not all.
+
+    SIGSTOP as soon as one manifest of the batch shows up, then what it finished is read while it
+    cannot write more. None when it finished them all first (it is then let go on).
+    """
+    deadline = time.monotonic() + timeout_s
+    name = f"{stage}-batch-00-try-1"
+    run = None
+    while time.monotonic() < deadline:
+        found = [r for r in batch_runs(cluster, round_dir, stage) if r["name"] == name]
+        if found and state_type(found[0]) == "RUNNING" and found[0].get("infrastructure_pid"):
+            run = found[0]
+            break
+        if found and state_type(found[0]) in FINAL:
+            return None
+        time.sleep(0.2)
+    assert run is not None, f"no running {name} after {timeout_s} s\n{cluster.log_tails()}"
+    pid = int(str(run["infrastructure_pid"]).rsplit(":", 1)[-1])
+    process = next((p for n in GPU_WORKERS for p in worker_children(cluster, n) if p.pid == pid), None)
+    if process is None:
+        # Gone already (the batch finished), or not the process a worker started.
+        assert state_type(read_run(cluster, run["id"])) in FINAL, f"pid {pid} of {name} is no worker's child"
+        return None
+    shards = list(run["parameters"]["shards"])
+    manifests = {i: storage.shard_manifest_url(output_url(round_dir, stage), i) for i in shards}
+
+    def written() -> list[int]:
+        fs = fresh_fs()
+        return [i for i, url in manifests.items() if fs.exists(url)]
+
+    while time.monotonic() < deadline:
+        if written():
+            try:
+                process.suspend()  # SIGSTOP
+            except psutil.NoSuchProcess:
+                return None  # the whole batch was done before it could be stopped
+            break
+        if state_type(read_run(cluster, run["id"])) in FINAL:
+            return None
+        time.sleep(0.05)
+    done = written()
+    if len(done) == len(shards):
+        process.resume()
+        return None
+    fs = fresh_fs()
+    before = {i: (fs.cat_file(manifests[i]), fs.info(manifests[i])["LastModified"]) for i in done}
+    return Frozen(stage, run["id"], pid, shards, before, process)
+
+
+def freeze_a_batch(cluster: Cluster, round_dir: str) -> Frozen:
+    for stage in ("responses", "judgements"):  # a second chance if the first batch was too quick
+        frozen = freeze_batch_mid_stage(cluster, round_dir, stage)
+        if frozen is not None:
+            print(
+                f"\nstopped {stage} batch 0 (pid {frozen.pid}) with shards {sorted(frozen.done_before)} "
+                f"of {frozen.shards} done",
+                flush=True,
+            )
+            return frozen
+    raise AssertionError("no batch run could be caught between two shards")
+
+
+def wait_run_final(cluster: Cluster, run_id: str, timeout_s: float) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout_s
+    while state_type(run := read_run(cluster, run_id)) not in FINAL:
+        assert time.monotonic() < deadline, f"run {run_id} not final after {timeout_s} s: {run['state']}"
+        time.sleep(0.5)
+    return run
+
+
+def check_resubmitted(cluster: Cluster, round_dir: str, frozen: Frozen, total: int) -> list[int]:
+    """Only the shards missing when the batch stopped went out again (try 2), each once; the shards
+    it had finished were not redone. Returns the resubmitted shards."""
+    missing = sorted(set(frozen.shards) - set(frozen.done_before))
+    runs = batch_runs(cluster, round_dir, frozen.stage)
+    retries = [r for r in runs if r["name"].endswith("-try-2")]
+    assert retries, [r["name"] for r in runs]
+    assert all(state_type(r) == "COMPLETED" for r in retries), [(r["name"], r["state"]) for r in retries]
+    assert not [r for r in runs if r["name"].endswith("-try-3")]
+    resent = sorted(i for r in retries for i in r["parameters"]["shards"])
+    assert resent == missing, f"resubmitted {resent}, missing when it stopped {missing}"
+
+    # What the batches wrote: nothing recorded by the stopped run; every shard in exactly one record.
+    records = batch_records(round_dir, frozen.stage)
+    assert frozen.run_id not in {r["flow_run_id"] for r in records}
+    written = sorted(i for r in records for i in r["shards"])
+    assert written == sorted(set(range(total)) - set(frozen.done_before)), written
+    assert all(r["engine_builds"] == 1 for r in records if r["shards"]), records
+
+    # Shards finished before the stop: same manifest, same write time, no task run in try 2.
+    fs = fresh_fs()
+    out_url = output_url(round_dir, frozen.stage)
+    for index, (content, modified) in frozen.done_before.items():
+        url = storage.shard_manifest_url(out_url, index)
+        assert fs.cat_file(url) == content and fs.info(url)["LastModified"] == modified, index
+    retried_tasks = set(task_run_names(cluster, [r["id"] for r in retries]))
+    assert not {f"{frozen.stage}-shard-{i:05d}" for i in frozen.done_before} & retried_tasks, retried_tasks
+    assert {f"{frozen.stage}-shard-{i:05d}" for i in missing} <= retried_tasks, retried_tasks
+    return resent
+
+
+def test_a_killed_batch_run_crashes_and_only_its_missing_shards_are_resubmitted(cluster: Cluster):
+    started = time.monotonic()
+    # 12 shards, 6 per batch: a batch runs long enough to be caught between two shards.
+    overrides = overrides_for(cluster, "rounds-crash", "personas.n=24", "run.shard_size=2")
+    round_dir = round_dir_of(overrides)
+    run_id = trigger_round(cluster, overrides)
+    frozen = freeze_a_batch(cluster, round_dir)
+    try:
+        frozen.kill()
+        killed_at = time.monotonic()
+        # The process worker sees its child die and reports the run: Crashed, no heartbeat timeout.
+        crashed = wait_run_final(cluster, frozen.run_id, 60)
+        assert state_type(crashed) == "CRASHED", crashed["state"]
+        crash_s = time.monotonic() - killed_at
+        message = crashed["state"]["message"] or ""
+        assert "SIGKILL" in message or "-9" in message, message
+    finally:
+        frozen.kill()
+
+    run = wait_final(cluster, run_id)
+    assert state_type(run) == "COMPLETED", f"{run['state']}\n{cluster.log_tails()}"
+    resent = check_resubmitted(cluster, round_dir, frozen, total=12)
+    kept = check_shards_exactly_once(round_dir)
+    assert kept["judgements"] == 24, kept
+    print(
+        f"crash round: {time.monotonic() - started:.1f} s (Crashed {crash_s:.1f} s after the kill; "
+        f"resubmitted {resent})",
+        flush=True,
+    )
+
+
+def test_a_silent_batch_run_is_marked_crashed_by_the_heartbeat_automation(cluster: Cluster):
+    """A lost node: the batch's process stops (SIGSTOP), its worker sees nothing. The automation of
+    `sao deploy` marks the run Crashed once its heartbeats stop, and the round resubmits its shards."""
+    started = time.monotonic()
+    overrides = overrides_for(cluster, "rounds-silent", "personas.n=24", "run.shard_size=2")
+    round_dir = round_dir_of(overrides)
+    run_id = trigger_round(cluster, overrides)
+    frozen = freeze_a_batch(cluster, round_dir)
+    try:
+        stopped_at = time.monotonic()
+        # The last heartbeat came at most one period before the stop.
+        crashed = wait_run_final(cluster, frozen.run_id, HEARTBEAT_GRACE_S + 90)
+        silent_s = time.monotonic() - stopped_at
+        assert state_type(crashed) == "CRASHED", crashed["state"]
+        assert f"no heartbeat for {HEARTBEAT_GRACE_S} s" in crashed["state"]["message"], crashed["state"]
+    finally:
+        frozen.kill()  # the lost node's process, for good (its worker then reports it again)
+
+    run = wait_final(cluster, run_id)
+    assert state_type(run) == "COMPLETED", f"{run['state']}\n{cluster.log_tails()}"
+    resent = check_resubmitted(cluster, round_dir, frozen, total=12)
+    check_shards_exactly_once(round_dir)
+    print(
+        f"silent batch round: {time.monotonic() - started:.1f} s (Crashed by the automation "
+        f"{silent_s:.0f} s after the stop; resubmitted {resent})",
+        flush=True,
+    )
+
+
+def test_two_rounds_triggered_at_once_run_one_after_the_other(cluster: Cluster):
+    started = time.monotonic()
+    # Small rounds with the shards in the round's own process: the limit, not the fan-out, is tested.
+    common = ["personas.n=4", "run.shard_size=2", "evaluation.enabled=false"]
+    ids = [trigger_round(cluster, [f"run.root={cluster.bucket}/rounds-queue-{k}", *common]) for k in (1, 2)]
+    # While one runs, the other waits for the deployment's slot.
+    overlap_seen = []
+    deadline = time.monotonic() + ROUND_TIMEOUT_S
+    while True:
+        runs = [read_run(cluster, i) for i in ids]
+        types = [state_type(r) for r in runs]
+        overlap_seen.append(types.count("RUNNING") > 1)
+        if all(t in FINAL for t in types):
+            break
+        assert time.monotonic() < deadline, types
+        time.sleep(1)
+    assert [state_type(r) for r in runs] == ["COMPLETED", "COMPLETED"], [r["state"] for r in runs]
+    assert not any(overlap_seen), "both rounds were Running at once"
+    first, second = sorted(runs, key=lambda r: when(r["start_time"]))
+    assert when(second["start_time"]) >= when(first["end_time"]), (first["end_time"], second["start_time"])
+    assert "AwaitingConcurrencySlot" in state_names(cluster, second["id"])
+    assert "AwaitingConcurrencySlot" not in state_names(cluster, first["id"])
+    print(f"\nqueued rounds: {time.monotonic() - started:.1f} s", flush=True)
