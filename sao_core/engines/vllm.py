@@ -127,7 +127,8 @@ class VLLMEngine:
 
     Requests and completions travel as JSON lines over two pipes of their own (vLLM logs to stdout).
     `start_seconds` is the child's start-up (interpreter, vLLM import, model load); `generate` then adds
-    only the round trip of the JSON.
+    only the round trip of the JSON. `worker_seconds` is the worker's own time for the last `generate`,
+    so a caller can tell that round trip from the generation.
     """
 
     name = "vllm"
@@ -169,6 +170,7 @@ class VLLMEngine:
             raise
         self.start_seconds = time.perf_counter() - self._child.started
         self.load_seconds = float(reply.get("load_seconds", 0.0))
+        self.worker_seconds = 0.0
         log.info("vllm engine ready in %.1fs (model load %.1fs)", self.start_seconds, self.load_seconds)
 
     def _call(self, message: dict[str, Any]) -> dict[str, Any]:
@@ -207,6 +209,7 @@ class VLLMEngine:
                 },
             }
         )
+        self.worker_seconds = float(reply.get("seconds", 0.0))
         outputs = [[Completion(**c) for c in row] for row in reply["outputs"]]
         if len(outputs) != len(requests) or any(
             len(o) != r.n for o, r in zip(outputs, requests, strict=True)
