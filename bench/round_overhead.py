@@ -164,6 +164,9 @@ def main() -> None:
         cached_wall, cached_lines, load_cached = sao_run(args.config, overrides, env)
         # Prefect's log line for a task run answered from its cache: the re-run did skip the work.
         cached_tasks = sum("Finished in state Cached" in line for line in cached_lines)
+        # A re-run that names another model folder trained again (the code or config changed between
+        # the runs): its time is then no cached re-run, and the report says so.
+        same_model = printed(cached_lines, "model") == model_url
         config_url = storage.join(round_dir, "resolved_config.yaml")
         out = subprocess.run(
             [sys.executable, "-c", LOADS_CHILD, config_url, model_url],
@@ -203,6 +206,7 @@ def main() -> None:
         "cached_run_wall_s": round(cached_wall, 2),
         "cached_ratio": round(cached_wall / first_wall, 3),
         "cached_task_runs": cached_tasks,
+        "cached_run_same_model": same_model,
         "cached_target": 0.15,
         "load_average": {"before": load_before, "after_first": load_first, "after_cached": load_cached},
         "machine": machine(),
@@ -225,7 +229,9 @@ def main() -> None:
         f"First run wall time: {first_wall:.1f} s; ratio to compute: **{payload['overhead_ratio']}** "
         f"(target <= 1.15). Wall time neither compute nor a model load: {payload['other_overhead_s']:.1f} s.\n\n"
         f"Cached re-run (a new process): {cached_wall:.1f} s; ratio to the first run: "
-        f"**{payload['cached_ratio']}** (target <= 0.15); {cached_tasks} task runs answered from the cache.\n\n"
+        f"**{payload['cached_ratio']}** (target <= 0.15); {cached_tasks} task runs answered from the cache."
+        + ("" if same_model else " NOT A CACHED RE-RUN: it wrote another model folder and trained again.")
+        + "\n\n"
         f"Load average before: {fmt(f'{x:.1f}' for x in load_before)}; after the first run: "
         f"{fmt(f'{x:.1f}' for x in load_first)}; after the second: {fmt(f'{x:.1f}' for x in load_cached)}. "
         f"{payload['machine']}\n"
