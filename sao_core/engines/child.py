@@ -46,9 +46,8 @@ def interpreter(engine: EngineConfig) -> str:
 
 
 def child_env() -> dict[str, str]:
-    """The child's environment: ours, marked as a stage child, with this sao_core first on its path."""
+    """The child's environment: ours, unbuffered, with this sao_core first on its path."""
     env = dict(os.environ)
-    env["SAO_STAGE_CHILD"] = "1"
     env["PYTHONUNBUFFERED"] = "1"
     # The child runs the same sao_core source as the parent, whatever its environment has installed.
     root = str(Path(__file__).resolve().parents[2])
@@ -100,23 +99,25 @@ class ChildProcess:
             os.killpg(self.proc.pid, signal.SIGKILL)
         self._reader.join(timeout=5)
 
-    def failure(self, rc: int | None = None, context: str = "") -> EngineError:
-        """An EngineError naming the exit status and quoting the child's last log lines."""
-        self._reader.join(timeout=5)
-        rc = self.proc.poll() if rc is None else rc
+    @staticmethod
+    def _exit_status(rc: int | None) -> str:
         if rc is None:
-            status = "stopped answering"
-        elif rc < 0:
+            return "stopped answering"
+        if rc < 0:
             try:
                 name = signal.Signals(-rc).name
             except ValueError:
                 name = f"signal {-rc}"
             hint = " (killed: out of memory?)" if -rc == signal.SIGKILL else ""
-            status = f"was killed by {name}{hint}"
-        else:
-            status = f"exited with code {rc}"
+            return f"was killed by {name}{hint}"
+        return f"exited with code {rc}"
+
+    def failure(self, rc: int | None = None, status: str | None = None) -> EngineError:
+        """An EngineError naming the exit status (or `status`) and quoting the child's last log lines."""
+        self._reader.join(timeout=5)
+        rc = self.proc.poll() if rc is None else rc
+        status = status or self._exit_status(rc)
         lines = "\n".join(f"    {line}" for line in self.tail) or "    (no output)"
-        extra = f" {context}" if context else ""
         return EngineError(
-            f"{self.what}: the vLLM child ({self.cmd[0]}) {status}{extra}; its last log lines:\n{lines}"
+            f"{self.what}: the vLLM child ({self.cmd[0]}) {status}; its last log lines:\n{lines}"
         )

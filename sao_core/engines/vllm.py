@@ -1,16 +1,18 @@
 """The `vllm` engine: vllm.LLM in a child process under the vLLM environment's interpreter.
 
 vLLM pins packages that clash with Prefect's (ENV.md) and holds its GPU for the life of its process, so it
-never runs inside the orchestration process (STYLE.md rule 6). Two ways in:
+never runs inside the orchestration process (STYLE.md rule 6):
 
-    engine = make_engine(cfg.engine, cfg.model)           # VLLMEngine: a worker child held open
-    engine.generate(requests, sampling); engine.close()
-    run_shard_in_child("responses", cfg, round_url, 3)   # sao_core.stages.child: one shard's command
+    engine = make_engine(cfg.engine, cfg.model)   # VLLMEngine: a worker child, the model loaded once
+    engine.generate(requests, sampling)          # every shard of a stage or a GPU batch, one after another
+    engine.close()
 
-Both start `engine.python` (default: this interpreter) through sao_core.engines.child; the child loads
-the model once, and a crash or an OOM kill of the child fails that shard or call with the child's last
-log lines, and nothing else. This module never imports vllm: the child's side is
-sao_core.engines.vllm_worker. The pure helpers here are shared with the worker and the openai engine.
+The worker runs under `engine.python` (default: this interpreter), started through
+sao_core.engines.child. A crash or an OOM kill of the worker, or a call that runs past
+`engine.shard_timeout_s`, fails that call with the worker's last log lines; the engine is then dead
+(`alive` is False) and the shard runner starts a new one for the retry. This module never imports vllm:
+the child's side is sao_core.engines.vllm_worker. The pure helpers here are shared with the worker and
+the openai engine.
 """
 
 from __future__ import annotations
@@ -62,6 +64,9 @@ def llm_kwargs(
         "tensor_parallel_size": engine.tensor_parallel_size,
         "gpu_memory_utilization": engine.gpu_memory_utilization,
         "disable_log_stats": True,
+        # engine.batch_size under vLLM: the most sequences its scheduler runs at once (vLLM's own default
+        # is 256 on GPUs; the paper recipes say so). Outputs do not depend on it: each request has its seed.
+        "max_num_seqs": engine.batch_size,
     }
     if engine.max_model_len is not None:
         kwargs["max_model_len"] = engine.max_model_len
@@ -128,7 +133,8 @@ class VLLMEngine:
     Requests and completions travel as JSON lines over two pipes of their own (vLLM logs to stdout).
     `start_seconds` is the child's start-up (interpreter, vLLM import, model load); `generate` then adds
     only the round trip of the JSON. `worker_seconds` is the worker's own time for the last `generate`,
-    so a caller can tell that round trip from the generation.
+    so a caller can tell that round trip from the generation. A `generate` that runs past
+    `engine.shard_timeout_s` ends the worker and raises; so does a worker that dies.
     """
 
     name = "vllm"
@@ -156,6 +162,8 @@ class VLLMEngine:
         self._commands: IO[str] = os.fdopen(cmd_write, "w", encoding="utf-8")
         self._replies: IO[str] = os.fdopen(reply_read, "r", encoding="utf-8")
         self._lock = threading.Lock()
+        self._timeout_s = engine.shard_timeout_s
+        self._timed_out = False
         start = {
             "op": "start",
             "engine": engine.model_dump(mode="json"),
@@ -173,20 +181,41 @@ class VLLMEngine:
         self.worker_seconds = 0.0
         log.info("vllm engine ready in %.1fs (model load %.1fs)", self.start_seconds, self.load_seconds)
 
-    def _call(self, message: dict[str, Any]) -> dict[str, Any]:
+    @property
+    def alive(self) -> bool:
+        """Whether the worker still runs; a dead engine is closed and built anew by its provider."""
+        return self._child.proc.poll() is None
+
+    def _expire(self) -> None:
+        self._timed_out = True
+        self._child.kill_group()
+
+    def _call(self, message: dict[str, Any], timeout_s: float | None = None) -> dict[str, Any]:
         with self._lock:
+            timer = threading.Timer(timeout_s, self._expire) if timeout_s else None
+            if timer is not None:
+                timer.daemon = True
+                timer.start()
             try:
                 self._commands.write(json.dumps(message) + "\n")
                 self._commands.flush()
                 line = self._replies.readline()
             except (BrokenPipeError, ValueError, OSError):
                 line = ""
+            finally:
+                if timer is not None:
+                    timer.cancel()
             if not line:
                 try:
                     rc: int | None = self._child.wait(timeout=10)
                 except subprocess.TimeoutExpired:
                     rc = None
-                error = self._child.failure(rc)
+                status = (
+                    f"was ended: the call ran past engine.shard_timeout_s={self._timeout_s:g}s"
+                    if self._timed_out
+                    else None
+                )
+                error = self._child.failure(rc, status=status)
                 self._child.kill_group()
                 raise error
         reply: dict[str, Any] = json.loads(line)
@@ -207,7 +236,8 @@ class VLLMEngine:
                     "max_tokens": sampling.max_tokens,
                     "seed": sampling.seed,
                 },
-            }
+            },
+            timeout_s=self._timeout_s,
         )
         self.worker_seconds = float(reply.get("seconds", 0.0))
         outputs = [[Completion(**c) for c in row] for row in reply["outputs"]]

@@ -6,14 +6,15 @@
     run_model_stage("responses", cfg, round_dir, engines) # every shard in turn, then the manifest
 
 A shard whose manifest entry is complete, verifies against its file's sha256 and was made from the same
-input shard and stage settings is skipped, so a re-run after a crash resumes where it stopped. Under the
-vllm engine a shard runs in a child process (sao_core.stages.child), unless this process is that child.
+input shard and stage settings is skipped, so a re-run after a crash resumes where it stopped. The engine
+is built once per EngineProvider and held for every shard given to it (a stage, or a GPU batch of shards):
+under vLLM that is one worker child and one model load, however many shards. An engine whose worker died
+is dropped, so the shard's retry starts a fresh one.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -22,7 +23,7 @@ from typing import Any
 from sao_core import storage
 from sao_core.config import JudgingConfig, PromptsConfig, ResponsesConfig, RoundConfig
 from sao_core.engines import ChatRequest, Completion, Engine, Sampling, make_engine
-from sao_core.errors import StorageError
+from sao_core.errors import EngineError, StorageError
 from sao_core.stages.layout import (
     MODEL_STAGES,
     digest,
@@ -49,6 +50,9 @@ class EngineProvider:
         self.builds = 0  # model loads so far: a batch of shards should cost one
 
     def get(self) -> Engine:
+        if self._engine is not None and not getattr(self._engine, "alive", True):
+            log.warning("%s engine: its worker died; starting a new one", self._engine.name)
+            self.close()
         if self._engine is None:
             self._engine = self._factory()
             self.builds += 1
@@ -121,15 +125,14 @@ def run_shard(
     if done is not None:
         log.info("%s shard %d: done earlier, skipped", stage, index)
         return done
-    if cfg.engine.name == "vllm" and os.environ.get("SAO_STAGE_CHILD") != "1":
-        # vLLM holds the GPU for the life of its process: the shard runs in a child of its own.
-        from sao_core.stages.child import run_shard_in_child
-
-        return run_shard_in_child(stage, cfg, round_dir, index)
     requests, parse = _build_and_parse(stage, cfg, in_rows)
-    start = time.perf_counter()
-    engine = engines.get()
-    outs = engine.generate(requests, _sampling(cfg, stage, index)) if requests else []
+    try:
+        # Built (the model loaded) before the clock starts: a shard's seconds are its generation only.
+        engine = engines.get()
+        start = time.perf_counter()
+        outs = engine.generate(requests, _sampling(cfg, stage, index)) if requests else []
+    except EngineError as e:
+        raise EngineError(f"{stage} shard {index}: {e}") from e
     seconds = time.perf_counter() - start
     if len(outs) != len(requests) or any(len(o) != r.n for o, r in zip(outs, requests, strict=False)):
         raise StorageError(

@@ -18,15 +18,14 @@ import pytest
 import yaml
 
 from sao_core import storage
-from sao_core.config import EngineConfig, build_config, config_to_dict, load_config
+from sao_core.config import EngineConfig, load_config
 from sao_core.engines import ChatRequest, Sampling, make_engine
 from sao_core.engines.child import interpreter
 from sao_core.engines.vllm import llm_kwargs, request_seed, sampling_kwargs, to_completion
-from sao_core.errors import ConfigError, EngineError, StorageError
-from sao_core.stages.child import config_overrides
+from sao_core.errors import ConfigError, EngineError
 from sao_core.stages.layout import prepare_round, shard_target
 from sao_core.stages.round import run_personas
-from sao_core.stages.runner import EngineProvider, run_shard
+from sao_core.stages.runner import EngineProvider, run_model_stage, run_shard
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -38,6 +37,7 @@ def test_llm_kwargs_on_cpu_force_float32_and_eager_mode() -> None:
     assert kwargs["enforce_eager"] is True
     assert kwargs["max_model_len"] == 512
     assert kwargs["seed"] == 7
+    assert kwargs["max_num_seqs"] == 16  # engine.batch_size: the most sequences vLLM runs at once
     assert "revision" not in kwargs
 
 
@@ -51,6 +51,7 @@ def test_llm_kwargs_on_gpu_come_from_the_engine_section(tmp_path: Path) -> None:
     assert kwargs["gpu_memory_utilization"] == 0.5
     assert kwargs["tensor_parallel_size"] == 2
     assert kwargs["revision"] == "abc123"  # a hub id keeps its revision
+    assert llm_kwargs(engine.model_copy(update={"batch_size": 256}), "m", 0, on_cpu=False)["max_num_seqs"] == 256
     assert "max_model_len" not in kwargs  # None: the model's own
     assert llm_kwargs(EngineConfig(name="vllm"), str(tmp_path), 0, on_cpu=False)["dtype"] == "auto"
     assert "revision" not in llm_kwargs(engine, str(tmp_path), 0, on_cpu=False, revision="abc123")
@@ -73,34 +74,25 @@ def test_to_completion_refuses_unfinished_answers(reason: str | None) -> None:
     assert to_completion("text", "length", 3, 4, "r").finish_reason == "length"
 
 
-def test_config_overrides_turn_one_config_into_the_other() -> None:
-    base = build_config({"engine": {"name": "vllm"}, "judging": {"swap": False}})
-    want = build_config(
-        {
-            "engine": {"name": "vllm", "python": "/opt/v/bin/python", "base_urls": ["http://a/v1"]},
-            "judging": {"swap": True, "temperature": 1e-6},
-            "run": {"root": "s3://bucket/x y"},
-        }
-    )
-    overrides = config_overrides(config_to_dict(base), config_to_dict(want))
-    assert len(overrides) == 5
-    assert build_config(config_to_dict(base), overrides) == want
-    assert config_overrides(config_to_dict(want), config_to_dict(want)) == []
-
-
 def test_interpreter_defaults_to_this_one_and_names_a_missing_one() -> None:
     assert interpreter(EngineConfig(name="vllm")) == sys.executable
     with pytest.raises(ConfigError, match=r"engine.python .*setup_vllm_env.sh"):
         interpreter(EngineConfig(name="vllm", python="/nonexistent/bin/python"))
 
 
-# --- shard children -----------------------------------------------------------------------------------
+# --- the worker child behind the shard runner ------------------------------------------------------------
 
 
-def _round(tmp_path: Path, *overrides: str) -> tuple:
+def _round(tmp_path: Path, *overrides: str, root: str | None = None) -> tuple:
     cfg = load_config(
         str(REPO / "configs" / "tiny.yaml"),
-        [f"run.root={tmp_path / 'art'}", "personas.n=4", "run.shard_size=2", "engine.name=vllm", *overrides],
+        [
+            f"run.root={root or tmp_path / 'art'}",
+            "personas.n=8",
+            "run.shard_size=2",
+            "engine.name=vllm",
+            *overrides,
+        ],
     )
     round_dir = prepare_round(cfg)
     run_personas(cfg, round_dir)
@@ -114,6 +106,22 @@ def _script(tmp_path: Path, name: str, body: str) -> str:
     return str(path)
 
 
+def _scripted_worker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, **env: str) -> tuple[str, Path]:
+    """engine.python for the scripted worker, and the log of the commands it received."""
+    log = tmp_path / "worker-commands.jsonl"
+    monkeypatch.setenv("SCRIPTED_LOG", str(log))
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    worker = Path(__file__).with_name("scripted_vllm_worker.py")
+    return _script(tmp_path, "python", f'exec {sys.executable} {worker} "$@"\n'), log
+
+
+def _commands(log: Path, op: str) -> list[dict]:
+    if not log.exists():
+        return []
+    return [c for c in map(json.loads, log.read_text().splitlines()) if c["op"] == op]
+
+
 def _no_shard_written(round_dir: str, index: int) -> bool:
     out = storage.join(round_dir, "prompts", "_candidates")
     return storage.read_shard_manifest(out, index) is None and not storage.exists(
@@ -121,7 +129,81 @@ def _no_shard_written(round_dir: str, index: int) -> bool:
     )
 
 
-def test_child_exit_code_fails_the_shard_with_its_last_log_lines(tmp_path: Path) -> None:
+def test_a_stage_on_vllm_loads_the_model_once_for_all_its_shards(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    python, log = _scripted_worker(tmp_path, monkeypatch)
+    # memory:// too: the shards are written by this process, not by the worker.
+    cfg, round_dir = _round(
+        tmp_path, f"engine.python={python}", "engine.max_model_len=256", "engine.batch_size=5",
+        root="memory://vllm-held",
+    )  # fmt: skip
+    engines = EngineProvider(cfg)
+    try:
+        manifest = run_model_stage("prompts", cfg, round_dir, engines)
+    finally:
+        engines.close()
+    assert engines.builds == 1 and len(manifest["shards"]) == 4
+    starts, generates = _commands(log, "start"), _commands(log, "generate")
+    assert len(starts) == 1 and len(generates) == 4
+    assert len({c["pid"] for c in starts + generates}) == 1  # one worker process answered everything
+    start = starts[0]
+    assert start["engine"]["max_model_len"] == 256 and start["engine"]["batch_size"] == 5
+    assert (Path(start["model_dir"]) / "config.json").is_file()  # resolved once, by the parent
+    assert manifest["rows_in"] == 8 and manifest["engine"] == "vllm"
+    assert sorted(len(g["requests"]) for g in generates) == [2, 2, 2, 2]
+    assert _commands(log, "close")  # the worker was asked to exit
+    # A finished stage is skipped without starting a worker at all.
+    again = EngineProvider(cfg)
+    assert run_model_stage("prompts", cfg, round_dir, again)["rows_out"] == manifest["rows_out"]
+    assert again.builds == 0 and len(_commands(log, "start")) == 1
+
+
+def test_a_killed_worker_fails_only_its_shard_and_the_retry_starts_a_new_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    python, log = _scripted_worker(tmp_path, monkeypatch, SCRIPTED_DIE_AT="2")
+    cfg, round_dir = _round(tmp_path, f"engine.python={python}")
+    engines = EngineProvider(cfg)
+    try:
+        first = run_shard("prompts", cfg, round_dir, 0, engines)
+        with pytest.raises(
+            EngineError,
+            match=r"(?s)prompts shard 1: .*killed by SIGKILL \(killed: out of memory\?\).*KV cache",
+        ):
+            run_shard("prompts", cfg, round_dir, 1, engines)
+        assert _no_shard_written(round_dir, 1)
+        died = {c["pid"] for c in _commands(log, "start")}
+        monkeypatch.setenv("SCRIPTED_DIE_AT", "0")
+        retried = run_shard("prompts", cfg, round_dir, 1, engines)  # the task's retry, same process
+    finally:
+        engines.close()
+    assert engines.builds == 2
+    assert len({c["pid"] for c in _commands(log, "start")} - died) == 1  # a fresh worker
+    assert retried.rows_in == 2 and retried.shard == 1
+    out = storage.join(round_dir, "prompts", "_candidates")
+    assert storage.read_shard_manifest(out, 0) == first  # the finished shard is untouched
+
+
+def test_a_call_past_the_shard_timeout_ends_the_worker(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    python, log = _scripted_worker(tmp_path, monkeypatch, SCRIPTED_SLEEP_S="120")
+    cfg, round_dir = _round(tmp_path, f"engine.python={python}", "engine.shard_timeout_s=1.5")
+    engines = EngineProvider(cfg)
+    try:
+        with pytest.raises(EngineError, match=r"prompts shard 0: .*ran past engine.shard_timeout_s=1.5s"):
+            run_shard("prompts", cfg, round_dir, 0, engines)
+        worker = engines._engine
+        assert worker is not None and not worker.alive
+    finally:
+        engines.close()
+    assert _no_shard_written(round_dir, 0)
+    pid = _commands(log, "start")[0]["pid"]
+    assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
+
+
+def test_worker_exit_code_fails_the_shard_with_its_last_log_lines(tmp_path: Path) -> None:
     python = _script(tmp_path, "crash.sh", 'for i in $(seq 1 60); do echo "log line $i"; done\nexit 3\n')
     cfg, round_dir = _round(tmp_path, f"engine.python={python}")
     with pytest.raises(EngineError) as info:
@@ -132,7 +214,7 @@ def test_child_exit_code_fails_the_shard_with_its_last_log_lines(tmp_path: Path)
     assert _no_shard_written(round_dir, 0)
 
 
-def test_child_killed_like_an_oom_names_the_signal(tmp_path: Path) -> None:
+def test_worker_killed_like_an_oom_names_the_signal(tmp_path: Path) -> None:
     python = _script(tmp_path, "oom.sh", 'echo "allocating"\nkill -9 $$\n')
     cfg, round_dir = _round(tmp_path, f"engine.python={python}")
     with pytest.raises(EngineError, match=r"(?s)killed by SIGKILL \(killed: out of memory\?\).*allocating"):
@@ -140,59 +222,20 @@ def test_child_killed_like_an_oom_names_the_signal(tmp_path: Path) -> None:
     assert _no_shard_written(round_dir, 1)
 
 
-def test_child_that_writes_nothing_does_not_count_as_done(tmp_path: Path) -> None:
+def test_worker_that_exits_without_answering_is_no_engine(tmp_path: Path) -> None:
     python = _script(tmp_path, "lazy.sh", "echo done\nexit 0\n")
     cfg, round_dir = _round(tmp_path, f"engine.python={python}")
-    with pytest.raises(EngineError, match="left no shard that verifies"):
-        run_shard("prompts", cfg, round_dir, 0, EngineProvider(cfg))
-
-
-def test_child_without_vllm_fails_with_the_import_error(tmp_path: Path) -> None:
-    # This interpreter has no vllm: the real child command starts, then fails where vLLM is imported.
-    cfg, round_dir = _round(tmp_path)
-    with pytest.raises(EngineError, match=r"(?s)exited with code 1.*No module named 'vllm'"):
+    with pytest.raises(EngineError, match="exited with code 0"):
         run_shard("prompts", cfg, round_dir, 0, EngineProvider(cfg))
     assert _no_shard_written(round_dir, 0)
 
 
-def test_child_receives_the_callers_config_changes(tmp_path: Path) -> None:
-    record = tmp_path / "argv.txt"
-    python = _script(tmp_path, "record.sh", f'echo "$@" > {record}\nexit 5\n')
-    _, round_dir = _round(tmp_path)
-    changed = load_config(
-        str(REPO / "configs" / "tiny.yaml"),
-        [
-            f"run.root={tmp_path / 'art'}",
-            "personas.n=4",
-            "run.shard_size=2",
-            "engine.name=vllm",
-            f"engine.python={python}",
-            "engine.max_model_len=256",
-        ],
-    )
-    with pytest.raises(EngineError, match="code 5"):
-        run_shard("prompts", changed, round_dir, 0, EngineProvider(changed))
-    argv = record.read_text().split()
-    assert argv[:2] == ["-m", "sao_core.stages.prompts"]
-    assert argv[argv.index("--config") + 1] == storage.join(round_dir, "resolved_config.yaml")
-    assert (Path(argv[argv.index("--model-dir") + 1]) / "config.json").is_file()  # resolved by the parent
-    sets = [argv[i + 1] for i, a in enumerate(argv) if a == "--set"]
-    assert sorted(sets) == sorted([f'engine.python="{python}"', "engine.max_model_len=256"])
-
-
-def test_round_folder_must_be_visible_to_the_child(tmp_path: Path) -> None:
-    cfg = load_config(
-        str(REPO / "configs" / "tiny.yaml"),
-        ["engine.name=vllm", "run.root=memory://vllm-test", "personas.n=2"],
-    )
-    in_memory = prepare_round(cfg)
-    run_personas(cfg, in_memory)
-    with pytest.raises(StorageError, match="cannot see memory://"):
-        run_shard("prompts", cfg, in_memory, 0, EngineProvider(cfg))
+def test_worker_without_vllm_fails_with_the_import_error(tmp_path: Path) -> None:
+    # This interpreter has no vllm: the real worker starts, then fails where vLLM is imported.
     cfg, round_dir = _round(tmp_path)
-    storage.remove(storage.join(round_dir, "resolved_config.yaml"))
-    with pytest.raises(StorageError, match=r"resolved_config\.yaml is missing"):
+    with pytest.raises(EngineError, match=r"prompts shard 0: .*No module named 'vllm'"):
         run_shard("prompts", cfg, round_dir, 0, EngineProvider(cfg))
+    assert _no_shard_written(round_dir, 0)
 
 
 def test_vllm_engine_worker_start_failure_is_an_engine_error(tmp_path: Path) -> None:
@@ -209,7 +252,6 @@ def test_vllm_engine_worker_start_failure_is_an_engine_error(tmp_path: Path) -> 
 
 def _stage_command(stage: str, round_dir: str, *extra: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    env.pop("SAO_STAGE_CHILD", None)
     return subprocess.run(
         [sys.executable, "-m", f"sao_core.stages.{stage}", "--round", round_dir, *extra],
         capture_output=True, text=True, env=env, cwd=REPO, timeout=300,
