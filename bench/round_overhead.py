@@ -14,12 +14,11 @@ Compute follows one rule for every stage: the seconds of the stage's own work, r
 the first run wrote, with every model load left out. Generation for prompts, responses and judgements;
 `trainer.train` for training; answering and judging for evaluation; sampling personas and selecting
 pairs. The manifests do not all time the same span, so loads are taken out where they are in:
-- a stage shard times its engine call, and an in-process engine (transformers, fake, openai) is built
-  on first use inside that timer: the base model's load sits in prompts shard 0, the first to generate
-  (later stages share the loaded engine). vLLM shards run in a child that loads before its timer;
+- a stage shard times its engine call only: the engine is built (the model loaded) before the timer
+  starts, by the first shard to generate, and later stages share it;
 - training's seconds are `trainer.train` only (its model load is outside them already);
-- evaluation's seconds include building the trained policy's engine (and, under vllm, the base
-  model's worker, which the stage children never left in this process).
+- evaluation's seconds include building the trained policy's engine (the base model's is the one
+  the stages held).
 The manifests do not record load times, so after the runs each load is timed again the way the round
 does it, in a fresh interpreter (the first one there pays the torch and transformers imports, as prompts
 shard 0 does), and subtracted from the stage that contains it. The loads are reported on a line of their
@@ -59,10 +58,13 @@ LOADS_CHILD = (
 
 
 def loads_inside(engine_name: str) -> dict[str, list[str]]:
-    """Which model loads each stage's manifest seconds contain, by where the round runs its engine."""
-    if engine_name == "vllm":
-        return {"evaluate": ["policy", "base"]}
-    return {"prompts": ["base"], "evaluate": ["policy"]}
+    """Which model loads each stage's manifest seconds contain: only evaluation's (the trained policy).
+
+    Every engine alike since the shard runner builds its engine before a shard's timer starts; the
+    argument stays so a report names the engine it was measured with.
+    """
+    del engine_name
+    return {"evaluate": ["policy"]}
 
 
 def manifest_seconds(round_dir: str, model_url: str) -> dict[str, float]:

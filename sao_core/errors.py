@@ -30,7 +30,7 @@ class EngineError(SAOError):
 
 
 class RoundQualityError(SAOError):
-    """A round's data is below the quality gate (too few pairs, too many unparseable verdicts)."""
+    """A round's data is below the quality gate (too few pairs, too few judgements that give a pair)."""
 
 
 class TrainingError(SAOError):

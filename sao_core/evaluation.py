@@ -16,7 +16,7 @@ from typing import Any
 from sao_core import storage
 from sao_core.chat import ChatRequest, Sampling
 from sao_core.config import RoundConfig
-from sao_core.judging import format_judge_prompt, parse_verdict
+from sao_core.judging import format_judge_prompt, parse_verdict, strip_quoted
 from sao_core.stages.runner import EngineProvider
 
 BUILTIN_PROMPTS = Path(__file__).parent / "data" / "eval_prompts.jsonl"
@@ -61,7 +61,10 @@ def evaluate_policy(
     verdicts = base.get().generate(judge_reqs, Sampling(0.0, 1.0, ecfg.judge_max_tokens, seed=cfg.run.seed))
     rows, wins, losses, ties, invalid, first, parsed = [], 0, 0, 0, 0, 0, 0
     for i, p in enumerate(prompts):
-        a, b = verdicts[2 * i][0].text, verdicts[2 * i + 1][0].text
+        # A judge that copies an answer back must not have that answer's own "ranking:" read as its verdict.
+        quoted = (p["prompt"], new_answers[i].text, base_answers[i].text)
+        a = strip_quoted(verdicts[2 * i][0].text, quoted)
+        b = strip_quoted(verdicts[2 * i + 1][0].text, quoted)
         va, vb = parse_verdict(a, cfg.judging.lenient), parse_verdict(b, cfg.judging.lenient)
         # In the first order the new answer is Response 1, in the second Response 2.
         new_won = [

@@ -78,6 +78,24 @@ def parse_verdict(text: str | None, lenient: bool = False) -> Verdict:
     return Verdict(firsts.pop())
 
 
+def strip_quoted(text: str | None, quoted: Iterable[str]) -> str | None:
+    """The judge's output less verbatim copies of request texts (prompt, answers) that hold a ranking.
+
+    The verdict must be the judge's own: an answer that says "ranking: 2 > 1" is not one when a judge
+    repeats its input back (small models often do). A text that is a ranking and nothing more is left
+    in, since it cannot be told apart from the judge's own verdict.
+    """
+    if not text:
+        return text
+    for source in quoted:
+        source = source.strip()
+        if VERDICT_RE.search(source) or BARE_VERDICT_RE.search(source):
+            rest = BARE_VERDICT_RE.sub("", VERDICT_RE.sub("", source))
+            if any(ch.isalnum() for ch in rest):
+                text = text.replace(source, " … ")  # a mark, so an echo alone is not read as `empty`
+    return text
+
+
 def format_judge_prompt(prompt: str, response_1: str, response_2: str) -> str:
     return JUDGE_TEMPLATE.format(prompt=prompt, response_1=response_1, response_2=response_2)
 
@@ -168,7 +186,9 @@ def parse_judge_completions(
         comparisons = []
         for a, b in comparison_orders(len(responses), swap):
             out = next(it)[0]
-            verdict = parse_verdict(out.text, lenient)
+            # The raw text is kept as the judge wrote it; the verdict is read from its own words only.
+            own = strip_quoted(out.text, (row["prompt"], responses[a]["text"], responses[b]["text"]))
+            verdict = parse_verdict(own, lenient)
             comparisons.append(
                 {
                     "response_1": a,

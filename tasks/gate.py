@@ -1,4 +1,4 @@
-"""The quality gate between data and training: too few pairs or too many unparseable verdicts stop the round."""
+"""The quality gate between data and training: too few pairs or too few judgements that give a pair stop the round."""
 
 from __future__ import annotations
 

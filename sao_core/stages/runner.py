@@ -87,7 +87,7 @@ def _build_and_parse(
         from sao_core.prompts import build_prompt_requests, parse_prompt_completions
 
         def parse_prompts(outs: list[list[Completion]]) -> tuple[list[dict], list[dict], dict]:
-            kept, dropped = parse_prompt_completions(rows, outs, cfg.run.round)
+            kept, dropped = parse_prompt_completions(rows, outs, cfg.run.round, cfg.prompts.prefill)
             return kept, dropped, {}
 
         return build_prompt_requests(rows, cfg.prompts.prefill), parse_prompts
