@@ -15,6 +15,7 @@ is dropped, so the shard's retry starts a fresh one.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -48,20 +49,29 @@ class EngineProvider:
         self._factory = factory or (lambda: make_engine(cfg.engine, cfg.model, seed=cfg.run.seed))
         self._engine: Engine | None = None
         self.builds = 0  # model loads so far: a batch of shards should cost one
+        self.ready_at: list[float] = []  # when each build was ready to generate (epoch seconds)
+        self._lock = threading.Lock()
 
     def get(self) -> Engine:
-        if self._engine is not None and not getattr(self._engine, "alive", True):
-            log.warning("%s engine: its worker died; starting a new one", self._engine.name)
-            self.close()
-        if self._engine is None:
-            self._engine = self._factory()
-            self.builds += 1
-        return self._engine
+        # Shard tasks running concurrently (fanout.mode replicas) share one provider: one build between them.
+        with self._lock:
+            if self._engine is not None and not getattr(self._engine, "alive", True):
+                log.warning("%s engine: its worker died; starting a new one", self._engine.name)
+                self._close()
+            if self._engine is None:
+                self._engine = self._factory()
+                self.builds += 1
+                self.ready_at.append(time.time())
+            return self._engine
 
-    def close(self) -> None:
+    def _close(self) -> None:
         if self._engine is not None:
             self._engine.close()
             self._engine = None
+
+    def close(self) -> None:
+        with self._lock:
+            self._close()
 
 
 def _sampling(cfg: RoundConfig, stage: str, shard: int) -> Sampling:

@@ -35,7 +35,7 @@ import pytest
 from sao_core import storage
 from sao_core.config import load_config, round_url
 from sao_core.stages.layout import MODEL_STAGES, input_stage, num_shards, output_url, stage_url
-from tests.cluster.conftest import (
+from tests.cluster.harness import (
     CRON,
     FINAL,
     GPU_WORKERS,

@@ -1,0 +1,213 @@
+"""Fan-out over GPU-batch workers: the same SmolLM2 data stages on one worker and on two.
+
+    .venv/bin/python -m bench.fanout [--personas 16] [--shard-size 4] [--repeats 1] [--set key=value ...]
+
+Stands up the cluster of the integration tests (tests/cluster/harness.py: `prefect server` on
+PostgreSQL when the machine has it, else on SQLite; `sao deploy`; a sao-cpu worker and two process
+workers on sao-gpu-batch, each flow run limited to one torch thread), then runs the data stages of
+configs/cpu-smollm2.yaml (personas, prompts, responses, judgements) with `fanout.mode=deployment`,
+once with `fanout.workers=1` and once with `fanout.workers=2`, arms alternating when `--repeats` > 1.
+Each arm writes a fresh artifact folder, so nothing is served from a cache; the stages run in a flow of
+this process against the cluster's API, as a round's would.
+
+Reported per arm: wall seconds of the data stages (the flow run, from its first task to its last), the
+ratio of two workers to one (target <= 0.65), model loads per stage against the batch runs that stage
+submitted (target: equal), and per batch run its overhead: from the flow run's creation (the
+submission) to its engine being ready to generate, i.e. worker pick-up, process start, imports and
+the model load; the first token follows at once.
+
+Writes bench/results/fanout.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = str(REPO / "configs" / "cpu-smollm2.yaml")
+DATA_STAGES = ("prompts", "responses", "judgements")
+# One torch thread per worker process: two workers then use the two cores of a small machine, and a
+# GPU worker's single device is what a thread stands for here.
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def _when(stamp: str) -> float:
+    return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
+
+
+def data_stages_flow() -> Any:
+    """The round flow's first four stages (flows/sao_round.py), as a flow of its own."""
+    from prefect import flow
+
+    from tasks.common import result_storage, with_result_storage
+    from tasks.config import resolve_config
+    from tasks.judging import judge_responses
+    from tasks.personas import sample_personas
+    from tasks.prompts import synthesize_prompts
+    from tasks.responses import generate_responses
+
+    @flow(name="bench-fanout-data-stages")
+    def data_stages(config: str, overrides: list[str]) -> dict[str, Any]:
+        ref = resolve_config(config, overrides)
+        results = result_storage(ref["root"])
+        ref = {**ref, "result_storage": results}
+        s = ref["settings"]
+        personas = with_result_storage(sample_personas, results)(ref, s["personas"])
+        prompts = with_result_storage(synthesize_prompts, results)(ref, s["prompts"], personas["url"])
+        responses = with_result_storage(generate_responses, results)(ref, s["responses"], prompts["url"])
+        with_result_storage(judge_responses, results)(ref, s["judgements"], responses["url"])
+        return {"round_dir": ref["round_dir"]}
+
+    return data_stages
+
+
+def batch_overheads(cluster: Any, records: list[dict[str, Any]]) -> list[float]:
+    """Seconds from each batch run's submission to its engine being ready (batches that built one)."""
+    out = []
+    for record in records:
+        ready = record.get("engine_ready_at") or []
+        if not ready:
+            continue
+        run = cluster.get(f"/flow_runs/{record['flow_run_id']}")
+        out.append(min(ready) - _when(run["created"]))
+    return out
+
+
+def run_arm(
+    cluster: Any, flow: Any, workers: int, root: Path, extra: list[str], personas: int, shard_size: int
+) -> dict[str, Any]:
+    from sao_core import storage
+
+    overrides = [
+        f"run.root={root}",
+        "fanout.mode=deployment",
+        f"fanout.workers={workers}",
+        "fanout.poll_interval_s=1",
+        f"personas.n={personas}",
+        f"run.shard_size={shard_size}",
+        *extra,
+    ]
+    start = time.perf_counter()
+    result = flow(CONFIG, overrides)
+    wall = time.perf_counter() - start
+    round_dir = result["round_dir"]
+    stages: dict[str, Any] = {}
+    overheads: list[float] = []
+    for stage in DATA_STAGES:
+        records = [
+            storage.read_json(url)
+            for url in storage.list_files(storage.join(round_dir, "_batches", stage), "*.json")
+        ]
+        manifest = storage.read_stage_manifest(storage.join(round_dir, stage))
+        stages[stage] = {
+            "shards": manifest["num_shards"],
+            "rows_out": manifest["rows_out"],
+            "batch_runs": len(records),
+            "model_loads": sum(r["engine_builds"] for r in records),
+            "hosts": sorted({r["pid"] for r in records}),
+            "generation_s": round(float(manifest.get("seconds", 0.0)), 1),
+        }
+        overheads += batch_overheads(cluster, records)
+    return {
+        "workers": workers,
+        "wall_s": round(wall, 1),
+        "stages": stages,
+        "batch_overhead_s": [round(x, 1) for x in overheads],
+        "round_dir": round_dir,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--personas", type=int, default=16)
+    parser.add_argument("--shard-size", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=1, help="runs of each arm, alternating")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    args = parser.parse_args()
+
+    from tests.cluster.harness import PG_BIN, local_cluster
+
+    work = Path(tempfile.mkdtemp(prefix="sao-bench-fanout-"))
+    logs = work / "logs"
+    logs.mkdir()
+    postgres = (PG_BIN / "initdb").exists()
+    print(f"bench.fanout: logs in {logs}; server on {'PostgreSQL' if postgres else 'SQLite'}", flush=True)
+    with local_cluster(
+        logs, None, postgres=postgres, gpu_workers=("gpu-1", "gpu-2"), worker_env=ONE_THREAD
+    ) as cluster:
+        os.environ["PREFECT_API_URL"] = cluster.api
+        os.environ["PREFECT_HOME"] = cluster.env["PREFECT_HOME"]
+        flow = data_stages_flow()
+        arms: list[dict[str, Any]] = []
+        for r in range(args.repeats):
+            for workers in (1, 2) if r % 2 == 0 else (2, 1):
+                print(f"bench.fanout: run {r + 1}, {workers} worker(s)", flush=True)
+                arm = run_arm(
+                    cluster,
+                    flow,
+                    workers,
+                    work / f"root-{r}-{workers}",
+                    args.overrides,
+                    args.personas,
+                    args.shard_size,
+                )
+                print(f"  {arm['wall_s']} s; {arm['stages']}", flush=True)
+                arms.append(arm)
+    report(arms, args, postgres)
+
+
+def report(arms: list[dict[str, Any]], args: argparse.Namespace, postgres: bool) -> None:
+    from bench.common import machine, write_report
+
+    def walls(n: int) -> list[float]:
+        return [a["wall_s"] for a in arms if a["workers"] == n]
+
+    one, two = statistics.median(walls(1)), statistics.median(walls(2))
+    ratio = round(two / one, 3)
+    loads_ok = all(
+        s["model_loads"] == s["batch_runs"] for a in arms for s in a["stages"].values() if s["batch_runs"]
+    )
+    overheads = [x for a in arms for x in a["batch_overhead_s"]]
+    payload = {
+        "config": CONFIG,
+        "personas": args.personas,
+        "shard_size": args.shard_size,
+        "overrides": args.overrides,
+        "server_database": "postgresql" if postgres else "sqlite",
+        "arms": arms,
+        "wall_s_median": {"1": one, "2": two},
+        "ratio_two_to_one": ratio,
+        "loads_equal_batch_runs": loads_ok,
+        "batch_overhead_s_median": round(statistics.median(overheads), 1) if overheads else None,
+        "machine": machine(),
+    }
+    rows = "\n".join(
+        f"| {a['workers']} | {a['wall_s']} | "
+        + "; ".join(f"{k} {s['batch_runs']} runs / {s['model_loads']} loads" for k, s in a["stages"].items())
+        + f" | {', '.join(str(x) for x in a['batch_overhead_s'])} |"
+        for a in arms
+    )
+    md = (
+        "# Fan-out: the SmolLM2 data stages on one and two GPU-batch workers\n\n"
+        f"`.venv/bin/python -m bench.fanout --personas {args.personas} --shard-size {args.shard_size} "
+        f"--repeats {args.repeats}` (one torch thread per worker, server on {payload['server_database']}).\n\n"
+        "| workers | wall s | batch runs / model loads per stage | batch overhead s (submission to engine ready) |\n"
+        f"|---|---|---|---|\n{rows}\n\n"
+        f"Two workers over one: **{ratio}** (target <= 0.65). Model loads equal to batch runs in every "
+        f"stage: **{loads_ok}**. Median batch overhead: {payload['batch_overhead_s_median']} s.\n\n"
+        f"{payload['machine']}\n"
+    )
+    path = write_report("fanout", payload, md)
+    print(md)
+    print(f"written: {path}")
+
+
+if __name__ == "__main__":
+    main()
