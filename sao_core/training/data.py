@@ -7,6 +7,7 @@ A pair row is TRL's conversational preference format: `prompt` (messages ending 
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -271,3 +272,18 @@ def prepare_pairs(url: str, tokenizer: Any, tcfg: TrainingConfig) -> Pairs:
     ds = ds.select_columns([*PAIR_COLUMNS, ROW_COLUMN])
     drops = {k: v for k, v in drops.items() if v}
     return Pairs(ds, files, sha, rows_in, prompt_ids, tokens, drops, tokenizer)
+
+
+def repeated_rows(rows: int, per_device_batch_size: int, world_size: int, epochs: float = 1.0) -> int:
+    """Rows trained twice over `epochs` because `rows` pairs do not fill whole batches on every process.
+
+    Under several processes, accelerate (the Trainer's default `even_batches=True`) gives every process
+    the same number of full batches per epoch and fills the last ones with rows from the start of the
+    epoch: per_device_batch_size x world_size x ceil(rows / (per_device_batch_size x world_size)) rows
+    are trained each epoch. The fill ends an epoch, so only epochs run to their end count. One process
+    trains a short last batch instead and repeats nothing.
+    """
+    if world_size <= 1:
+        return 0
+    per_round = per_device_batch_size * world_size
+    return (-rows % per_round) * math.floor(epochs + 1e-9)

@@ -19,7 +19,7 @@ from sao_core.models import resolve_model
 from sao_core.training.arguments import REPO_ROOT, check_objective, deploy_path, gradient_accumulation_steps
 from sao_core.training.data import Pairs, prepare_pairs
 from sao_core.training.outputs import finished_manifest, run_identity, training_hash
-from sao_core.training.run import check_adapter, load_tokenizer, run_training, say
+from sao_core.training.run import load_tokenizer, local_adapter, run_training, say
 
 DEFAULT_ACCELERATE_CONFIG = "deployments/accelerate/ddp.yaml"
 
@@ -41,8 +41,8 @@ def check_inputs(cfg: RoundConfig, pairs_url: str) -> Pairs:
                 "model.adapter with training.deepspeed is not supported: merge the adapter into a full "
                 "model first (training.merge) and train from that"
             )
-        check_adapter(cfg.model.adapter)
-    return prepare_pairs(pairs_url, load_tokenizer(model_path), tcfg)
+        local_adapter(cfg.model.adapter)  # a URL is fetched into the model cache here, once for every rank
+    return prepare_pairs(pairs_url, load_tokenizer(model_path, cfg.model.revision), tcfg)
 
 
 def _free_port() -> int:

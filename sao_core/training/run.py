@@ -16,9 +16,9 @@ from typing import Any
 from sao_core import storage
 from sao_core.config import RoundConfig, TrainingConfig, hash_config
 from sao_core.errors import ModelNotFoundError, TrainingError
-from sao_core.models import model_revision, resolve_model
+from sao_core.models import model_revision, pretrained_kwargs, resolve_adapter, resolve_model
 from sao_core.training.arguments import build_peft_config, build_trl_config, check_objective, trainer_class
-from sao_core.training.data import ROW_COLUMN, Pairs, pairs_sha256, prepare_pairs
+from sao_core.training.data import ROW_COLUMN, Pairs, pairs_sha256, prepare_pairs, repeated_rows
 from sao_core.training.outputs import (
     backend,
     check_run_identity,
@@ -32,7 +32,6 @@ from sao_core.training.outputs import (
     trainable_sha256,
     upload_folder,
     versions,
-    walk,
     write_outputs,
 )
 from sao_core.training.plots import read_train_log
@@ -47,11 +46,12 @@ def say(message: str) -> None:
 # --- model and tokenizer -------------------------------------------------------------------------------
 
 
-def load_tokenizer(path: str) -> Any:
+def load_tokenizer(path: str, revision: str | None = None) -> Any:
+    """The tokenizer of a resolved model (models.resolve_model); `revision` applies to a hub id only."""
     from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path, **pretrained_kwargs(path, revision))
     except (OSError, ValueError) as e:
         raise TrainingError(f"model {path} has no loadable tokenizer: {e}") from e
     if not tokenizer.chat_template:
@@ -61,33 +61,25 @@ def load_tokenizer(path: str) -> Any:
     return tokenizer
 
 
-def check_adapter(url: str) -> None:
-    """model.adapter must be a LoRA adapter folder (by URL): checked before anything loads."""
-    if not storage.exists(storage.join(url, "adapter_config.json")):
-        raise ModelNotFoundError(f"model.adapter {url} is not a LoRA adapter folder (no adapter_config.json)")
+def local_adapter(url: str) -> str:
+    """model.adapter (the policy a round starts from) as a local LoRA adapter folder, checked before
+    anything loads; an adapter at a URL is copied into the model cache once, where every rank finds it."""
+    try:
+        return resolve_adapter(url)
+    except ModelNotFoundError as e:
+        raise ModelNotFoundError(f"model.adapter: {e}") from e
 
 
-def local_adapter(url: str, download_to: Path) -> str:
-    """A local folder holding the LoRA adapter at `url` (model.adapter: the policy a round starts from)."""
-    check_adapter(url)
-    if storage.is_local(url):
-        return storage.url_to_fs(url)[1]
-    shutil.rmtree(download_to, ignore_errors=True)
-    for f in walk(url):
-        dest = download_to / f[len(url.rstrip("/")) + 1 :]
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        dest.write_bytes(storage.read_bytes(f))
-    return str(download_to)
-
-
-def load_model(path: str, adapter: str | None = None, dtype: Any = None) -> Any:
-    """The model to train, weights in fp32 unless `dtype` (see TrainingConfig.precision). With an
-    adapter (a local folder), the adapter is merged in: training starts from that policy, and it is
-    DPO's reference too (SAO.md step 7: round t+1 starts from M_t+1)."""
+def load_model(path: str, adapter: str | None = None, dtype: Any = None, revision: str | None = None) -> Any:
+    """The model to train, weights in fp32 unless `dtype` (see TrainingConfig.precision); `revision`
+    applies to a hub id only. With an adapter (a local folder), the adapter is merged in: training
+    starts from that policy, and it is DPO's reference too (SAO.md step 7: round t+1 starts from M_t+1)."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=dtype or torch.float32, **pretrained_kwargs(path, revision)
+    )
     if adapter:
         from peft import PeftModel
 
@@ -162,7 +154,8 @@ class TrainingSetup:
     pairs: Pairs
     model_path: str
     world_size: int
-    start_adapter: str | None = None  # local copy of model.adapter, merged into the model
+    start_adapter: str | None = None  # local folder of model.adapter, merged into the model
+    revision: str | None = None  # model.revision: the hub revision of model_path
 
 
 def prepare_training(
@@ -174,17 +167,13 @@ def prepare_training(
     tcfg = cfg.training
     check_objective(tcfg.objective)
     model_path = resolve_model(cfg.model.path)
-    rank = os.environ.get("RANK", "0")
-    adapter = (
-        local_adapter(cfg.model.adapter, Path(staging) / f"start-adapter-{rank}")
-        if cfg.model.adapter
-        else None
-    )
+    revision = cfg.model.revision
+    adapter = local_adapter(cfg.model.adapter) if cfg.model.adapter else None
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if pairs is not None and pairs.tokenizer is not None:
         tokenizer = pairs.tokenizer  # loaded from the same model path when the pairs were checked
     else:
-        tokenizer = load_tokenizer(model_path)
+        tokenizer = load_tokenizer(model_path, revision)
     if pairs is None:
         pairs = prepare_pairs(pairs_url, tokenizer, tcfg)
     # TrainingArguments set up the process group (and DeepSpeed's zero.Init) before the model loads.
@@ -193,7 +182,7 @@ def prepare_training(
     )
     cls = trainer_class(tcfg.objective)
     trainer = cls(
-        model=load_model(model_path, adapter),
+        model=load_model(model_path, adapter, revision=revision),
         args=args,
         train_dataset=pairs.dataset,
         processing_class=tokenizer,
@@ -205,7 +194,7 @@ def prepare_training(
 
     trainer.remove_callback(PrinterCallback)
     trainer.add_callback(_progress_callback(max(tcfg.max_steps, 0)))
-    return TrainingSetup(trainer, pairs, model_path, world_size, adapter)
+    return TrainingSetup(trainer, pairs, model_path, world_size, adapter, revision)
 
 
 def _merge_adapter(setup: TrainingSetup, adapter_dir: Path, out_dir: Path, tcfg: TrainingConfig) -> None:
@@ -216,7 +205,7 @@ def _merge_adapter(setup: TrainingSetup, adapter_dir: Path, out_dir: Path, tcfg:
     from transformers import AutoTokenizer
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(tcfg.precision, torch.float32)
-    base = load_model(setup.model_path, setup.start_adapter, dtype=dtype)
+    base = load_model(setup.model_path, setup.start_adapter, dtype=dtype, revision=setup.revision)
     merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
     merged.save_pretrained(out_dir)
     AutoTokenizer.from_pretrained(adapter_dir).save_pretrained(out_dir)
@@ -263,6 +252,13 @@ def run_training(
             f"{tcfg.per_device_batch_size} x {trainer.args.gradient_accumulation_steps} x {setup.world_size}, "
             f"{'LoRA' if tcfg.lora.enabled else 'full fine-tune'}, {tcfg.precision}"
         )
+        repeats = repeated_rows(len(pairs.dataset), tcfg.per_device_batch_size, setup.world_size)
+        if repeats:
+            say(
+                f"{repeats} rows of each epoch are trained twice: {len(pairs.dataset)} pairs do not fill "
+                f"whole batches of {tcfg.per_device_batch_size} on {setup.world_size} processes, and every "
+                "process trains the same number of full batches (accelerate's even_batches)"
+            )
         if resume is not None:
             say(f"resuming from {resume.name} (step {resume.name[11:]})")
 
@@ -302,6 +298,13 @@ def run_training(
             "rows_in": pairs.rows_in,
             "rows": len(pairs.dataset),
             "drops": pairs.drops,
+            # Rows trained twice to give every process full batches (data.repeated_rows); 0 on one process.
+            "rows_repeated_per_epoch": repeated_rows(
+                len(pairs.dataset), tcfg.per_device_batch_size, setup.world_size
+            ),
+            "rows_repeated": repeated_rows(
+                len(pairs.dataset), tcfg.per_device_batch_size, setup.world_size, trainer.state.epoch
+            ),
             "world_size": setup.world_size,
             "global_batch_size": tcfg.global_batch_size,
             "gradient_accumulation_steps": trainer.args.gradient_accumulation_steps,
@@ -332,7 +335,5 @@ def run_training(
             f"done: {manifest['steps']} steps in {seconds:.1f} s, {tokens} tokens "
             f"({manifest['tokens_per_s']} tokens/s), final loss {manifest['final_loss']}; wrote {output_url}"
         )
-    if setup.start_adapter and setup.start_adapter.startswith(str(staging)):
-        shutil.rmtree(setup.start_adapter, ignore_errors=True)  # our download of a remote model.adapter
     trainer.accelerator.wait_for_everyone()
     return manifest or {"rank": trainer.args.process_index, "complete": True}

@@ -26,10 +26,11 @@ from sao_core.training.arguments import (
     gradient_accumulation_steps,
     trainer_class,
 )
-from sao_core.training.data import ROW_COLUMN, find_pair_files, load_pairs, prepare_pairs
+from sao_core.training.data import ROW_COLUMN, find_pair_files, load_pairs, prepare_pairs, repeated_rows
 from sao_core.training.launch import build_launch_command, check_inputs, stream_command
 from sao_core.training.outputs import check_run_identity, finished_manifest, last_checkpoint, run_identity
 from sao_core.training.plots import plot_curves, read_train_log
+from sao_core.training.run import load_model, load_tokenizer
 
 ROOT = Path(__file__).parents[2]
 
@@ -330,14 +331,40 @@ def test_missing_model_path_is_named_before_anything_loads(tmp_path):
         check_inputs(cfg, path)
 
 
-def test_start_adapter_that_is_not_an_adapter_is_named(tmp_path):
+def test_start_adapter_that_is_missing_or_not_an_adapter_is_named(tmp_path):
     path = write_jsonl(tmp_path / "part-00000.jsonl", [pair_row(0)])
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "config.json").write_text("{}")
+    (tmp_path / "model" / "model.safetensors").write_text("")
     adapter = tmp_path / "round1" / "adapter"
     cfg = build_config({"model": {"path": str(tmp_path / "model"), "adapter": str(adapter)}})
-    with pytest.raises(ModelNotFoundError, match=f"model.adapter {adapter} is not a LoRA adapter folder"):
+    with pytest.raises(ModelNotFoundError, match=f"model.adapter: adapter path '{adapter}' does not exist"):
         check_inputs(cfg, path)
+    adapter.mkdir(parents=True)
+    (adapter / "adapter_model.safetensors").write_text("")
+    with pytest.raises(
+        ModelNotFoundError,
+        match=rf"model.adapter: adapter folder {adapter} exists but is not a LoRA adapter: no adapter_config\.json$",
+    ):
+        check_inputs(cfg, path)
+
+
+def test_model_revision_reaches_from_pretrained_for_a_hub_id_only(tmp_path, monkeypatch):
+    import transformers
+
+    calls = []
+
+    def from_pretrained(path, **kwargs):
+        calls.append((path, kwargs.get("revision")))
+        return SimpleNamespace(chat_template="{{ messages }}", pad_token="<pad>")
+
+    for cls in (transformers.AutoModelForCausalLM, transformers.AutoTokenizer):
+        monkeypatch.setattr(cls, "from_pretrained", from_pretrained)
+    load_tokenizer("org/name", "abc123")
+    load_model("org/name", revision="abc123")
+    load_tokenizer(str(tmp_path), "abc123")  # a local folder has no revisions
+    load_model(str(tmp_path), revision="abc123")
+    assert calls == [("org/name", "abc123")] * 2 + [(str(tmp_path), None)] * 2
 
 
 def test_missing_deepspeed_file_is_named(tmp_path):
@@ -399,6 +426,27 @@ def test_a_run_recorded_under_the_old_params_hash_key_is_the_same_run(tmp_path):
     assert finished_manifest(str(tmp_path), identity)["steps"] == 3
     with pytest.raises(TrainingError, match="holds checkpoints of another run"):
         check_run_identity(str(tmp_path), run_identity(cfg, "other-pairs"), write=False)
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+@pytest.mark.parametrize("per_device", [1, 2, 4])
+@pytest.mark.parametrize("rows", [1, 5, 8, 13])
+def test_repeated_rows_are_what_accelerate_adds_to_even_the_ranks(rows, per_device, world_size):
+    from accelerate.data_loader import BatchSamplerShard
+    from torch.utils.data import BatchSampler, SequentialSampler
+
+    # The Trainer's dataloader under several processes: accelerate's shards with even_batches=True.
+    batches = BatchSampler(SequentialSampler(range(rows)), per_device, drop_last=False)
+    seen = (
+        [i for rank in range(world_size) for b in BatchSamplerShard(batches, world_size, rank) for i in b]
+        if world_size > 1
+        else [i for b in batches for i in b]
+    )
+    assert sorted(set(seen)) == list(range(rows))  # every row is trained
+    assert repeated_rows(rows, per_device, world_size) == len(seen) - rows
+    assert repeated_rows(rows, per_device, world_size, epochs=3.0) == 3 * (len(seen) - rows)
+    # The repeats close an epoch: one cut short by max_steps has none of its own.
+    assert repeated_rows(rows, per_device, world_size, epochs=2.5) == 2 * (len(seen) - rows)
 
 
 # --- launching --------------------------------------------------------------------------------------------

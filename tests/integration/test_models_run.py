@@ -119,8 +119,23 @@ def test_missing_model_folder_is_named(tmp_path):
         make_engine(cfg.engine, cfg.model)
     (tmp_path / "empty").mkdir()
     cfg = build_config({"model": {"path": str(tmp_path / "empty")}})
-    with pytest.raises(ModelNotFoundError, match=r"no config\.json"):
+    with pytest.raises(ModelNotFoundError, match=r"exists but is not a Hugging Face model: no config\.json"):
         make_engine(cfg.engine, cfg.model)
+
+
+def test_a_model_trained_into_s3_generates_from_its_url(tiny_model, tmp_path, s3_env, monkeypatch):
+    """Evaluation after training: the round's full model is passed as model.path by its s3:// URL."""
+    monkeypatch.setenv("SAO_CACHE", str(tmp_path / "cache"))
+    url = f"{s3_env}/round_001/model/abc/full"
+    for f in Path(tiny_model).iterdir():
+        storage.write_bytes(f"{url}/{f.name}", f.read_bytes())
+    reqs = [ChatRequest.user("a", "hello")]
+    outs = {}
+    for path in (url, tiny_model):
+        cfg = build_config({"model": {"path": path}})
+        engine = make_engine(cfg.engine, cfg.model, seed=1)
+        outs[path] = (engine.generate(reqs, Sampling(0.0, 1.0, 6))[0][0].text, engine.model_revision)
+    assert outs[url] == outs[tiny_model]  # same weights, same greedy text, same revision
 
 
 @pytest.mark.usefixtures("smollm2")  # the recipe's model is the bundled one

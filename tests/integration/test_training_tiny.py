@@ -12,6 +12,7 @@ import pytest
 from sao_core import storage
 from sao_core.config import build_config
 from sao_core.errors import TrainingError
+from sao_core.report import format_round_report
 from sao_core.testing import build_tiny_llama
 from sao_core.training import train
 from sao_core.training.data import ROW_COLUMN
@@ -75,10 +76,14 @@ def test_first_dpo_loss_is_ln2_and_outputs_are_written(tiny_model, pairs_dir, tm
     assert manifest["objective"] == "dpo" and manifest["steps"] == 2 and manifest["complete"] is True
     assert manifest["tokens"] > 0 and manifest["tokens_per_s"] > 0 and manifest["rows"] == 8
     assert manifest["ranks"][0]["rows"] == 4  # 2 steps x global batch 2, seen through DPO's collator
+    assert manifest["rows_repeated"] == manifest["rows_repeated_per_epoch"] == 0  # one process repeats none
     assert (tmp_path / "model" / "adapter" / "adapter_model.safetensors").is_file()
     assert (tmp_path / "model" / "train_curves.png").read_bytes()[:4] == b"\x89PNG"
     assert not (tmp_path / "model" / "checkpoints").exists()  # dropped once the model is written
     assert json.loads((tmp_path / "model" / "manifest.json").read_text()) == manifest
+    report = format_round_report(str(tmp_path), {}, {**manifest, "output": str(tmp_path / "model")})
+    assert f"- final loss: {manifest['final_loss']}\n" in report and manifest["final_loss"] > 0
+    assert "rows repeated" not in report
 
 
 def test_simpo_loss_on_a_fixed_batch_equals_the_formula(tiny_model, pairs_dir, tmp_path):
@@ -189,6 +194,31 @@ def test_round_two_starts_from_round_ones_adapter(tiny_model, pairs_dir, tmp_pat
     setup.trainer.train()
     # DPO's reference is the starting policy M_1 (the new adapter starts at zero): first loss ln 2.
     assert abs(setup.trainer.state.log_history[0]["loss"] - math.log(2)) < 1e-3
+
+
+def test_a_round_trains_from_a_model_and_an_adapter_at_s3_urls(
+    tiny_model, pairs_dir, tmp_path, s3_env, monkeypatch
+):
+    """What round t+1 gets from round t: the base model and the trained adapter, both by s3:// URL."""
+    from sao_core.models import model_revision
+
+    monkeypatch.setenv("SAO_CACHE", str(tmp_path / "cache"))
+    base_url = f"{s3_env}/base"
+    for f in Path(tiny_model).iterdir():
+        storage.write_bytes(f"{base_url}/{f.name}", f.read_bytes())
+    round1 = f"{s3_env}/round_001/model"
+    train(tiny_config(base_url, max_steps=1), pairs_dir, round1)
+    cfg = build_config(
+        {
+            **tiny_config(base_url, objective="dpo", max_steps=1).model_dump(),
+            "model": {"path": base_url, "adapter": f"{round1}/adapter"},
+        }
+    )
+    manifest = train(cfg, pairs_dir, str(tmp_path / "round2"))
+    assert manifest["steps"] == 1
+    assert manifest["model_revision"] == model_revision(tiny_model, tiny_model)  # the same weights
+    fetched = sorted(p.name for p in (tmp_path / "cache" / "models" / "fetched").iterdir() if p.is_dir())
+    assert len(fetched) == 2  # the base model and round 1's adapter, copied into the model cache
 
 
 def test_a_finished_run_is_not_redone_and_other_settings_are_refused(tiny_model, pairs_dir, tmp_path, capsys):
