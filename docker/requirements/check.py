@@ -25,6 +25,7 @@ REPO = HERE.parents[1]
 VLLM_OWN_PINS = {
     "torch": "vllm 0.33.0 requires torch==2.14.0",
     "transformers": "vllm 0.33.0 requires transformers<5.21.0",
+    "numpy": "mistral_common 1.13.1, a vllm 0.33.0 requirement, needs numpy<2.4 on Python 3.11",
 }
 
 PIN = re.compile(r"^(?P<name>[A-Za-z0-9][A-Za-z0-9._-]*)(?:\[[^\]]*\])?==(?P<version>[^\s;#]+)\s*$")
