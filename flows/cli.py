@@ -4,10 +4,15 @@
     sao run --config configs/cpu-smollm2.yaml                               # a whole round on Prefect
     sao train --config CFG --pairs URL [--output URL]                       # preference optimisation
     sao deploy [--gpu-pool-type docker] [--cron "0 2 * * *"]                # pools, automation, deployments
+    sao promote ROUND_DIR --why TEXT [--model URL]                          # the campaign's next rounds start from it
+    sao rollback --config CFG --why TEXT [--to SEQ]                         # back to an earlier promoted model
+    sao campaign-status --config CFG [--json]                               # what is current, and every record
+    sao lineage MODEL_OR_ROUND [--pair ID] [--json]                         # where a model or round came from
     sao -v synth --config ...                                               # also log every shard
 
-Prefect is imported by `sao run` only, so `sao synth` and `sao train` start without it. Exit codes: 0 done,
-2 for an error the pipeline can name (bad config key, missing model, bad pairs, ...), printed on stderr.
+Prefect is imported by `sao run` and `sao deploy` only, so the other commands start without it. Exit codes:
+0 done, 2 for an error the pipeline can name (bad config key, missing model, bad pairs, ...), printed on
+stderr; `sao lineage --pair` exits 1 when a link of the trace does not hold.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import json
 import logging
 import os
 import sys
+from typing import Any
 
 from sao_core.errors import SAOError
 
@@ -100,6 +106,143 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_campaign_args(p: argparse.ArgumentParser) -> None:
+    """Which campaign: from a round recipe (run.root, run.campaign), or named outright."""
+    p.add_argument("--config", help="a round recipe whose run.root and run.campaign name the campaign")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set run.campaign=nightly (repeatable)",
+    )
+    p.add_argument("--campaign-root", help="the artifact root (run.root): a folder or any fsspec URL")
+    p.add_argument("--campaign", help="the campaign's name (run.campaign)")
+
+
+def campaign_from_args(args: argparse.Namespace) -> tuple[str, str]:
+    """(root, campaign) from --campaign-root/--campaign, else from the recipe --config names."""
+    from sao_core.errors import ConfigError
+
+    root, name = args.campaign_root, args.campaign
+    if args.config:
+        from sao_core.config import load_config
+
+        cfg = load_config(args.config, args.overrides)
+        root, name = root or cfg.run.root, name or cfg.run.campaign
+    if not root or not name:
+        raise ConfigError("say which campaign: --config CFG, or --campaign-root ROOT and --campaign NAME")
+    return root, name
+
+
+def _print_record(verb: str, record: Any) -> None:
+    loads = f"model.path {record.model_path}"
+    if record.model_adapter:
+        loads += f", model.adapter {record.model_adapter}"
+    print(f"{verb}: record {record.seq} ({record.action}), round {record.round}: {record.model}")
+    print(f"next round loads: {loads}")
+    print(f"by {record.who} at {record.when}: {record.why}")
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    from sao_core import campaign
+
+    round_dir = campaign.normalise_url(args.round_dir)
+    root, name = campaign.campaign_of_round(round_dir)
+    model = args.model or campaign.round_model(round_dir)
+    before = campaign.current(root, name)
+    record = campaign.promote(root, name, round_dir, model, who=args.who, why=args.why)
+    _print_record("already current" if before == record else "promoted", record)
+    return 0
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    from sao_core import campaign
+
+    root, name = campaign_from_args(args)
+    record = campaign.rollback(root, name, who=args.who, why=args.why, to_seq=args.to)
+    _print_record(f"rolled back to record {record.to_seq}", record)
+    return 0
+
+
+def cmd_campaign_status(args: argparse.Namespace) -> int:
+    from sao_core import campaign
+
+    root, name = campaign_from_args(args)
+    latest = campaign.current(root, name)
+    records = campaign.history(root, name)
+    if args.json:
+        out = {
+            "campaign": campaign.campaign_url(root, name),
+            "current": latest.to_dict() if latest else None,
+            "history": [r.to_dict() for r in records],
+        }
+        print(json.dumps(out, indent=2))
+    else:
+        print(campaign.format_history(latest, records, name), end="")
+    return 0
+
+
+def cmd_lineage(args: argparse.Namespace) -> int:
+    from sao_core.lineage import lineage, round_of, trace_pair
+
+    if args.pair:
+        round_dir, _ = round_of(args.ref)
+        trace = trace_pair(round_dir, args.pair)
+        print(json.dumps(trace.to_dict(), indent=2, ensure_ascii=False) if args.json else trace.to_markdown())
+        return 1 if trace.problems else 0
+    lin = lineage(args.ref, verify=args.verify)
+    print(json.dumps(lin.to_dict(), indent=2, ensure_ascii=False) if args.json else lin.to_markdown())
+    return 0
+
+
+def add_campaign_state_commands(sub: Any) -> None:
+    """promote, rollback, campaign-status and lineage: the campaign's promotion records and provenance."""
+    promote = sub.add_parser(
+        "promote",
+        help="make a round's trained model the one the campaign's next rounds start from",
+        description="Writes a new record under {root}/{campaign}/promotions/ and updates CURRENT. The "
+        "campaign is the round folder's parent. The model must be a finished training run on the round's "
+        "pairs; promoting the current model again writes nothing.",
+    )
+    promote.add_argument("round_dir", help="the round folder, {root}/{campaign}/round_{k:03d}-{hash}")
+    promote.add_argument("--why", required=True, help="the reason, kept in the history")
+    promote.add_argument(
+        "--model", help="the training run's output folder (default: the round's finished run under model/)"
+    )
+    promote.add_argument("--who", help="who promotes (default: $SAO_USER, else the login name)")
+    promote.set_defaults(func=cmd_promote)
+
+    rollback = sub.add_parser(
+        "rollback",
+        help="go back to the model promoted before the current one (or to record --to)",
+        description="Writes a new rollback record; the history keeps every promotion.",
+    )
+    add_campaign_args(rollback)
+    rollback.add_argument("--why", required=True, help="the reason, kept in the history")
+    rollback.add_argument("--to", type=int, metavar="SEQ", help="restore the model of this record")
+    rollback.add_argument("--who", help="who rolls back (default: $SAO_USER, else the login name)")
+    rollback.set_defaults(func=cmd_rollback)
+
+    status = sub.add_parser("campaign-status", help="print the current promotion and every record")
+    add_campaign_args(status)
+    status.add_argument("--json", action="store_true", help="print JSON instead of markdown")
+    status.set_defaults(func=cmd_campaign_status)
+
+    lineage = sub.add_parser(
+        "lineage",
+        help="where a trained model or a round came from: round, parent model, every stage by URL and hash",
+    )
+    lineage.add_argument("ref", metavar="MODEL_OR_ROUND", help="a round folder or a training output folder")
+    lineage.add_argument(
+        "--pair", metavar="ID", help="follow one pair (prompt id or response id) back to its persona"
+    )
+    lineage.add_argument("--json", action="store_true", help="print JSON instead of markdown")
+    lineage.add_argument("--verify", action="store_true", help="also read every shard and check its sha256")
+    lineage.set_defaults(func=cmd_lineage)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sao", description="Self-Alignment Optimization pipeline")
     parser.add_argument(
@@ -152,6 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="mark a flow run Crashed after this long without a heartbeat (runs beat every 180 s)",
     )
     deploy.set_defaults(func=cmd_deploy)
+    add_campaign_state_commands(sub)
     return parser
 
 

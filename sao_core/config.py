@@ -130,7 +130,9 @@ class JudgingConfig(Section):
     prefill: str | None = Field(None, pattern=r"^ranking:")
     # Our addition, off in the paper recipes: also accept a bare "ranking: X" as X first.
     lenient: bool = False
-    min_valid_rate: float = Field(0.5, ge=0.0, le=1.0)  # quality gate on the parse rate
+    # Quality gate on the valid rate: the share of judgements that give a pair (with judging.swap both
+    # orders must agree).
+    min_valid_rate: float = Field(0.5, ge=0.0, le=1.0)
 
 
 class PairingConfig(Section):
@@ -211,18 +213,47 @@ class TrainingConfig(Section):
         return self
 
 
-class EvaluationConfig(Section):
-    """Until the evaluation suite lands: held-out prompts answered by the new and the base policy,
-    judged by the base model in both orders with the paper's template."""
+class JudgeConfig(Section):
+    """The evaluation's judge. Unset: the campaign's current model on the round's engine, with the paper's
+    judge template; set `model` (and `engine`) to judge with a stronger served model, as AlpacaEval does."""
 
-    prompts: str = (
-        "builtin"  # "builtin" (sao_core/data/eval_prompts.jsonl) or a JSONL URL with a prompt column
-    )
-    n: int = Field(8, ge=1)
+    model: ModelConfig | None = None
+    engine: EngineConfig | None = None
+
+
+class EvaluationConfig(Section):
+    """The trained policy against the campaign's current model (and from round 2 the original), judged in
+    both orders; the judge rated on a labelled trust set (sao_core.evaluation)."""
+
+    # "builtin" (130 instructions written for this project, sao_core/data/eval/instructions.jsonl), a
+    # JSONL URL of {id, instruction, category}, or hf:DATASET[:SUBSET] (its "eval" split's "instruction"
+    # column, e.g. hf:tatsu-lab/alpaca_eval for AlpacaEval 2.0's 805 on a machine with network).
+    prompts: str = "builtin"
+    n: int | None = Field(None, ge=1)  # the first n instructions; None: all of them
     max_tokens: int = Field(128, ge=1)
     temperature: float = Field(0.0, ge=0.0)
     judge_max_tokens: int = Field(16, ge=4)
+    # The judge-trust set: "builtin" (75 labelled pairs, one answer clearly better) or a JSONL URL.
+    trust: str = "builtin"
+    trust_n: int | None = Field(None, ge=1)
+    bootstrap: int = Field(2000, ge=100)  # resamples of the win rate's interval
+    # Word n-grams shared with the evaluation set drop a synthetic prompt (0: no decontamination).
+    decontamination_n: int = Field(13, ge=0)
+    judge: JudgeConfig = JudgeConfig()
+    # The campaign's first model, a second baseline from round 2 on (the campaign flow sets it).
+    original: str | None = None
     enabled: bool = True
+
+
+class PromotionConfig(Section):
+    """When a round's model becomes the campaign's current one (sao_core.promotion)."""
+
+    enabled: bool = True
+    min_win_rate_lower: float = Field(0.5, ge=0.0, le=1.0)  # the win rate interval's lower bound must pass it
+    min_judge_agreement: float = Field(0.6, ge=0.0, le=1.0)
+    max_downstream_drop: float = Field(2.0, ge=0.0)  # points, on any downstream task
+    approval: Literal["auto", "human"] = "auto"  # human: the flow pauses for an answer in the Prefect UI
+    approval_timeout_s: float = Field(24 * 3600.0, gt=0)  # no answer by then: rejected
 
 
 class FanoutConfig(Section):
@@ -258,6 +289,7 @@ class RoundConfig(Section):
     pairing: PairingConfig = PairingConfig()
     training: TrainingConfig = TrainingConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
+    promotion: PromotionConfig = PromotionConfig()
     fanout: FanoutConfig = FanoutConfig()
 
     @model_validator(mode="after")
@@ -363,20 +395,66 @@ def config_to_yaml(cfg: RoundConfig) -> str:
     return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
 
 
+# Keys that say how a round's data is made, not what it is: a round keeps its folder (and every finished
+# shard) when they change, so a longer timeout after a shard timed out, or a lower gate after the gate
+# failed, redoes nothing. Only what changes the output may name where the output goes.
+_NOT_DATA_KEYS: dict[str, tuple[str, ...]] = {
+    "run": ("root",),  # where the artifacts live
+    "engine": (
+        # patience and retries: a shard that finishes is the same shard
+        "shard_timeout_s",
+        "max_retries",
+        "request_timeout_s",
+        "max_concurrency",
+        # where the engine runs and how it is reached: the model is model.path (or served_model_name)
+        "python",
+        "base_urls",
+        "api_key_env",
+        # vLLM memory and scheduling: every request carries its own seed (engines.vllm.request_seed)
+        "gpu_memory_utilization",
+        "enforce_eager",
+    ),
+    "pairing": ("min_pairs",),  # read by the quality gate, not by pairing
+    "judging": ("min_valid_rate",),  # likewise
+}
+# Sections with a hash of their own (training names model/{training hash}/) or that say where shards run.
+_OWN_HASH_SECTIONS = ("training", "fanout", "promotion")
+# The evaluation section scores the trained policy, except for what chooses the evaluation set and the
+# n-gram size: the prompts stage drops prompts that overlap that set (stages.runner.EvalOverlap).
+_EVALUATION_DATA_KEYS = ("enabled", "prompts", "decontamination_n")
+
+
+def data_settings(cfg: RoundConfig) -> dict[str, Any]:
+    """The round's config as a mapping, less every key that does not change its data (see _NOT_DATA_KEYS).
+
+    engine.batch_size stays only under the transformers engine, which seeds each batch from its first
+    request and pads to the batch's longest prompt, so the batch size changes the text. vLLM (where it is
+    max_num_seqs) and the openai engine seed every request by itself, so a request's text does not
+    depend on its neighbours, up to the floating-point differences any two GPU runs have; the fake
+    engine ignores it. engine.fake.fail_calls only makes the first calls fail.
+    """
+    data = config_to_dict(cfg)
+    for section in _OWN_HASH_SECTIONS:
+        data.pop(section, None)
+    data["evaluation"] = {k: v for k, v in data["evaluation"].items() if k in _EVALUATION_DATA_KEYS}
+    for section, keys in _NOT_DATA_KEYS.items():
+        for key in keys:
+            data[section].pop(key, None)
+    if cfg.engine.name != "transformers":
+        data["engine"].pop("batch_size", None)
+    data["engine"]["fake"].pop("fail_calls", None)
+    return data
+
+
 def hash_config(cfg: BaseModel) -> str:
     """Content hash of a config or one of its sections: canonical JSON, sha256, 12 hex digits.
 
-    A round's hash covers what its data depends on. It leaves out `run.root` and `fanout` (where the
-    artifacts live and where the shards run are not what the round is) and the `training` and
-    `evaluation` sections, which have their own hashes (the model/ folder is keyed by the training
-    hash): retuning training reuses the round's data.
+    A round's hash covers what its data depends on (`data_settings`): not where the artifacts live or
+    the shards run, not how patient the engine is, what the quality gate demands or how the policy is
+    scored, and not the `training` section, which has its own hash (the model/ folder is keyed by the
+    training hash), so retuning training reuses the round's data.
     """
-    data = config_to_dict(cfg)
-    if isinstance(cfg, RoundConfig):
-        data["run"].pop("root", None)
-        data.pop("training", None)
-        data.pop("evaluation", None)
-        data.pop("fanout", None)
+    data = data_settings(cfg) if isinstance(cfg, RoundConfig) else config_to_dict(cfg)
     canonical = json.dumps(data, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:12]
 

@@ -39,3 +39,11 @@ class TrainingError(SAOError):
 
 class FanoutError(SAOError):
     """Shards sent to other workers are still missing after every allowed attempt."""
+
+
+class StorageConflict(StorageError):
+    """A create-only write found the object already there: another writer got it first."""
+
+
+class CampaignError(SAOError, ValueError):
+    """A promotion or rollback that the campaign's history or the model does not allow."""

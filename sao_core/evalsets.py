@@ -235,3 +235,36 @@ def judge_agreement(verdicts: Iterable[tuple[int | None, int | None]]) -> dict[s
         "both_orders_correct": both / items if items else None,
         "first_position_share": first / valid if valid else None,
     }
+
+
+HF_PREFIX = "hf:"
+
+
+def load_eval_prompts(source: str, n: int | None = None) -> list[EvalInstruction]:
+    """The first n instructions of the set: "builtin", a JSONL URL, or hf:DATASET[:SUBSET] (split "eval")."""
+    items = _load_hf_instructions(source) if source.startswith(HF_PREFIX) else load_instructions(source)
+    return items[:n] if n is not None else items
+
+
+def _load_hf_instructions(source: str) -> list[EvalInstruction]:
+    """Instructions of a Hugging Face dataset (an id, or a local folder as the hub would serve it)."""
+    import datasets
+
+    name, _, subset = source[len(HF_PREFIX) :].partition(":")
+    where = f"evaluation.prompts {source}"
+    try:
+        ds = datasets.load_dataset(name, subset or None, split="eval")
+    except Exception as e:  # no network, no such dataset or split: say which
+        raise EvalSetError(f"{where}: cannot load the 'eval' split: {type(e).__name__}: {e}") from e
+    if "instruction" not in ds.column_names:
+        raise EvalSetError(f"{where}: no 'instruction' column (columns: {', '.join(ds.column_names)})")
+    out = []
+    for i, row in enumerate(ds):
+        text = row["instruction"]
+        if not isinstance(text, str) or not text.strip():
+            raise EvalSetError(f"{where}: row {i} has an empty instruction")
+        category = str(row.get("dataset") or "hf")
+        out.append(EvalInstruction(f"{name.rsplit('/', 1)[-1]}-{i:04d}", text, category))
+    if not out:
+        raise EvalSetError(f"{where}: the 'eval' split is empty")
+    return out

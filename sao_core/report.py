@@ -9,6 +9,7 @@ import random
 from typing import Any
 
 from sao_core import storage
+from sao_core.evaluation import headline
 
 STAGE_ORDER = ("personas", "prompts", "responses", "judgements", "pairs")
 
@@ -84,8 +85,9 @@ def format_round_report(
     training: dict[str, Any] | None = None,
     evaluation: dict[str, Any] | None = None,
     plot_url: str | None = None,
+    promotion: dict[str, Any] | None = None,
 ) -> str:
-    """report.md: per-stage counts, judge diagnostics, the training curve and the evaluation."""
+    """report.md: per-stage counts, judge diagnostics, the training curve, the evaluation, the promotion."""
     lines = [f"# SAO round report\n\nRound folder: `{round_dir}`\n", "## Stages\n"]
     lines.append("| stage | rows in | rows out | drops | seconds | tokens/s |\n|---|---|---|---|---|---|")
     for stage in STAGE_ORDER:
@@ -94,7 +96,8 @@ def format_round_report(
             continue
         drops = ", ".join(f"{k}: {v}" for k, v in s.get("drops", {}).items()) or "none"
         secs, toks = float(s.get("seconds", 0.0)), int(s.get("completion_tokens", 0))
-        rate = f"{toks / secs:.1f}" if secs and toks else "-"
+        # Under a second the clock says little (a stage served from its shards shows ~0 s).
+        rate = f"{toks / secs:.1f}" if secs >= 1.0 and toks else "-"
         lines.append(
             f"| {stage} | {s.get('rows_in', 0)} | {s.get('rows_out', 0)} | {drops} | {secs:.1f} | {rate} |"
         )
@@ -124,7 +127,26 @@ def format_round_report(
             lines.append(f"\n![training curves]({plot_url})")
     if evaluation:
         lines.append("\n## Evaluation\n")
-        for key, value in evaluation.items():
-            if not isinstance(value, (dict, list)):
-                lines.append(f"- {key.replace('_', ' ')}: {value}")
+        lines.append(
+            f"{evaluation['prompts']} instructions ({evaluation['prompt_set']}); candidate "
+            f"`{evaluation['candidate']}`; judge `{evaluation['judge']}`, both orders.\n"
+        )
+        lines.append(markdown_table(headline(evaluation)))
+    if promotion:
+        verdict = "promoted" if promotion["promote"] else "rejected"
+        lines.append(f"\n## Promotion: {verdict}\n")
+        for check in promotion["checks"]:
+            lines.append(f"- {'pass' if check['passed'] else 'FAIL'}: {check['rule']}: {check['detail']}")
+        if promotion.get("approval"):
+            lines.append(f"- approval: {promotion['approval']}")
     return "\n".join(lines) + "\n"
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    """Rows of one shape as a markdown table (the keys of the first row are the columns)."""
+    if not rows:
+        return ""
+    cols = list(rows[0])
+    out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    out += ["| " + " | ".join(str(r.get(c, "")) for c in cols) + " |" for r in rows]
+    return "\n".join(out)

@@ -11,10 +11,12 @@ Each shard has a manifest entry with its sha256; readers verify it (DESIGN.md, "
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
 import os
+import threading
 import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -23,7 +25,7 @@ from typing import Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from sao_core.errors import ManifestError, StorageError
+from sao_core.errors import ManifestError, StorageConflict, StorageError
 
 SHARD_DIGITS = 5
 
@@ -86,6 +88,78 @@ def write_bytes(url: str, data: bytes) -> None:
     else:
         # s3fs: pipe_file is a single put_object (multipart, also all-or-nothing, above 5 GB).
         fs.pipe_file(path, data)
+
+
+_MEMORY_CREATE_LOCK = threading.Lock()
+
+
+def write_bytes_exclusive(url: str, data: bytes) -> None:
+    """Create a file that must not exist yet; StorageConflict when it does (another writer got there first).
+
+    Local disks: the bytes go to a temporary name and are hard-linked into place, which fails if the name
+    exists, so the file appears whole or not at all. S3: one PUT with `If-None-Match: *` (s3fs's
+    mode="create"), refused by the store when the key exists; the object is read back, so a store that
+    ignores the condition is caught when it let another writer replace ours. memory://: under a lock.
+    Other stores get fsspec's create mode, which checks and then writes (not atomic).
+    """
+    fs, path = url_to_fs(url)
+    if isinstance(fs, LocalFileSystem):
+        _create_local(url, path, data)
+        return
+    protocols = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
+    if "memory" in protocols:
+        with _MEMORY_CREATE_LOCK:
+            if fs.exists(path):
+                raise StorageConflict(f"{url} already exists")
+            fs.pipe_file(path, data)
+        return
+    try:
+        fs.pipe_file(path, data, mode="create")
+    except FileExistsError as e:  # s3fs: 412 PreconditionFailed
+        raise StorageConflict(f"{url} already exists") from e
+    except OSError as e:
+        # S3 answers 409 ConditionalRequestConflict while another conditional write of the key is in flight.
+        if e.errno == errno.EBUSY:
+            raise StorageConflict(f"{url} is being written by another writer") from e
+        raise
+    fs.invalidate_cache(path)
+    if bytes(fs.cat_file(path)) != data:
+        raise StorageConflict(f"{url} was replaced by another writer (the store ignored If-None-Match)")
+
+
+def _create_local(url: str, path: str, data: bytes) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)
+        except FileExistsError as e:
+            raise StorageConflict(f"{url} already exists") from e
+        except OSError as e:
+            if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EXDEV, errno.EOPNOTSUPP):
+                raise
+            # A filesystem without hard links: O_EXCL still makes the name ours alone.
+            try:
+                with open(path, "xb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+            except FileExistsError as e2:
+                raise StorageConflict(f"{url} already exists") from e2
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def forget_listing(url: str) -> None:
+    """Drop this process's cached listings under a folder (s3fs keeps them), so the next listing or
+    existence check sees what other processes wrote since."""
+    fs, path = url_to_fs(url)
+    fs.invalidate_cache(path)
 
 
 def write_text(url: str, text: str) -> None:
@@ -326,6 +400,12 @@ def read_stage_rows(stage_url: str, fmt: str) -> list[dict[str, Any]]:
         shard_rows, _ = read_shard(stage_url, int(entry["shard"]), fmt)
         rows.extend(shard_rows)
     return rows
+
+
+def manifest_digest(manifest: Mapping[str, Any]) -> str:
+    """A finished stage's content: sha256 over its shard hashes, in shard order (what cache keys are made of)."""
+    shas = [str(e.get("sha256", "")) for e in manifest.get("shards", [])]
+    return hashlib.sha256("\x1f".join(shas).encode()).hexdigest()
 
 
 def data_files(stage_url: str, fmt: str) -> list[str]:

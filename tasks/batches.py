@@ -11,7 +11,7 @@ from prefect.artifacts import create_table_artifact
 from prefect.runtime import flow_run
 
 from sao_core import storage
-from tasks.common import artifact_key, close_engines
+from tasks.common import artifact_key, close_engines, retry_unless_permanent
 
 
 @task(
@@ -19,6 +19,7 @@ from tasks.common import artifact_key, close_engines
     task_run_name="record-{stage}-batch-{batch:02d}",
     retries=2,
     retry_delay_seconds=[2, 10],
+    retry_condition_fn=retry_unless_permanent,
 )
 def record_batch(
     round_dir: str, stage: str, shards: list[int], batch: int, attempt: int, done: list[dict[str, Any]]

@@ -10,9 +10,16 @@ from sao_core.config import hash_config, load_config
 from sao_core.stages.layout import prepare_round, stage_settings_hash
 from sao_core.storage import join
 from sao_core.training import training_hash
+from tasks.common import retry_unless_permanent
 
 
-@task(name="resolve-config", retries=2, retry_delay_seconds=[2, 10])
+# A wrong key or value fails at once (retry_unless_permanent): only a flaky artifact store is retried.
+@task(
+    name="resolve-config",
+    retries=2,
+    retry_delay_seconds=[2, 10],
+    retry_condition_fn=retry_unless_permanent,
+)
 def resolve_config(config: str, overrides: list[str]) -> dict[str, Any]:
     """The round's identity: where it lives and the hash of each section (the tasks' cache keys)."""
     cfg = load_config(config, overrides)

@@ -10,7 +10,7 @@ from sao_core.pipeline import stage_summary
 from sao_core.report import format_chains, sample_chains
 from sao_core.stages.layout import stage_url
 from sao_core.stages.round import run_pairs
-from tasks.common import load_round_config, make_cache_key, publish_stage
+from tasks.common import load_round_config, make_cache_key, publish_stage, retry_unless_permanent
 
 
 @task(
@@ -18,6 +18,7 @@ from tasks.common import load_round_config, make_cache_key, publish_stage
     task_run_name="pairs-round-{round_ref[round]}",
     retries=2,
     retry_delay_seconds=[2, 10],
+    retry_condition_fn=retry_unless_permanent,
     cache_key_fn=make_cache_key("pairs", "input_url", "responses_url"),
     persist_result=True,
 )

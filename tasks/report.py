@@ -10,10 +10,16 @@ from prefect.artifacts import create_markdown_artifact
 from sao_core import storage
 from sao_core.pipeline import write_round_manifest
 from sao_core.report import format_round_report
-from tasks.common import artifact_key, link_for, load_round_config
+from tasks.common import artifact_key, link_for, load_round_config, retry_unless_permanent
 
 
-@task(name="report", task_run_name="report-round-{round_ref[round]}", retries=2, retry_delay_seconds=[2, 10])
+@task(
+    name="report",
+    task_run_name="report-round-{round_ref[round]}",
+    retries=2,
+    retry_delay_seconds=[2, 10],
+    retry_condition_fn=retry_unless_permanent,
+)
 def write_report(
     round_ref: dict[str, Any],
     stages: dict[str, dict[str, Any]],

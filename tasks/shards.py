@@ -12,20 +12,17 @@ or skipped by sao_core (their manifests say so), so nothing finished is redone.
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any
 from uuid import UUID
 
 from prefect import task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
-from prefect.context import TaskRunContext
 from prefect.futures import PrefectFuture, as_completed
 from prefect.tasks import exponential_backoff
 
-from sao_core import storage
 from sao_core.pipeline import stage_summary
 from sao_core.report import format_chains, sample_chains
-from sao_core.stages.layout import input_stage, num_shards, stage_url
+from sao_core.stages.layout import num_shards, stage_url
 from sao_core.stages.runner import finalize_stage, run_shard
 from tasks.common import (
     artifact_key,
@@ -33,16 +30,10 @@ from tasks.common import (
     load_round_config,
     make_cache_key,
     publish_stage,
+    retry_unless_permanent,
+    shard_cache_key,
     with_result_storage,
 )
-
-
-def _shard_cache_key(_context: TaskRunContext, p: dict[str, Any]) -> str:
-    """A shard's stage settings hash plus the sha256 of the input shard it reads."""
-    entry = storage.read_shard_manifest(stage_url(p["round_dir"], input_stage(p["stage"])), p["index"])
-    input_sha = entry.sha256 if entry else ""
-    raw = f"v1|{p['round_dir']}|{p['stage']}|{p['index']}|{p['settings_hash']}|{input_sha}"
-    return f"sao-shard-{p['stage']}-" + hashlib.sha256(raw.encode()).hexdigest()[:32]
 
 
 @task(
@@ -51,7 +42,8 @@ def _shard_cache_key(_context: TaskRunContext, p: dict[str, Any]) -> str:
     retries=3,
     retry_delay_seconds=exponential_backoff(backoff_factor=2),
     retry_jitter_factor=0.2,
-    cache_key_fn=_shard_cache_key,
+    retry_condition_fn=retry_unless_permanent,
+    cache_key_fn=shard_cache_key,
     persist_result=True,
 )
 def stage_shard(
@@ -136,6 +128,7 @@ def stage_task(stage: str, input_param: str = "input_url") -> Any:
         task_run_name=f"{stage}-round-{{round_ref[round]}}",
         retries=1,
         retry_delay_seconds=exponential_backoff(backoff_factor=5),
+        retry_condition_fn=retry_unless_permanent,
         cache_key_fn=make_cache_key(stage, input_param),
         persist_result=True,
     )

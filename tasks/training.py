@@ -7,16 +7,37 @@ since the run trains into the same `{round}/model/{training hash}/` URL.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from prefect import task
 from prefect.artifacts import create_link_artifact, create_table_artifact
+from prefect.client.schemas.objects import FlowRun
 from prefect.deployments import run_deployment
 
 from sao_core import storage
 from sao_core.errors import TrainingError
 from sao_core.training import default_output_url, train
-from tasks.common import artifact_key, link_for, load_round_config, make_cache_key
+from tasks.common import artifact_key, link_for, load_round_config, make_cache_key, retry_unless_permanent
+
+
+def _model_output(parameters: dict[str, Any]) -> str | None:
+    """What is wrong with the model folder the train task writes, or None when the run finished and its
+    weights are there (training records no file hashes, so their presence is what is checked)."""
+    out = default_output_url(load_round_config(parameters["round_ref"]["config_url"]))
+    manifest_url = storage.join(out, "manifest.json")
+    if not storage.exists(manifest_url):
+        return f"{manifest_url} is missing"
+    manifest = storage.read_json(manifest_url)
+    if not isinstance(manifest, dict) or not manifest.get("complete"):
+        return f"{manifest_url} does not say the run finished"
+    for key, config_file in (("adapter", "adapter_config.json"), ("full_model", "config.json")):
+        if not manifest.get(key):
+            continue
+        folder = storage.join(out, str(manifest[key]))
+        weights = storage.list_files(folder, "*.safetensors") + storage.list_files(folder, "*.bin")
+        if not storage.exists(storage.join(folder, config_file)) or not weights:
+            return f"{folder} is missing or has no weights"
+    return None
 
 
 @task(name="train-model", task_run_name="train-model", retries=0)
@@ -26,11 +47,15 @@ def train_model(config_url: str, pairs_url: str, output_url: str) -> dict[str, A
 
 
 def _train_on_deployment(deployment: str, config_url: str, pairs_url: str, output_url: str) -> dict[str, Any]:
-    run = run_deployment(
-        deployment,
-        parameters={"config_url": config_url, "pairs_url": pairs_url, "output_url": output_url},
-        flow_run_name="train",
-        timeout=None,  # training takes as long as it takes; a lost worker ends the run Crashed
+    # Called from a sync task, run_deployment returns the flow run itself, not a coroutine.
+    run = cast(
+        FlowRun,
+        run_deployment(
+            deployment,
+            parameters={"config_url": config_url, "pairs_url": pairs_url, "output_url": output_url},
+            flow_run_name="train",
+            timeout=None,  # training takes as long as it takes; a lost worker ends the run Crashed
+        ),
     )
     if run.state is None or not run.state.is_completed():
         state = run.state.type.value if run.state else "unknown"
@@ -48,7 +73,8 @@ def _train_on_deployment(deployment: str, config_url: str, pairs_url: str, outpu
     task_run_name="train-round-{round_ref[round]}",
     retries=1,
     retry_delay_seconds=30,
-    cache_key_fn=make_cache_key("train", "pairs_url"),
+    retry_condition_fn=retry_unless_permanent,
+    cache_key_fn=make_cache_key("train", "pairs_url", output=_model_output),
     persist_result=True,
 )
 def train_policy(round_ref: dict[str, Any], settings_hash: str, pairs_url: str) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sao_core import storage
-from sao_core.config import RoundConfig, config_to_yaml, hash_config, round_url
+from sao_core.config import RoundConfig, config_to_yaml, data_settings, hash_config, round_url
 from sao_core.errors import StorageError
 
 MODEL_STAGES = ("prompts", "responses", "judgements")
@@ -54,19 +54,20 @@ def prepare_round(cfg: RoundConfig) -> str:
 
 
 def stage_settings_hash(cfg: RoundConfig, stage: str) -> str:
-    """What a stage's output depends on besides its input: its own section, the model and the seed."""
-    parts: dict[str, Any] = {"model": cfg.model.model_dump(mode="json"), "seed": cfg.run.seed}
+    """What a stage's output depends on besides its input: its own section, the model and the seed.
+
+    Sections are read through `data_settings`, so what only the quality gate reads (judging.min_valid_rate)
+    or what only makes the fake engine fail (engine.fake.fail_calls) does not redo a finished shard.
+    """
+    data = data_settings(cfg)
+    parts: dict[str, Any] = {"model": data["model"], "seed": cfg.run.seed}
     if stage in ("prompts", "responses", "judging", "judgements"):
         section = "judging" if stage == "judgements" else stage
-        parts[section] = getattr(cfg, section).model_dump(mode="json")
+        parts[section] = data[section]
     if stage == "personas":
-        parts = {
-            "personas": cfg.personas.model_dump(mode="json"),
-            "seed": cfg.run.seed,
-            "round": cfg.run.round,
-        }
+        parts = {"personas": data["personas"], "seed": cfg.run.seed, "round": cfg.run.round}
     if cfg.engine.name == "fake":  # the fake engine's script changes what it says
-        parts["fake"] = cfg.engine.fake.model_dump(mode="json")
+        parts["fake"] = data["engine"]["fake"]
     canonical = json.dumps(parts, sort_keys=True)
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 

@@ -145,7 +145,7 @@ def run_shard(
         raise EngineError(f"{stage} shard {index}: {e}") from e
     seconds = time.perf_counter() - start
     if len(outs) != len(requests) or any(len(o) != r.n for o, r in zip(outs, requests, strict=False)):
-        raise StorageError(
+        raise EngineError(
             f"{stage} shard {index}: engine {engine.name} returned a wrong number of completions"
         )
     kept, dropped, stats = parse(outs)
@@ -199,6 +199,50 @@ def finalize_stage(stage: str, cfg: RoundConfig, round_dir: str) -> dict[str, An
     return storage.write_stage_manifest(out_url, stage, entries, **extra)
 
 
+class EvalOverlap:
+    """Drops synthetic prompts that share a word n-gram with the evaluation set (sao_core.decontaminate),
+    so a round never trains on what it is evaluated on; counted in the prompts manifest."""
+
+    def __init__(self, cfg: RoundConfig) -> None:
+        self.source = cfg.evaluation.prompts
+        self.n = cfg.evaluation.decontamination_n
+        self.checked = 0
+        self.dropped = 0
+        self.eval_ids_hit: set[str] = set()
+        self.index = None
+        if cfg.evaluation.enabled and self.n > 0:
+            from sao_core.decontaminate import build_ngram_index
+            from sao_core.evalsets import load_eval_prompts
+
+            self.index = build_ngram_index(
+                ((p.id, p.instruction) for p in load_eval_prompts(self.source)), self.n
+            )
+
+    def offer(self, prompt: str) -> str | None:
+        """ "eval_overlap" for a prompt that overlaps the evaluation set, else None."""
+        if self.index is None:
+            return None
+        self.checked += 1
+        count, ids = self.index.match(prompt)
+        if not count:
+            return None
+        self.dropped += 1
+        self.eval_ids_hit.update(ids)
+        return "eval_overlap"
+
+    def summary(self) -> dict[str, Any]:
+        if self.index is None:
+            return {"enabled": False}
+        return {
+            "enabled": True,
+            "eval_set": self.source,
+            "n": self.n,
+            "checked": self.checked,
+            "dropped": self.dropped,
+            "eval_ids_hit": sorted(self.eval_ids_hit),
+        }
+
+
 def _dedupe_prompts(cfg: RoundConfig, round_dir: str, candidates: list[ShardManifest]) -> dict[str, Any]:
     """Drop exact and normalised duplicates across the whole round, first occurrence kept, shards kept."""
     from sao_core.prompts import PromptDeduper
@@ -206,13 +250,14 @@ def _dedupe_prompts(cfg: RoundConfig, round_dir: str, candidates: list[ShardMani
     cand_url = output_url(round_dir, "prompts")
     out_url = stage_url(round_dir, "prompts")
     deduper = PromptDeduper()
+    overlap = EvalOverlap(cfg)
     entries = []
     for cand in candidates:
         rows, _ = storage.read_shard(cand_url, cand.shard, cfg.run.format)
         kept: list[dict[str, Any]] = []
         dropped: list[dict[str, Any]] = []
         for row in rows:
-            reason = deduper.offer(row["prompt"])
+            reason = overlap.offer(row["prompt"]) or deduper.offer(row["prompt"])
             (kept if reason is None else dropped).append(
                 row if reason is None else {**row, "drop_reason": reason}
             )
@@ -230,6 +275,7 @@ def _dedupe_prompts(cfg: RoundConfig, round_dir: str, candidates: list[ShardMani
         format=cfg.run.format,
         repetition_rate=round(deduper.repetition_rate, 4),
         parsed_prompts=deduper.seen,
+        decontamination=overlap.summary(),
     )
 
 

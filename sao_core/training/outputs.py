@@ -14,11 +14,17 @@ from sao_core.config import RoundConfig, TrainingConfig
 from sao_core.errors import TrainingError
 from sao_core.training.plots import plot_curves
 
-# Settings that change how a run is launched or kept, not what it learns: a resumed run may change them.
+# Settings that change how a run is launched or kept, not what it learns: a resumed run may change them,
+# and only what changes the output may name its folder. The batch split is launch-only too: the global
+# batch is fixed (training.global_batch_size) and accumulation makes up the rest, and activation
+# checkpointing trades memory for time. Kept in the hash: `deepspeed` (a ZeRO checkpoint and a DDP one
+# do not stand in for each other) and `merge` (a run found finished would not write the merged model).
 _LAUNCH_KEYS = (
     "launcher",
     "deployment",
     "num_processes",
+    "per_device_batch_size",
+    "gradient_checkpointing",
     "accelerate_config",
     "checkpoint_steps",
     "save_total_limit",

@@ -131,3 +131,151 @@ def test_no_module_in_sao_core_imports_prefect():
     for path in (ROOT / "sao_core").rglob("*.py"):
         match = statement.search(path.read_text())
         assert match is None, f"{path}: {match.group(0).strip() if match else ''}"
+
+
+# --- campaign state and lineage: promote, rollback, campaign-status, lineage ------------------------------
+
+
+def _fake_training_run(overrides: list[str], round_dir: str) -> str:
+    """A finished LoRA run as sao_core.training leaves it (adapter/, then manifest.json); bytes for weights."""
+    from sao_core import storage
+    from sao_core.config import load_config
+    from sao_core.training.data import find_pair_files, pairs_sha256
+    from sao_core.training.launch import default_output_url
+    from sao_core.training.outputs import training_hash
+
+    cfg = load_config(TINY, overrides)
+    out, pairs = default_output_url(cfg), f"{round_dir}/pairs"
+    storage.write_json(f"{out}/adapter/adapter_config.json", {"r": 16})
+    storage.write_bytes(f"{out}/adapter/adapter_model.safetensors", out.encode())
+    manifest = {
+        "stage": "train",
+        "complete": True,
+        "training_hash": training_hash(cfg),
+        "model": cfg.model.path,
+    }
+    manifest |= {
+        "pairs_sha256": pairs_sha256(pairs),
+        "pairs_files": find_pair_files(pairs),
+        "adapter": "adapter",
+    }
+    storage.write_json(
+        f"{out}/manifest.json", {**manifest, "full_model": None, "objective": "simpo", "steps": 2}
+    )
+    return out
+
+
+def _synth_and_train(tmp_path: Path, k: int) -> tuple[str, str]:
+    overrides = ["run.root=" + str(tmp_path), f"run.round={k}"]
+    done = _run_sao("synth", "--config", TINY, *(a for o in overrides for a in ("--set", o)), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    round_dir = next(line for line in done.stdout.splitlines() if line.startswith("round folder: "))[14:]
+    return round_dir, _fake_training_run(overrides, round_dir)
+
+
+def test_promote_status_rollback_and_lineage_through_the_installed_script(tmp_path):
+    round1, model1 = _synth_and_train(tmp_path, 1)
+    round2, model2 = _synth_and_train(tmp_path, 2)
+    env_who = {"SAO_USER": "ana"}
+
+    first = _run_sao("promote", round1, "--why", "round 1 won the gate", cwd=tmp_path)  # model from the round
+    assert first.returncode == 0, first.stderr
+    assert f"promoted: record 1 (promote), round 1: {model1}" in first.stdout
+    assert f"model.adapter {model1}/adapter" in first.stdout
+    second = _run_sao(
+        "promote", round2, "--why", "round 2 won", "--model", model2, "--who", "bo", cwd=tmp_path
+    )
+    assert second.returncode == 0 and "promoted: record 2" in second.stdout
+    again = _run_sao("promote", round2, "--why", "a retry", cwd=tmp_path)
+    assert again.returncode == 0 and "already current: record 2" in again.stdout
+
+    status = _run_sao(
+        "campaign-status", "--config", TINY, "--set", f"run.root={tmp_path}", "--json", cwd=tmp_path
+    )
+    assert status.returncode == 0, status.stderr
+    state = json.loads(status.stdout)
+    assert state["current"]["seq"] == 2 and state["current"]["who"] == "bo"
+    assert [r["model"] for r in state["history"]] == [model1, model2]
+
+    back = subprocess.run(
+        [
+            _sao(),
+            "rollback",
+            "--campaign-root",
+            str(tmp_path),
+            "--campaign",
+            "tiny",
+            "--why",
+            "round 2 regressed",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, **env_who},
+        timeout=300,
+    )
+    assert back.returncode == 0, back.stderr
+    assert f"rolled back to record 1: record 3 (rollback), round 1: {model1}" in back.stdout
+    assert "by ana at" in back.stdout
+    table = _run_sao("campaign-status", "--campaign-root", str(tmp_path), "--campaign", "tiny", cwd=tmp_path)
+    assert "| 3 | rollback to 1 | 1 |" in table.stdout and "round 2 regressed" in table.stdout
+
+    lin = _run_sao("lineage", model2, "--json", cwd=tmp_path)
+    assert lin.returncode == 0, lin.stderr
+    found = json.loads(lin.stdout)
+    assert found["round_dir"] == round2 and found["parent_model"]["path"] == "bundled:tiny-random-llama"
+    assert [s["stage"] for s in found["stages"]] == [
+        "personas",
+        "prompts",
+        "responses",
+        "judgements",
+        "pairs",
+    ]
+    assert found["models"][0]["pairs_match"] is True
+    assert [r["seq"] for r in found["models"][0]["promotions"]] == [2]
+
+    pair = json.loads(Path(round2, "pairs", "part-00000.jsonl").read_text().splitlines()[0])
+    trace = _run_sao("lineage", round2, "--pair", pair["prompt_id"], cwd=tmp_path)
+    assert trace.returncode == 0, trace.stderr
+    persona = next(
+        json.loads(line)
+        for f in sorted(Path(round2, "personas").glob("part-*.jsonl"))
+        for line in f.read_text().splitlines()
+        if json.loads(line)["persona_id"] == pair["persona_id"]
+    )
+    assert f"persona_id: {pair['persona_id']}" in trace.stdout and persona["persona"][:50] in trace.stdout
+    assert "every link holds" in trace.stdout
+
+
+def test_campaign_commands_name_their_errors(tmp_path, capsys):
+    assert main(["promote", str(tmp_path / "no-round"), "--why", "x", "--model", str(tmp_path)]) == 2
+    assert "no-round is not a round folder: it has no resolved_config.yaml" in capsys.readouterr().err
+    assert main(["rollback", "--why", "x"]) == 2
+    assert "--campaign-root ROOT and --campaign NAME" in capsys.readouterr().err
+    assert main(["rollback", "--campaign-root", str(tmp_path), "--campaign", "c", "--why", "x"]) == 2
+    assert "has no promotion to roll back" in capsys.readouterr().err
+    assert main(["campaign-status", "--campaign-root", str(tmp_path), "--campaign", "c"]) == 0
+    assert "Nothing promoted yet" in capsys.readouterr().out
+    assert main(["lineage", str(tmp_path)]) == 2
+    assert "neither a round folder" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["promote", str(tmp_path)])  # --why is required
+    assert "--why" in capsys.readouterr().err
+
+
+def test_campaign_commands_start_without_prefect_or_torch(tmp_path):
+    """What promote, campaign-status and lineage import while they run, not only at start-up."""
+    round_dir, _ = _synth_and_train(tmp_path, 1)
+    code = (
+        "import sys; from flows.cli import main;"
+        f"codes = [main(['promote', {round_dir!r}, '--why', 'light']),"
+        f" main(['campaign-status', '--campaign-root', {str(tmp_path)!r}, '--campaign', 'tiny']),"
+        f" main(['lineage', {round_dir!r}])];"
+        "heavy = [m for m in ('torch', 'transformers', 'datasets', 'prefect', 'vllm', 'trl') if m in sys.modules];"
+        "print('codes', codes, 'heavy', heavy)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "codes [0, 0, 0] heavy []"

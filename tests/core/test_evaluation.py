@@ -1,28 +1,145 @@
+"""The evaluation against the current model and the original, the judge-trust rating, and decontamination.
+
+The fake engine's judge prefers the longer answer and, on equal lengths, Response 1: every expected
+verdict below is computed from the answers' lengths, independently of sao_core.winrate.
+"""
+
+from __future__ import annotations
+
 import json
+from typing import Any
+
+import pytest
 
 from sao_core import storage
+from sao_core.chat import ChatRequest, Completion, Sampling
 from sao_core.config import build_config
 from sao_core.engines.fake import FakeEngine
-from sao_core.evaluation import evaluate_policy, load_eval_prompts
-from sao_core.stages.runner import EngineProvider
+from sao_core.evalsets import load_eval_prompts, load_judge_trust
+from sao_core.evaluation import Contender, evaluate_candidate, headline
+from sao_core.stages.layout import prepare_round
+from sao_core.stages.round import run_personas
+from sao_core.stages.runner import EngineProvider, run_model_stage
 
 
-def test_bundled_prompts():
-    rows = load_eval_prompts("builtin", 100)
-    assert len(rows) == 16 and len({r["id"] for r in rows}) == 16 and all(r["prompt"] for r in rows)
+def _fake(cfg: Any, seed: int) -> EngineProvider:
+    return EngineProvider(cfg, lambda: FakeEngine(cfg.engine.fake, seed=seed))
 
 
-def test_both_orders_judged_and_outcomes_follow_the_judge():
-    # The fake judge prefers the longer answer whatever its position, so both orders always agree:
-    # every prompt is a win or a loss, decided by which policy answered at more length.
-    cfg = build_config({"engine": {"name": "fake"}, "evaluation": {"n": 8}})
-    policy = EngineProvider(cfg, lambda: FakeEngine(cfg.engine.fake, seed=1))
-    base = EngineProvider(cfg, lambda: FakeEngine(cfg.engine.fake, seed=0))
-    m = evaluate_policy(cfg, policy, base, "memory://eval-test")
-    rows = [json.loads(line) for line in storage.read_text("memory://eval-test/results.jsonl").splitlines()]
-    assert m["prompts"] == 8 and m["ties"] == 0 and m["invalid"] == 0 and m["wins"] + m["losses"] == 8
-    for r in rows:
-        longer_new = len(r["new"]) >= len(r["base"])
-        assert r["outcome"] == ("win" if longer_new else "loss")
-    assert m["win_rate"] == m["wins"] / 8
-    assert storage.read_json("memory://eval-test/manifest.json") == m
+def _rows(url: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in storage.read_text(url).splitlines()]
+
+
+def _expected_preference(candidate: str, baseline: str) -> float:
+    if len(candidate) > len(baseline):
+        return 1.0
+    if len(candidate) < len(baseline):
+        return 0.0
+    return 0.5  # Response 1 wins both orders: the orders disagree
+
+
+def test_win_rate_and_trust_follow_the_judge(tmp_path: Any) -> None:
+    cfg = build_config({"engine": {"name": "fake"}, "evaluation": {"n": 20, "trust_n": 30, "bootstrap": 500}})
+    out = str(tmp_path / "eval")
+    judge_engine = _fake(cfg, 0)
+    m = evaluate_candidate(
+        cfg,
+        Contender("candidate", "cand", _fake(cfg, 1)),
+        [Contender("current", "cur", judge_engine), Contender("original", "orig", _fake(cfg, 2))],
+        Contender("judge", "cur", judge_engine),
+        out,
+    )
+    prompts = load_eval_prompts("builtin", 20)
+    cand = {r["id"]: r["answer"] for r in _rows(f"{out}/answers-candidate.jsonl")}
+    assert (
+        m["prompts"] == 20 and set(m["comparisons"]) == {"current", "original"} and m["primary"] == "current"
+    )
+    for name in ("current", "original"):
+        base = {r["id"]: r["answer"] for r in _rows(f"{out}/answers-{name}.jsonl")}
+        want = [_expected_preference(cand[p.id], base[p.id]) for p in prompts]
+        rows = _rows(f"{out}/results-{name}.jsonl")
+        assert [r["preference"] for r in rows] == want
+        c = m["comparisons"][name]
+        assert c["win_rate"] == pytest.approx(sum(want) / 20)
+        assert (c["wins"], c["losses"], c["ties"]) == (want.count(1.0), want.count(0.0), want.count(0.5))
+        assert c["win_rate_ci_low"] <= c["win_rate"] <= c["win_rate_ci_high"]
+        assert c["order_inconsistent_share"] == pytest.approx(want.count(0.5) / 20)
+        assert c["lc_win_rate"] is not None and 0 < c["lc_win_rate"] < 1
+    assert m["win_rate"] == m["comparisons"]["current"]["win_rate"]
+
+    # Trust: right in an order when the better answer is the longer one (or equal and shown first).
+    items = load_judge_trust()[:30]
+    right = sum((len(t.better) >= len(t.worse)) + (len(t.better) > len(t.worse)) for t in items)
+    assert m["trust"]["items"] == 30 and m["trust"]["valid_verdicts"] == 60
+    assert m["trust"]["agreement"] == pytest.approx(right / 60)
+    assert m["judge_agreement"] == m["trust"]["agreement"]
+    assert len(_rows(f"{out}/trust.jsonl")) == 30
+    assert storage.read_json(f"{out}/manifest.json") == m
+    table = headline(m)
+    assert [r["vs"].split(" ")[0] for r in table] == ["current", "original", "judge"]
+
+
+def test_a_judge_that_never_answers_gives_no_win_rate(tmp_path: Any) -> None:
+    class Mute:
+        name = model = model_revision = "mute"
+
+        def generate(self, requests: list[ChatRequest], sampling: Sampling) -> list[list[Completion]]:
+            return [[Completion("I cannot decide.", "stop", 1, 3)] for _ in requests]
+
+        def close(self) -> None:
+            pass
+
+    cfg = build_config({"engine": {"name": "fake"}, "evaluation": {"n": 5, "trust_n": 4, "bootstrap": 100}})
+    mute = EngineProvider(cfg, Mute)
+    m = evaluate_candidate(
+        cfg,
+        Contender("candidate", "c", _fake(cfg, 1)),
+        [Contender("current", "b", _fake(cfg, 0))],
+        Contender("judge", "mute", mute),
+        str(tmp_path / "eval"),
+    )
+    c = m["comparisons"]["current"]
+    assert c["win_rate"] is None and c["invalid"] == 5 and m["trust"]["agreement"] is None
+
+
+class Copycat:
+    """A prompt writer that, for one persona in four, writes an evaluation instruction word for word."""
+
+    name = model = model_revision = "copycat"
+
+    def __init__(self, instructions: list[str]) -> None:
+        self.instructions = instructions
+        self.calls = 0
+
+    def generate(self, requests: list[ChatRequest], sampling: Sampling) -> list[list[Completion]]:
+        out = []
+        for i, r in enumerate(requests):
+            copied = self.instructions[self.calls] if i == 0 else None
+            text = copied or f"How do I plan a trip number {r.request_id}?"
+            out.append([Completion(f"User prompt: {text}", "stop", 5, 9)])
+        self.calls += 1
+        return out
+
+    def close(self) -> None:
+        pass
+
+
+def test_prompts_that_overlap_the_evaluation_set_are_dropped_and_counted(tmp_path: Any) -> None:
+    cfg = build_config(
+        {"run": {"root": str(tmp_path), "shard_size": 4}, "engine": {"name": "fake"}, "personas": {"n": 8}}
+    )
+    round_dir = prepare_round(cfg)
+    run_personas(cfg, round_dir)
+    long_ones = [p.instruction for p in load_eval_prompts("builtin") if len(p.instruction.split()) >= 13]
+    manifest = run_model_stage("prompts", cfg, round_dir, EngineProvider(cfg, lambda: Copycat(long_ones)))
+    d = manifest["decontamination"]
+    assert d["enabled"] and d["n"] == 13 and d["checked"] == 8 and d["dropped"] == 2
+    assert len(d["eval_ids_hit"]) == 2
+    assert manifest["drops"].get("eval_overlap") == 2 and manifest["rows_out"] == 6
+
+    off = cfg.model_copy(update={"evaluation": cfg.evaluation.model_copy(update={"decontamination_n": 0})})
+    other = prepare_round(off)
+    assert other != round_dir  # what the stage drops names the round
+    run_personas(off, other)
+    kept = run_model_stage("prompts", off, other, EngineProvider(off, lambda: Copycat(long_ones)))
+    assert kept["rows_out"] == 8 and kept["decontamination"] == {"enabled": False}

@@ -141,10 +141,38 @@ def test_crash_mid_stage_keeps_finished_shards_and_resumes(tmp_path):
 def test_unchanged_rerun_does_not_load_the_model(tmp_path):
     cfg = fake_cfg(tmp_path)
     run_synth(cfg)
-    built = []
-    provider = EngineProvider(cfg, lambda: built.append(1) or FakeEngine(cfg.engine.fake))
-    run_synth(cfg, provider)
+    built: list[int] = []
+
+    def build() -> FakeEngine:
+        built.append(1)
+        return FakeEngine(cfg.engine.fake)
+
+    run_synth(cfg, EngineProvider(cfg, build))
     assert built == []
+
+
+def test_gate_and_engine_patience_changes_reuse_the_finished_round(tmp_path):
+    """Raising a timeout after a shard timed out, or lowering a gate after it failed, redoes nothing."""
+    first = run_synth(fake_cfg(tmp_path))
+    changed = fake_cfg(
+        tmp_path,
+        "engine.shard_timeout_s=60",
+        "engine.max_retries=0",
+        "engine.batch_size=3",
+        "engine.fake.fail_calls=5",
+        "pairing.min_pairs=1000",
+        "judging.min_valid_rate=0.99",
+    )
+    built: list[int] = []
+
+    def build() -> FakeEngine:
+        built.append(1)
+        return FakeEngine(changed.engine.fake)
+
+    again = run_synth(changed, EngineProvider(changed, build))
+    assert again.round_url == first.round_url
+    assert built == []  # every shard of every stage was found finished: the model never loaded
+    assert again.summary["pairs"]["rows_out"] == first.summary["pairs"]["rows_out"]
 
 
 def test_changed_judging_redoes_only_judging(tmp_path):

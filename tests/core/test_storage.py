@@ -1,9 +1,11 @@
+import hashlib
 import json
+import threading
 
 import pytest
 
 from sao_core import storage
-from sao_core.errors import ManifestError, StorageError
+from sao_core.errors import ManifestError, StorageConflict, StorageError
 from sao_core.storage import ShardManifest
 
 ROWS = [
@@ -153,3 +155,65 @@ def test_roundtrip_on_real_s3(s3_env, fmt):
         storage_options={"client_kwargs": {"endpoint_url": __import__("os").environ["AWS_ENDPOINT_URL"]}},
     )
     assert ds["train"].num_rows == 2
+
+
+# --- create-only writes (the campaign's promotion records) -----------------------------------------------
+
+
+def _create_twice(url):
+    storage.write_bytes_exclusive(url, b"first")
+    with pytest.raises(StorageConflict, match="already exists"):
+        storage.write_bytes_exclusive(url, b"second")
+    assert storage.read_bytes(url) == b"first"
+
+
+def test_write_bytes_exclusive_local_and_memory(tmp_path):
+    _create_twice(str(tmp_path / "records" / "000001.json"))  # the folder is made on the way
+    assert sorted(p.name for p in (tmp_path / "records").iterdir()) == ["000001.json"]  # no temporaries
+    _create_twice(f"memory://exclusive-{tmp_path.name}/000001.json")
+
+
+@pytest.mark.parametrize("where", ["local", "memory"])
+def test_write_bytes_exclusive_lets_one_of_many_racing_writers_win(tmp_path, where):
+    url = str(tmp_path / "x.json") if where == "local" else f"memory://race-{tmp_path.name}/x.json"
+    writers = 8
+    barrier = threading.Barrier(writers)
+    outcomes: list[str] = []
+
+    def write(i: int) -> None:
+        barrier.wait(timeout=30)
+        try:
+            storage.write_bytes_exclusive(url, f"writer {i}".encode())
+            outcomes.append(f"won {i}")
+        except StorageConflict:
+            outcomes.append("lost")
+
+    threads = [threading.Thread(target=write, args=(i,)) for i in range(writers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    [winner] = [o for o in outcomes if o.startswith("won")]
+    assert outcomes.count("lost") == writers - 1
+    assert storage.read_bytes(url) == f"writer {winner.split()[1]}".encode()
+
+
+def test_manifest_digest_is_the_sha256_over_the_shard_hashes(tmp_path):
+    url = roundtrip(str(tmp_path), "jsonl")
+    manifest = storage.read_stage_manifest(url)
+    shas = [e["sha256"] for e in manifest["shards"]]
+    assert storage.manifest_digest(manifest) == hashlib.sha256("\x1f".join(shas).encode()).hexdigest()
+
+
+@pytest.mark.tier1
+def test_write_bytes_exclusive_on_real_s3_is_a_conditional_put(s3_env):
+    _create_twice(f"{s3_env}/records/000001.json")
+    # Another process's write shows up once this process forgets its cached listing.
+    import s3fs
+
+    storage.list_files(f"{s3_env}/records", "*.json")
+    s3fs.S3FileSystem(skip_instance_cache=True).pipe_file(
+        f"{s3_env.removeprefix('s3://')}/records/b.json", b"x"
+    )
+    storage.forget_listing(f"{s3_env}/records")
+    assert len(storage.list_files(f"{s3_env}/records", "*.json")) == 2

@@ -9,8 +9,16 @@ from pathlib import Path
 
 import pytest
 
-from sao_core.errors import RoundQualityError
-from tests.flows.conftest import task_runs
+from sao_core.errors import (
+    ConfigError,
+    EngineError,
+    ManifestError,
+    ModelNotFoundError,
+    PersonaSourceError,
+    RoundQualityError,
+    TrainingError,
+)
+from tests.flows.conftest import task_run_tries, task_runs
 
 ROOT = Path(__file__).parents[2]
 TINY = str(ROOT / "configs" / "tiny.yaml")
@@ -76,7 +84,7 @@ def test_round_end_to_end_artifacts_and_cache(tmp_path, prefect_api):
     assert ("tiny-prompts-progress", "progress") in kinds
     assert ("tiny-round-report", "markdown") in kinds and ("tiny-evaluation", "table") in kinds
     sample = next(a for a in artifacts if a.key == "tiny-judgements-sample")
-    assert "**Persona:**" in sample.data and "**Verdict" in sample.data
+    assert "**Persona:**" in str(sample.data) and "**Verdict" in str(sample.data)
 
     # The same round again: served from the cache, no model stage runs.
     state2, run2 = _round(tmp_path)
@@ -106,33 +114,96 @@ def test_round_end_to_end_artifacts_and_cache(tmp_path, prefect_api):
 def test_a_stage_that_fails_once_is_retried_and_the_round_completes(tmp_path, prefect_api):
     state, run_id = _round(tmp_path, "engine.fake.fail_calls=1")
     assert state.is_completed(), state
-    runs = task_runs(run_id)
+    assert task_runs(run_id)["prompts-shard-00000"] == ["Completed"]
     # The first generate call failed in the first prompts shard; its retry succeeded.
-    assert runs["prompts-shard-00000"] == ["Completed"]
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import (
-        FlowRunFilter,
-        FlowRunFilterId,
-        TaskRunFilter,
-        TaskRunFilterName,
-    )
-
-    with get_client(sync_client=True) as client:
-        [shard] = client.read_task_runs(
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])),
-            task_run_filter=TaskRunFilter(name=TaskRunFilterName(any_=["prompts-shard-00000"])),
-        )
-        history = [s.name for s in client.read_task_run_states(shard.id)]
-    assert "AwaitingRetry" in history and shard.run_count == 2
+    run_count, history = task_run_tries(run_id, "prompts-shard-00000")
+    assert "AwaitingRetry" in history and run_count == 2
 
 
-def test_quality_gate_stops_the_round_before_training(tmp_path, prefect_api):
+@pytest.mark.parametrize(
+    ("error", "retried"),
+    [
+        (ConfigError("unknown config key 'engine.batchsize'"), False),
+        (PersonaSourceError("persona source 'file' gave zero personas"), False),
+        (ModelNotFoundError("model org/typo not found"), False),
+        (FileNotFoundError("pairs.jsonl"), False),
+        (ManifestError("shard part-00001.jsonl does not match its manifest"), False),
+        (RoundQualityError("fewer than pairing.min_pairs"), False),
+        (EngineError("worker lost"), True),
+        (TimeoutError("shard ran past engine.shard_timeout_s"), True),
+        (ConnectionResetError("server went away"), True),
+        (TrainingError("rank 1 exited with code -9"), True),
+    ],
+    ids=lambda v: type(v).__name__ if isinstance(v, BaseException) else str(v),
+)
+def test_only_errors_a_retry_may_fix_are_retried(error, retried):
+    from prefect.states import Failed
+
+    from tasks.common import retry_unless_permanent
+
+    assert retry_unless_permanent(None, None, Failed(data=error)) is retried  # type: ignore[arg-type]
+
+
+def test_an_error_raised_from_a_permanent_one_is_not_retried():
+    from prefect.states import Failed
+
+    from tasks.common import retry_unless_permanent
+
+    error = TrainingError("training cannot start")
+    error.__cause__ = ConfigError("training.deepspeed: no such file")  # raise ... from e
+    assert retry_unless_permanent(None, None, Failed(data=error)) is False  # type: ignore[arg-type]
+
+
+def test_a_config_typo_fails_at_once_without_retries(tmp_path, prefect_api):
+    state, run_id = _round(tmp_path, "engine.batchsize=4")
+    assert state.is_failed()
+    with pytest.raises(
+        ConfigError, match=r"unknown config key 'engine\.batchsize' \(did you mean 'engine\.batch_size'"
+    ):
+        state.result()
+    run_count, history = task_run_tries(run_id, "resolve-config")
+    assert run_count == 1, history
+    assert history[-1] == "Failed" and not {"AwaitingRetry", "Retrying"} & set(history), history
+
+
+def test_a_failed_gate_then_a_lower_gate_reuses_the_data(tmp_path, prefect_api):
+    """The gate stops the round before training; lowering it (with a longer shard timeout and other
+    settings that do not change the data) reuses every stage, and launch-only training keys reuse the model."""
     state, run_id = _round(tmp_path, "pairing.min_pairs=1000")
     assert state.is_failed()
     with pytest.raises(RoundQualityError, match=r"fewer than pairing\.min_pairs=1000"):
         state.result()
     runs = task_runs(run_id)
     assert runs["quality-gate-round-1"] == ["Failed"] and "train-round-1" not in runs
+    [round_dir] = (tmp_path / "tiny").iterdir()
+
+    state2, run2 = _round(
+        tmp_path,
+        "pairing.min_pairs=1",
+        "judging.min_valid_rate=0.01",
+        "engine.shard_timeout_s=36000",
+        "engine.max_retries=9",
+        "engine.batch_size=2",
+    )
+    assert state2.is_completed(), state2
+    assert state2.result()["round_dir"] == str(round_dir)  # the same round folder
+    runs2 = task_runs(run2)
+    for name in ("personas", "prompts", "responses", "judgements", "pairs"):
+        assert runs2[f"{name}-round-1"] == ["Cached"], (name, runs2[f"{name}-round-1"])
+    assert runs2["quality-gate-round-1"] == ["Completed"] and runs2["train-round-1"] == ["Completed"]
+
+    # How training is launched and kept does not name the model folder: the trained model is reused.
+    state3, run3 = _round(
+        tmp_path,
+        "training.launcher=torchrun",
+        "training.num_processes=2",
+        "training.checkpoint_steps=1",
+        "training.gradient_checkpointing=true",
+    )
+    assert state3.is_completed(), state3
+    assert state3.result()["model"] == state2.result()["model"]
+    runs3 = task_runs(run3)
+    assert runs3["train-round-1"] == ["Cached"] and runs3["evaluate-round-1"] == ["Cached"]
 
 
 def test_readme_main_command_on_the_tiny_recipe(tmp_path):
