@@ -71,12 +71,33 @@ def cmd_run(args: argparse.Namespace) -> int:
     result = sao_round(args.config, args.overrides)
     print(f"round folder: {result['round_dir']}")
     print(f"model: {result['model']}")
+    _print_round(result)
+    return 0
+
+
+def _print_round(result: dict) -> None:
     if result.get("evaluation"):
         e = result["evaluation"]
+        low, high = e["win_rate_ci"]
         print(
-            f"evaluation: win rate {e['win_rate']} ({e['wins']} wins, {e['losses']} losses, {e['ties']} ties)"
+            f"evaluation: win rate {e['win_rate']} (95% interval {low} to {high}; {e['wins']} wins, "
+            f"{e['losses']} losses, {e['ties']} ties), LC {e['lc_win_rate']}, judge agreement {e['judge_agreement']}"
         )
+    outcome = result.get("outcome") or {}
+    if outcome:
+        print(f"outcome: {outcome['status']}: {outcome['why']}")
     print(f"report: {result['report']}")
+
+
+def cmd_campaign(args: argparse.Namespace) -> int:
+    from flows.campaign import sao_campaign
+
+    where = os.environ.get("PREFECT_API_URL") or "a temporary local Prefect server"
+    print(f"sao campaign: {args.rounds} round(s) of {args.config} on {where}", flush=True)
+    result = sao_campaign(args.config, args.overrides, rounds=args.rounds)
+    for r in result["rounds"]:
+        print(f"round {r['round']}: {r['status']}: {r['why']} ({r['round_dir']})")
+    print(f"campaign report: {result['report']}")
     return 0
 
 
@@ -260,6 +281,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_config_args(run)
     run.set_defaults(func=cmd_run)
+    campaign = sub.add_parser(
+        "campaign",
+        help="run rounds in a row, each from the last promoted model, evaluated and promoted or rejected",
+        description="Each round starts from the campaign's current model (CURRENT in the campaign "
+        "folder), is evaluated against it and promoted only if the promotion rule holds; the campaign "
+        "report is rewritten after every round.",
+    )
+    add_config_args(campaign)
+    campaign.add_argument("--rounds", type=int, default=1, help="how many rounds to run (default 1)")
+    campaign.set_defaults(func=cmd_campaign)
     train = sub.add_parser(
         "train",
         help="train the model on preference pairs (SimPO, DPO or ORPO; LoRA or full)",
@@ -305,7 +336,7 @@ def setup_logging(command: str, verbose: bool) -> None:
     `run` leaves the handlers to Prefect (task and flow run names on every line); -v then adds the
     library's logger to Prefect's extra loggers, so its lines also reach each task run's logs in the UI.
     """
-    if command in ("run", "deploy"):
+    if command in ("run", "campaign", "deploy"):
         if verbose:
             extra = [n for n in os.environ.get("PREFECT_LOGGING_EXTRA_LOGGERS", "").split(",") if n]
             os.environ["PREFECT_LOGGING_EXTRA_LOGGERS"] = ",".join(dict.fromkeys([*extra, "sao_core"]))

@@ -1,18 +1,29 @@
-"""One SAO round as a Prefect flow, in the order of the paper's algorithm.
+"""One SAO round as a Prefect flow, in the order of the paper's algorithm, ending in the promotion gate.
 
     sao run --config configs/cpu-smollm2.yaml [--set personas.n=8 ...]    # flows/cli.py
     sao_round("configs/cpu-smollm2.yaml", ["personas.n=8"])                # from Python
+    sao_round(config, overrides, continue_campaign=True)                   # the campaign's next round
 
 With no PREFECT_API_URL the run uses Prefect's temporary local server; with it set, the run shows in
-that server's UI. Every stage is a retried, cached task; see tasks/.
+that server's UI. Every stage is a retried, cached task; see tasks/. With `continue_campaign` the round
+is the campaign's next one: its number and the model it starts from come from the campaign's record
+(tasks/campaign.py), which the nightly deployment and `sao campaign` use.
 """
 
 from __future__ import annotations
 
 from typing import Any
+from uuid import UUID
 
-from prefect import flow
+from prefect import flow, get_run_logger
+from prefect.client.orchestration import get_client
+from prefect.exceptions import FlowPauseTimeout
+from prefect.flow_runs import pause_flow_run
+from prefect.input import RunInput
+from prefect.runtime import flow_run
+from prefect.states import Running
 
+from tasks.campaign import campaign_report_task, plan_round, promotion_gate, record_outcome
 from tasks.common import result_storage, with_result_storage
 from tasks.config import resolve_config
 from tasks.evaluation import evaluate
@@ -21,15 +32,57 @@ from tasks.judging import judge_responses
 from tasks.pairing import build_pairs
 from tasks.personas import sample_personas
 from tasks.prompts import synthesize_prompts
-from tasks.report import write_report
+from tasks.report import approval_description, write_report
 from tasks.responses import generate_responses
 from tasks.training import train_policy
 
 
+class Approval(RunInput):
+    """The form the Prefect UI shows when a round waits for a person (promotion.approval: human)."""
+
+    approve: bool = False
+    reason: str = ""
+
+
+def ask_for_approval(ref: dict[str, Any], decision: dict[str, Any], description: str) -> dict[str, Any]:
+    """Pause until a person approves or rejects in the UI; no answer in time means rejected."""
+    logger = get_run_logger()
+    timeout = int(ref["approval_timeout_s"])
+    logger.info(
+        "round %s passed the promotion rule; waiting up to %d s for a person's approval",
+        ref["round"],
+        timeout,
+    )
+    try:
+        answer = pause_flow_run(
+            wait_for_input=Approval.with_initial_data(description=description, approve=False, reason=""),
+            timeout=timeout,
+            key=f"approve-round-{ref['round']}",
+        )
+    except FlowPauseTimeout:
+        # The server keeps the run Paused and will no longer resume it: set it running again (forced) so
+        # the round records its rejection and reports, instead of ending as a failed run.
+        why = f"no answer within {timeout} s: rejected"
+        run_id = flow_run.get_id()
+        if run_id:
+            with get_client(sync_client=True) as client:
+                client.set_flow_run_state(UUID(run_id), Running(message=why), force=True)
+        return {**decision, "promote": False, "approval": why}
+    verdict = "approved" if answer.approve else "rejected"
+    reason = answer.reason.strip() or "no reason given"
+    return {**decision, "promote": bool(answer.approve), "approval": f"{verdict} by a person: {reason}"}
+
+
 @flow(name="sao-round")
-def sao_round(config: str, overrides: list[str] | None = None) -> dict[str, Any]:
-    """resolve -> personas -> prompts -> responses -> judgements -> pairs -> gate -> train -> evaluate -> report"""
-    ref = resolve_config(config, list(overrides or []))
+def sao_round(
+    config: str, overrides: list[str] | None = None, continue_campaign: bool = False
+) -> dict[str, Any]:
+    """resolve -> personas -> prompts -> responses -> judgements -> pairs -> gate -> train -> evaluate
+    -> promotion gate -> outcome -> report"""
+    overrides = list(overrides or [])
+    if continue_campaign:
+        overrides += plan_round(config, overrides)["overrides"]
+    ref = resolve_config(config, overrides)
     results = result_storage(ref["root"])
     ref = {**ref, "result_storage": results}
     s = ref["settings"]
@@ -43,6 +96,20 @@ def sao_round(config: str, overrides: list[str] | None = None) -> dict[str, Any]
     evaluation = (
         with_result_storage(evaluate, results)(ref, s["evaluation"], model) if ref["evaluate"] else None
     )
+    downstream = None
+    decision = promotion_gate(ref, evaluation, downstream) if ref["promotion"] else None
+    if decision and decision["promote"] and ref["approval"] == "human":
+        decision = ask_for_approval(ref, decision, approval_description(ref, evaluation, decision))
+    outcome = record_outcome(ref, model, pairs, judgements, evaluation, downstream, decision)
     stages = {s["stage"]: s for s in (personas, prompts, responses, judgements, pairs)}
-    report = write_report(ref, stages, model, evaluation)
-    return {"round_dir": ref["round_dir"], "report": report, "model": model["url"], "evaluation": evaluation}
+    report = write_report(ref, stages, model, evaluation, decision)
+    campaign_report = campaign_report_task(config, overrides) if continue_campaign else None
+    return {
+        "round_dir": ref["round_dir"],
+        "round": ref["round"],
+        "report": report,
+        "model": model["url"],
+        "evaluation": evaluation,
+        "outcome": outcome,
+        "campaign_report": campaign_report,
+    }

@@ -43,5 +43,8 @@ def resolve_config(config: str, overrides: list[str]) -> dict[str, Any]:
             "evaluation": hash_config(cfg.evaluation) + hash_config(cfg.model),
         },
         "evaluate": cfg.evaluation.enabled,
+        "promotion": cfg.promotion.enabled and cfg.evaluation.enabled,
+        "approval": cfg.promotion.approval,
+        "approval_timeout_s": cfg.promotion.approval_timeout_s,
         "shard_timeout_s": cfg.engine.shard_timeout_s,
     }

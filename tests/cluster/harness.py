@@ -4,7 +4,8 @@
         cluster.post("/deployments/...")
 
     PostgreSQL 15 (or Prefect's SQLite) -> `prefect server start` on it -> `sao deploy` -> workers:
-    one process worker on sao-cpu (rounds) and N on sao-gpu-batch (`--limit 1`: one batch each).
+    one process worker on sao-cpu (rounds), N on sao-gpu-batch (`--limit 1`: one batch each) and one
+    on sao-train (`--limit 1`: the runs of training.deployment; train_worker=False leaves it out).
 
 Everything started here is stopped by its PID on the way out, even after an error: workers get SIGINT
 twice (they ignore SIGTERM) and then SIGKILL, the flow-run processes they leave behind SIGKILL, the
@@ -38,6 +39,7 @@ PG_BIN = Path(os.environ.get("SAO_POSTGRES_BIN", "/usr/lib/postgresql/15/bin"))
 # The nightly schedule `sao deploy` is given: a rare date, so no scheduled round starts mid-test.
 CRON, TIMEZONE = "17 3 29 2 *", "Europe/Paris"
 GPU_WORKERS = ("gpu-a", "gpu-b")
+TRAIN_WORKER = "train"
 # Flow runs beat every 30 s here (PREFECT_FLOWS_HEARTBEAT_FREQUENCY); the automation waits this long.
 HEARTBEAT_FREQUENCY_S, HEARTBEAT_GRACE_S = 30, 60
 FINAL = {"COMPLETED", "FAILED", "CANCELLED", "CRASHED"}
@@ -322,6 +324,7 @@ def local_cluster(
     bucket: str = "",
     postgres: bool = True,
     gpu_workers: Sequence[str] = GPU_WORKERS,
+    train_worker: bool = True,
     worker_env: Mapping[str, str] | None = None,
     deploy_args: Sequence[str] = (
         "--cron",
@@ -332,8 +335,9 @@ def local_cluster(
         str(HEARTBEAT_GRACE_S),
     ),
 ) -> Iterator[Cluster]:
-    """Server (on PostgreSQL, or SQLite with postgres=False), `sao deploy`, one worker on sao-cpu and
-    one per name in `gpu_workers` on sao-gpu-batch; all stopped on the way out."""  # fmt: skip
+    """Server (on PostgreSQL, or SQLite with postgres=False), `sao deploy`, one worker on sao-cpu, one
+    per name in `gpu_workers` on sao-gpu-batch and, with `train_worker`, one on sao-train; all stopped
+    on the way out."""  # fmt: skip
     started = time.monotonic()
     port = free_port()
     api = f"http://127.0.0.1:{port}/api"
@@ -383,6 +387,10 @@ def local_cluster(
             **(worker_env or {}),
         }
         specs = [("cpu", "sao-cpu", [])] + [(n, "sao-gpu-batch", ["--limit", "1"]) for n in gpu_workers]
+        online = {"sao-cpu": {"cpu"}, "sao-gpu-batch": set(gpu_workers)}
+        if train_worker:
+            specs.append((TRAIN_WORKER, "sao-train", ["--limit", "1"]))
+            online["sao-train"] = {TRAIN_WORKER}
         for name, pool, extra in specs:
             argv = [
                 str(BIN / "prefect"),
@@ -398,7 +406,7 @@ def local_cluster(
             proc = _start([*argv, *extra], env_of_workers, logs / f"worker-{name}.log")
             cluster.workers[name] = proc
             stack.callback(stop_worker, proc)
-        _wait_workers_online(cluster, {"sao-cpu": {"cpu"}, "sao-gpu-batch": set(gpu_workers)})
+        _wait_workers_online(cluster, online)
         print(
             f"cluster up in {time.monotonic() - started:.0f} s (server {t_server:.0f} s, "
             f"sao deploy {t_deploy:.0f} s)",

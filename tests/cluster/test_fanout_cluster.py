@@ -13,15 +13,18 @@ What is checked:
   they were;
 - a batch run whose process stops without exiting (a lost node) is marked Crashed by the heartbeat
   automation of `sao deploy`, and the same follows;
+- a round with `training.deployment` trains as a flow run of sao-train/train on the sao-train
+  worker, waits for it, and reports the model that run wrote to the bucket;
 - two rounds triggered at once run one after the other (the deployment's ENQUEUE limit);
 - the nightly schedule is the one `sao deploy` set in its variables, and a second `sao deploy`
   changes nothing that was there.
 
-About 4 minutes on 2 idle cores (6 under load): one cluster for the module, small rounds.
+About 5 minutes on 2 idle cores (7 under load): one cluster for the module, small rounds.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -35,6 +38,7 @@ import pytest
 from sao_core import storage
 from sao_core.config import load_config, round_url
 from sao_core.stages.layout import MODEL_STAGES, input_stage, num_shards, output_url, stage_url
+from sao_core.training import default_output_url
 from tests.cluster.harness import (
     CRON,
     FINAL,
@@ -42,6 +46,7 @@ from tests.cluster.harness import (
     HEARTBEAT_GRACE_S,
     REPO,
     TIMEZONE,
+    TRAIN_WORKER,
     Cluster,
     kill_process,
     run_sao_deploy,
@@ -52,6 +57,7 @@ pytestmark = pytest.mark.tier1
 
 TINY = str(REPO / "configs" / "tiny.yaml")
 ROUND_DEPLOYMENT = "sao-round/round"
+TRAIN_DEPLOYMENT = "sao-train/train"  # prefect.yaml: flow sao-train, deployment train
 ROUND_TIMEOUT_S = 600.0
 AUTOMATION = "sao-crash-runs-without-heartbeats"
 ID_KEY = {"prompts": "persona_id", "responses": "prompt_id", "judgements": "prompt_id"}
@@ -231,7 +237,7 @@ def test_nightly_schedule_is_the_one_sao_deploy_set(cluster: Cluster):
     pools = {
         ROUND_DEPLOYMENT: "sao-cpu",
         "sao-gpu-batch/gpu-batch": "sao-gpu-batch",
-        "sao-train/train": "sao-train",
+        TRAIN_DEPLOYMENT: "sao-train",
     }
     for name, pool in pools.items():
         found = cluster.get(f"/deployments/name/{name}")
@@ -297,6 +303,63 @@ def test_round_fans_model_stages_out_to_both_gpu_workers(cluster: Cluster):
     batch_keys = {a["key"] for a in artifacts_of(cluster, all_batch_ids)}
     assert {f"{s}-batch-{b:02d}" for s in MODEL_STAGES for b in (0, 1)} <= batch_keys, batch_keys
     print(f"\nfan-out round: {time.monotonic() - started:.1f} s", flush=True)
+
+
+def test_a_round_trains_on_the_train_deployment(cluster: Cluster):
+    """training.deployment: the round's train task runs flows/train.py as a flow run of sao-train/train,
+    which the sao-train worker picks up; the round waits for it and reports the model it wrote."""
+    started = time.monotonic()
+    overrides = [
+        f"run.root={cluster.bucket}/rounds-train",
+        f"training.deployment={TRAIN_DEPLOYMENT}",
+        "personas.n=4",
+        "run.shard_size=2",
+        "evaluation.enabled=false",
+    ]
+    cfg = load_config(TINY, overrides)
+    round_dir, model_url = round_url(cfg), default_output_url(cfg)
+    run_id = trigger_round(cluster, overrides)
+    run = wait_final(cluster, run_id)
+    assert state_type(run) == "COMPLETED", f"{run['state']}\n{cluster.log_tails()}"
+
+    # One flow run of the train deployment, for this round's model folder, completed, on sao-train.
+    deployment = cluster.get(f"/deployments/name/{TRAIN_DEPLOYMENT}")
+    runs = cluster.post(
+        "/flow_runs/filter", {"flow_runs": {"deployment_id": {"any_": [deployment["id"]]}}, "limit": 50}
+    )
+    [train] = [r for r in runs if (r.get("parameters") or {}).get("output_url") == model_url]
+    assert state_type(train) == "COMPLETED", train["state"]
+    assert train["parameters"] == {
+        "config_url": storage.join(round_dir, "resolved_config.yaml"),
+        "pairs_url": stage_url(round_dir, "pairs"),
+        "output_url": model_url,
+    }
+    assert (train["name"], train["work_pool_name"]) == ("train", "sao-train")
+    assert f"submitting flow run '{train['id']}'" in cluster.worker_log(TRAIN_WORKER)
+    assert train["id"] not in cluster.worker_log("cpu")
+    # A child of the round's train task, which waited for it; the training itself ran in the child.
+    parent = cluster.get(f"/task_runs/{train['parent_task_run_id']}")
+    assert parent["flow_run_id"] == run_id, parent
+    assert task_run_names(cluster, [train["id"]]) == ["train-model"]
+    round_tasks = task_run_names(cluster, [run_id])
+    assert "train-round-1" in round_tasks and "train-model" not in round_tasks, round_tasks
+    assert when(train["end_time"]) <= when(run["end_time"])
+
+    # The model folder and its manifest are in the bucket.
+    fresh_fs()
+    manifest = storage.read_json(storage.join(model_url, "manifest.json"))
+    assert manifest["complete"] is True and manifest["steps"] == cfg.training.max_steps, manifest
+    adapter = storage.join(model_url, manifest["adapter"])
+    assert storage.exists(storage.join(adapter, "adapter_config.json"))
+    assert storage.list_files(adapter, "*.safetensors"), adapter
+
+    # The round's training result points at it: the train task's link and figures, and the report.
+    artifacts = {a["key"]: a for a in artifacts_of(cluster, [run_id])}
+    assert model_url in str(artifacts["tiny-model"]["data"]), artifacts["tiny-model"]
+    figures = {row["metric"]: row["value"] for row in json.loads(artifacts["tiny-train"]["data"])}
+    assert (figures["steps"], figures["rows"]) == (manifest["steps"], manifest["rows"]), figures
+    assert model_url in storage.read_text(storage.join(round_dir, "report.md"))
+    print(f"\nround trained on {TRAIN_DEPLOYMENT}: {time.monotonic() - started:.1f} s", flush=True)
 
 
 @dataclass

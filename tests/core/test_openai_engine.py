@@ -1,19 +1,16 @@
 """The openai engine against a scripted OpenAI-compatible server on 127.0.0.1: retries, timeouts, limits.
 
-The stub answers like `vllm serve` does and fails on cue (429, 500, dropped connections, stalls,
-aborted requests), so each failure path is exact and fast. The engine against a real `vllm serve`,
-killed mid-run, is in tests/integration/test_openai_vllm_serve.py.
+The stub (tests/stub_openai.py) answers like `vllm serve` does and fails on cue (429, 500, dropped
+connections, stalls, aborted requests), so each failure path is exact and fast. The engine against a
+real `vllm serve`, killed mid-run, is in tests/integration/test_openai_vllm_serve.py.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import socket
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -28,148 +25,11 @@ from sao_core.errors import ConfigError, EngineError
 from sao_core.stages.layout import prepare_round
 from sao_core.stages.round import run_personas
 from sao_core.stages.runner import EngineProvider, run_shard
+from tests.stub_openai import HANG_GUARD_S, StubServer
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLING = Sampling(temperature=0.6, top_p=0.95, max_tokens=16, seed=1)
-# Only a guard against a hang when the engine misbehaves; no outcome depends on it.
-HANG_GUARD_S = 60.0
 T = TypeVar("T")
-
-
-class StubServer:
-    """An OpenAI-compatible chat server that echoes the last message and fails as scripted.
-
-    No outcome here depends on timing: a stalled call waits until the server stops, and after
-    `hold_calls()` every chat call waits until the test lets it go with `release()`, so a test knows
-    at each step which calls are in flight (`wait_until` blocks until the counters read as expected).
-    """
-
-    def __init__(self, model: str = "stub-model") -> None:
-        self.model = model
-        self.faults: list[str] = []  # consumed one per chat call: 429, 500, drop, stall, abort, 401, 400
-        self.calls: list[dict[str, Any]] = []
-        self.headers: list[dict[str, str]] = []
-        self.in_flight = 0  # chat calls received and not answered yet
-        self.max_in_flight = 0
-        self.answered = 0
-        self.stalled = 0  # stalled calls still waiting
-        self.holding = False
-        self.releases = 0  # held calls the test has let go and that have not gone yet
-        self.closing = False
-        self.changed = threading.Condition()
-        stub = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-            def _send(self, status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> None:
-                data = json.dumps(body).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                for k, v in (headers or {}).items():
-                    self.send_header(k, v)
-                self.end_headers()
-                self.wfile.write(data)
-
-            def do_GET(self) -> None:
-                self._send(200, {"object": "list", "data": [{"id": stub.model, "object": "model"}]})
-
-            def do_POST(self) -> None:
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                with stub.changed:
-                    stub.calls.append(body)
-                    stub.headers.append(dict(self.headers))
-                    fault = stub.faults.pop(0) if stub.faults else ""
-                    stub.in_flight += 1
-                    stub.max_in_flight = max(stub.max_in_flight, stub.in_flight)
-                    stub.changed.notify_all()
-                    if stub.holding:
-                        stub.changed.wait_for(lambda: stub.releases > 0 or stub.closing)
-                        if not stub.closing:
-                            stub.releases -= 1
-                reply = self._reply(body, fault)
-                # A call stops counting before its answer leaves: the engine cannot start another call
-                # on the freed slot until it has the answer, so `in_flight` never counts one too many.
-                with stub.changed:
-                    stub.in_flight -= 1
-                    stub.answered += reply is not None
-                    stub.changed.notify_all()
-                if reply is None:  # the connection drops without an answer
-                    self.close_connection = True
-                    with contextlib.suppress(OSError):  # the client may have hung up already
-                        self.connection.shutdown(socket.SHUT_RDWR)
-                    return
-                self._send(*reply)
-
-            def _reply(
-                self, body: dict[str, Any], fault: str
-            ) -> tuple[int, dict[str, Any], dict[str, str]] | None:
-                if fault == "drop":
-                    return None
-                if fault == "stall":
-                    with stub.changed:
-                        stub.stalled += 1
-                        stub.changed.notify_all()
-                        stub.changed.wait_for(lambda: stub.closing)
-                        stub.stalled -= 1
-                    return None
-                if fault.isdigit() and fault != "200":
-                    return int(fault), {"error": {"message": f"scripted {fault}"}}, {"Retry-After": "0"}
-                text = f"echo:{body['messages'][-1]['content']}:seed={body['seed']}"
-                finish = "abort" if fault == "abort" else "length" if body["max_tokens"] < 4 else "stop"
-                return (
-                    200,
-                    {
-                        "id": "x",
-                        "object": "chat.completion",
-                        "model": body["model"],
-                        "choices": [
-                            {
-                                "index": 0,
-                                "message": {"role": "assistant", "content": text},
-                                "finish_reason": finish,
-                            }
-                        ],
-                        "usage": {"prompt_tokens": 7, "completion_tokens": min(5, body["max_tokens"])},
-                    },
-                    {},
-                )
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
-        self.thread.start()
-
-    def hold_calls(self) -> None:
-        """From now on every chat call waits for a `release()` before it is answered."""
-        with self.changed:
-            self.holding = True
-
-    def release(self, calls: int = 1) -> None:
-        with self.changed:
-            self.releases += calls
-            self.changed.notify_all()
-
-    def wait_until(self, **counts: int) -> None:
-        """Block until each named counter (in_flight, answered, stalled) has reached the given value."""
-        with self.changed:
-            if not self.changed.wait_for(
-                lambda: all(getattr(self, k) >= v for k, v in counts.items()), timeout=HANG_GUARD_S
-            ):
-                now = {k: getattr(self, k) for k in ("in_flight", "answered", "stalled", "max_in_flight")}
-                raise AssertionError(f"stub server: waited for {counts}, counters are {now}")
-
-    def stop(self) -> None:
-        with self.changed:
-            self.closing = True  # held and stalled calls go, so no handler outlives the test
-            self.changed.notify_all()
-        self.httpd.shutdown()
-        self.httpd.server_close()
 
 
 def _in_background(fn: Callable[..., T], *args: Any) -> Future[T]:
