@@ -111,7 +111,7 @@ def run_arm(
             "rows_out": manifest["rows_out"],
             "batch_runs": len(records),
             "model_loads": sum(r["engine_builds"] for r in records),
-            "hosts": sorted({r["pid"] for r in records}),
+            "pids": sorted({r["pid"] for r in records}),
             "generation_s": round(float(manifest.get("seconds", 0.0)), 1),
         }
         overheads += batch_overheads(cluster, records)
@@ -140,7 +140,12 @@ def main() -> None:
     postgres = (PG_BIN / "initdb").exists()
     print(f"bench.fanout: logs in {logs}; server on {'PostgreSQL' if postgres else 'SQLite'}", flush=True)
     with local_cluster(
-        logs, None, postgres=postgres, gpu_workers=("gpu-1", "gpu-2"), worker_env=ONE_THREAD
+        logs,
+        None,
+        postgres=postgres,
+        gpu_workers=("gpu-1", "gpu-2"),
+        train_worker=False,
+        worker_env=ONE_THREAD,
     ) as cluster:
         os.environ["PREFECT_API_URL"] = cluster.api
         os.environ["PREFECT_HOME"] = cluster.env["PREFECT_HOME"]

@@ -26,13 +26,15 @@ def record_batch(
 ) -> dict[str, Any]:
     """Close this process's engines and write {round}/_batches/{stage}/batch-BB-try-T-{run id}.json."""
     run_id = str(flow_run.get_id() or "local")
+    builds, ready_at = close_engines()
     record = {
         "stage": stage,
         "batch": batch,
         "attempt": attempt,
         "shards": shards,
         "rows_out": {str(d["shard"]): d["rows_out"] for d in done},
-        "engine_builds": close_engines(),
+        "engine_builds": builds,
+        "engine_ready_at": ready_at,  # epoch seconds: submission to model ready is what bench/fanout reports
         "flow_run_id": run_id,
         "pid": os.getpid(),
         "host": socket.gethostname(),

@@ -204,16 +204,18 @@ def release_engine(cfg: RoundConfig) -> None:
         provider.close()
 
 
-def close_engines() -> int:
-    """Free every engine this process holds (a batch run's last step); return how many were built."""
+def close_engines() -> tuple[int, list[float]]:
+    """Free every engine this process holds (a batch run's last step); return how many were built and
+    when each was ready to generate (epoch seconds)."""
     with _ENGINE_LOCK:
         providers = list(_ENGINES.values())
         _ENGINES.clear()
-    builds = 0
+    builds, ready_at = 0, []
     for provider in providers:
         builds += provider.builds
+        ready_at += provider.ready_at
         provider.close()
-    return builds
+    return builds, sorted(ready_at)
 
 
 @task(

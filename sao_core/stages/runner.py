@@ -136,18 +136,21 @@ def run_shard(
         log.info("%s shard %d: done earlier, skipped", stage, index)
         return done
     requests, parse = _build_and_parse(stage, cfg, in_rows)
-    try:
-        # Built (the model loaded) before the clock starts: a shard's seconds are its generation only.
-        engine = engines.get()
-        start = time.perf_counter()
-        outs = engine.generate(requests, _sampling(cfg, stage, index)) if requests else []
-    except EngineError as e:
-        raise EngineError(f"{stage} shard {index}: {e}") from e
+    start = time.perf_counter()
+    engine: Engine | None = None
+    outs: list[list[Completion]] = []
+    if requests:  # an empty input shard (every row dropped upstream) loads no model
+        try:
+            # Built (the model loaded) before the clock starts: a shard's seconds are its generation only.
+            engine = engines.get()
+            start = time.perf_counter()
+            outs = engine.generate(requests, _sampling(cfg, stage, index))
+        except EngineError as e:
+            raise EngineError(f"{stage} shard {index}: {e}") from e
     seconds = time.perf_counter() - start
+    name = engine.name if engine else cfg.engine.name
     if len(outs) != len(requests) or any(len(o) != r.n for o, r in zip(outs, requests, strict=False)):
-        raise EngineError(
-            f"{stage} shard {index}: engine {engine.name} returned a wrong number of completions"
-        )
+        raise EngineError(f"{stage} shard {index}: engine {name} returned a wrong number of completions")
     kept, dropped, stats = parse(outs)
     entry = ShardManifest(
         stage=stage,
@@ -159,9 +162,9 @@ def run_shard(
         seconds=round(seconds, 3),
         prompt_tokens=sum(c.prompt_tokens for o in outs for c in o[:1]),
         completion_tokens=sum(c.completion_tokens for o in outs for c in o),
-        engine=engine.name,
-        model=engine.model,
-        model_revision=engine.model_revision,
+        engine=name,
+        model=engine.model if engine else cfg.model.path,
+        model_revision=engine.model_revision if engine else "",  # nothing generated, no model loaded
         stats=stats,
     )
     written = storage.write_shard(out_url, index, kept, dropped, cfg.run.format, entry)
