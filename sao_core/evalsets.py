@@ -241,21 +241,29 @@ HF_PREFIX = "hf:"
 
 
 def load_eval_prompts(source: str, n: int | None = None) -> list[EvalInstruction]:
-    """The first n instructions of the set: "builtin", a JSONL URL, or hf:DATASET[:SUBSET] (split "eval")."""
+    """The first n instructions of the set: "builtin", a JSONL URL, or hf:DATASET[:SUBSET]."""
     items = _load_hf_instructions(source) if source.startswith(HF_PREFIX) else load_instructions(source)
     return items[:n] if n is not None else items
 
 
 def _load_hf_instructions(source: str) -> list[EvalInstruction]:
-    """Instructions of a Hugging Face dataset (an id, or a local folder as the hub would serve it)."""
+    """Instructions of a Hugging Face dataset (an id, or a local folder as the hub would serve it): its
+    "eval" split, or its only split; the "instruction" column."""
     import datasets
 
     name, _, subset = source[len(HF_PREFIX) :].partition(":")
     where = f"evaluation.prompts {source}"
     try:
-        ds = datasets.load_dataset(name, subset or None, split="eval")
-    except Exception as e:  # no network, no such dataset or split: say which
-        raise EvalSetError(f"{where}: cannot load the 'eval' split: {type(e).__name__}: {e}") from e
+        splits = datasets.load_dataset(name, subset or None)
+    except Exception as e:  # no network, no such dataset: say which
+        raise EvalSetError(f"{where}: cannot load: {type(e).__name__}: {e}") from e
+    # AlpacaEval names its split "eval"; a folder of files has the split its file names give.
+    if "eval" in splits:
+        ds = splits["eval"]
+    elif len(splits) == 1:
+        ds = next(iter(splits.values()))
+    else:
+        raise EvalSetError(f"{where}: no 'eval' split and more than one other ({', '.join(splits)})")
     if "instruction" not in ds.column_names:
         raise EvalSetError(f"{where}: no 'instruction' column (columns: {', '.join(ds.column_names)})")
     out = []

@@ -156,3 +156,23 @@ def test_judge_agreement_counts_by_hand() -> None:
     assert judge_agreement([])["agreement"] is None
     with pytest.raises(ValueError, match="1, 2 or None"):
         judge_agreement([(3, 1)])
+
+
+def test_hf_instructions_load_through_datasets_from_a_local_folder(tmp_path, monkeypatch) -> None:
+    # The loading code the hub path uses, exercised offline on a folder laid out as a dataset repo.
+    from sao_core.evalsets import load_eval_prompts
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    repo = tmp_path / "alpaca_like"
+    (repo / "data").mkdir(parents=True)
+    rows = [{"instruction": f"Explain idea {i} in one line.", "dataset": "helpful"} for i in range(5)]
+    (repo / "data" / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    got = load_eval_prompts(f"hf:{repo}", 3)
+    assert [p.instruction for p in got] == [r["instruction"] for r in rows[:3]]
+    assert [p.id for p in got] == ["alpaca_like-0000", "alpaca_like-0001", "alpaca_like-0002"]
+    assert {p.category for p in got} == {"helpful"}
+    (repo / "data" / "eval.jsonl").write_text('{"prompt": "no instruction column"}\n')
+    with pytest.raises(EvalSetError, match="no 'instruction' column"):
+        load_eval_prompts(f"hf:{repo}")
+    with pytest.raises(EvalSetError, match=r"hf:.*missing.*cannot load"):
+        load_eval_prompts(f"hf:{tmp_path / 'missing'}")
