@@ -26,6 +26,7 @@ from prefect.states import Running
 from tasks.campaign import campaign_report_task, plan_round, promotion_gate, record_outcome
 from tasks.common import result_storage, with_result_storage
 from tasks.config import resolve_config
+from tasks.downstream import downstream as downstream_task
 from tasks.evaluation import evaluate
 from tasks.gate import quality_gate
 from tasks.judging import judge_responses
@@ -96,7 +97,11 @@ def sao_round(
     evaluation = (
         with_result_storage(evaluate, results)(ref, s["evaluation"], model) if ref["evaluate"] else None
     )
-    downstream = None
+    downstream = (
+        with_result_storage(downstream_task, results)(ref, s["downstream"], model)
+        if ref["downstream"]
+        else None
+    )
     decision = promotion_gate(ref, evaluation, downstream) if ref["promotion"] else None
     if decision and decision["promote"] and ref["approval"] == "human":
         decision = ask_for_approval(ref, decision, approval_description(ref, evaluation, decision))

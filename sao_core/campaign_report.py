@@ -71,7 +71,7 @@ def round_record(
             "trust_items": ((evaluation or {}).get("trust") or {}).get("items"),
         },
         "comparisons": comparisons,
-        "downstream": dict(downstream or {}),
+        "downstream": {k: dict((downstream or {}).get(k) or {}) for k in ("scores", "baseline_scores")},
         "status": status,
         "why": why,
         "checks": list((decision or {}).get("checks") or []),

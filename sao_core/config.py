@@ -8,14 +8,19 @@ Unknown keys are refused with the key's full name and the keys allowed there (ST
 
 from __future__ import annotations
 
+import datetime
 import difflib
 import hashlib
 import json
 import os
+import re
+import types
+import typing
+from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from sao_core.errors import ConfigError
 
@@ -24,23 +29,49 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+# The schemes a model or data reference may use unless run.allowed_schemes says otherwise (SECURITY.md):
+# "file" is a local path, "hf" a Hugging Face id or hf:// URL (a download from the hub), "bundled" a
+# model shipped with the packages. Not http(s), ftp, ssh, github: add them to fetch from there on purpose.
+DEFAULT_SCHEMES = ("file", "s3", "gs", "memory", "hf", "bundled")
+# fsspec's other names for the same stores: allowing one allows its alias.
+SCHEME_ALIASES = {"gcs": "gs", "s3a": "s3", "local": "file"}
+
+
 class RunConfig(Section):
     """Where the round lives and how its data is laid out."""
 
     campaign: str = Field("default", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     round: int = Field(1, ge=1)
     seed: int = 0
-    root: str = "artifacts"  # any fsspec URL: a local folder, s3://bucket/prefix, memory://...
+    root: str = Field(
+        "artifacts", min_length=1
+    )  # any fsspec URL: a local folder, s3://bucket/prefix, memory://...
     format: Literal["jsonl", "parquet"] = "jsonl"
     shard_size: int = Field(256, ge=1)
+    # What model.path, model.adapter, personas.path, evaluation.prompts/trust/original, run.root and the
+    # training files may name, checked when the config loads (url_schemes).
+    allowed_schemes: tuple[str, ...] = Field(DEFAULT_SCHEMES, min_length=1)
+
+    @field_validator("allowed_schemes")
+    @classmethod
+    def _scheme_names(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        bad = [s for s in value if not re.fullmatch(r"[a-z][a-z0-9+.-]*", s)]
+        if bad:
+            raise ValueError(
+                f"run.allowed_schemes holds {bad}: schemes are lowercase names such as s3, file, hf"
+            )
+        return tuple(dict.fromkeys(SCHEME_ALIASES.get(s, s) for s in value))
 
 
 class ModelConfig(Section):
     # A Hugging Face id, a local folder, or bundled:smollm2-135m-instruct (sao_core.models).
-    path: str = "bundled:smollm2-135m-instruct"
+    path: str = Field("bundled:smollm2-135m-instruct", min_length=1)
     revision: str | None = None
     # A LoRA adapter folder (any fsspec URL) applied on top of `path`: a trained round's policy.
-    adapter: str | None = None
+    adapter: str | None = Field(None, min_length=1)
+    # Run Python code that ships with the model (its auto_map) when it loads. transformers and vLLM get
+    # it explicitly; off, a model that needs its own code fails to load instead of running it (SECURITY.md).
+    trust_remote_code: bool = False
 
 
 class FakeEngineConfig(Section):
@@ -84,9 +115,9 @@ class EngineConfig(Section):
 class PersonasConfig(Section):
     source: Literal["builtin", "file", "hf"] = "builtin"
     n: int = Field(32, ge=1)
-    path: str | None = None  # file: JSONL/Parquet/CSV by URL
-    column: str = "persona"
-    dataset: str | None = None  # hf: a dataset id such as proj-persona/PersonaHub
+    path: str | None = Field(None, min_length=1)  # file: JSONL/Parquet/CSV by URL
+    column: str = Field("persona", min_length=1)
+    dataset: str | None = Field(None, min_length=1)  # hf: a dataset id such as proj-persona/PersonaHub
     subset: str | None = None
     split: str = "train"
     exclude_used: bool = True  # skip personas sampled by earlier rounds of the same campaign
@@ -221,6 +252,20 @@ class JudgeConfig(Section):
     engine: EngineConfig | None = None
 
 
+class DownstreamConfig(Section):
+    """lm-eval tasks run on the candidate and on the current model (sao_core.downstream); the promotion
+    rule's `max_downstream_drop` says how far a task may fall."""
+
+    enabled: bool = True
+    # Bundled tasks (sao_core/data/lm_eval_tasks), task YAMLs under include_path, or lm-eval's own
+    # (their data must already be cached: nothing is downloaded at run time).
+    tasks: tuple[str, ...] = Field(("sao_arith", "sao_capitals"), min_length=1)
+    include_path: str | None = None
+    limit: int | None = Field(None, ge=1)  # questions per task; None: all
+    num_fewshot: int | None = Field(None, ge=0)  # None: each task's own
+    batch_size: int = Field(8, ge=1)
+
+
 class EvaluationConfig(Section):
     """The trained policy against the campaign's current model (and from round 2 the original), judged in
     both orders; the judge rated on a labelled trust set (sao_core.evaluation)."""
@@ -228,20 +273,21 @@ class EvaluationConfig(Section):
     # "builtin" (130 instructions written for this project, sao_core/data/eval/instructions.jsonl), a
     # JSONL URL of {id, instruction, category}, or hf:DATASET[:SUBSET] (its "eval" split's "instruction"
     # column, e.g. hf:tatsu-lab/alpaca_eval for AlpacaEval 2.0's 805 on a machine with network).
-    prompts: str = "builtin"
+    prompts: str = Field("builtin", min_length=1)
     n: int | None = Field(None, ge=1)  # the first n instructions; None: all of them
     max_tokens: int = Field(128, ge=1)
     temperature: float = Field(0.0, ge=0.0)
     judge_max_tokens: int = Field(16, ge=4)
     # The judge-trust set: "builtin" (75 labelled pairs, one answer clearly better) or a JSONL URL.
-    trust: str = "builtin"
+    trust: str = Field("builtin", min_length=1)
     trust_n: int | None = Field(None, ge=1)
     bootstrap: int = Field(2000, ge=100)  # resamples of the win rate's interval
     # Word n-grams shared with the evaluation set drop a synthetic prompt (0: no decontamination).
     decontamination_n: int = Field(13, ge=0)
     judge: JudgeConfig = JudgeConfig()
+    downstream: DownstreamConfig = DownstreamConfig()
     # The campaign's first model, a second baseline from round 2 on (the campaign flow sets it).
-    original: str | None = None
+    original: str | None = Field(None, min_length=1)
     enabled: bool = True
 
 
@@ -251,7 +297,9 @@ class PromotionConfig(Section):
     enabled: bool = True
     min_win_rate_lower: float = Field(0.5, ge=0.0, le=1.0)  # the win rate interval's lower bound must pass it
     min_judge_agreement: float = Field(0.6, ge=0.0, le=1.0)
-    max_downstream_drop: float = Field(2.0, ge=0.0)  # points, on any downstream task
+    # Points any downstream metric may fall (a drop of exactly this passes); 5 is one question of the
+    # bundled 20-question tasks.
+    max_downstream_drop: float = Field(5.0, ge=0.0)
     approval: Literal["auto", "human"] = "auto"  # human: the flow pauses for an answer in the Prefect UI
     approval_timeout_s: float = Field(24 * 3600.0, gt=0)  # no answer by then: rejected
 
@@ -306,9 +354,96 @@ class RoundConfig(Section):
             )
         return self
 
+    @model_validator(mode="after")
+    def _schemes_allowed(self) -> RoundConfig:
+        allowed = self.run.allowed_schemes
+        for key, ref, kind in self.references():
+            for scheme in url_schemes(ref, kind):
+                if scheme not in allowed:
+                    what = {"hf": "a Hugging Face id", "bundled": "a bundled model", "file": "a local path"}
+                    kind_of = "a URL" if "://" in ref else what.get(scheme, "a URL")
+                    raise ValueError(
+                        f"{key} {ref!r} is {kind_of} (scheme {scheme!r}), which run.allowed_schemes does "
+                        f"not allow (allowed: {', '.join(allowed)}); add {scheme!r} there to use it"
+                    )
+        return self
+
+    def references(self) -> list[tuple[str, str, RefKind]]:
+        """(key, value, kind) of every model and data reference the round reads or writes."""
+        refs: list[tuple[str, str | None, RefKind]] = [
+            ("run.root", self.run.root, "data"),
+            ("model.path", self.model.path, "model"),
+            ("model.adapter", self.model.adapter, "data"),
+            ("personas.path", self.personas.path if self.personas.source == "file" else None, "data"),
+            ("personas.dataset", self.personas.dataset if self.personas.source == "hf" else None, "dataset"),
+            ("evaluation.prompts", self.evaluation.prompts, "evalset"),
+            ("evaluation.trust", self.evaluation.trust, "evalset"),
+            ("evaluation.original", self.evaluation.original, "model"),
+            ("training.accelerate_config", self.training.accelerate_config, "data"),
+            ("training.deepspeed", self.training.deepspeed, "data"),
+        ]
+        judge = self.evaluation.judge.model
+        if judge is not None:
+            refs += [
+                ("evaluation.judge.model.path", judge.path, "model"),
+                ("evaluation.judge.model.adapter", judge.adapter, "data"),
+            ]
+        return [(key, ref, kind) for key, ref, kind in refs if ref]
+
+
+# How a reference without a scheme is read: "model" a local folder or else a Hugging Face id (as
+# sao_core.models resolves it), "dataset" likewise for datasets.load_dataset, "evalset" the keyword
+# builtin, hf:DATASET or a file, "data" always a local path.
+RefKind = Literal["model", "dataset", "evalset", "data"]
+_SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+_PROTOCOL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*$")
+
+
+def _is_hub_id(ref: str) -> bool:
+    # Hub ids are "name" or "org/name"; anything else with a slash, or a path that exists, is a folder.
+    if ref.startswith(("/", "./", "../", "~")) or ref.count("/") > 1:
+        return False
+    return not Path(ref).expanduser().exists()
+
+
+def url_schemes(ref: str, kind: RefKind) -> list[str]:
+    """The schemes a model or data reference uses (aliases folded: gcs is gs), the way fsspec,
+    sao_core.models and sao_core.evalsets read it; a chained URL (simplecache::s3://...) has several."""
+    if kind == "evalset" and ref == "builtin":
+        return []
+    if ref.startswith("bundled:") and kind == "model":
+        return ["bundled"]
+    if ref.startswith("hf:") and "://" not in ref and kind == "evalset":
+        return ["hf"]
+    schemes = []
+    parts = ref.split("::")
+    for i, part in enumerate(parts):
+        match = _SCHEME_RE.match(part)
+        if match:
+            schemes.append(match.group(1).lower())
+        elif i < len(parts) - 1 and _PROTOCOL_RE.match(part):
+            schemes.append(part.lower())  # fsspec's "simplecache::s3://..." names a protocol alone
+        elif kind in ("model", "dataset") and len(parts) == 1 and _is_hub_id(ref):
+            schemes.append("hf")
+        else:
+            schemes.append("file")
+    return [SCHEME_ALIASES.get(s, s) for s in schemes]
+
+
+def _scalar_type(annotation: Any) -> type | None:
+    """bool, int or float for a field of that type (or that type or None); else None."""
+    args = (
+        typing.get_args(annotation)
+        if typing.get_origin(annotation) in (typing.Union, types.UnionType)
+        else ()
+    )
+    kinds = [a for a in args if a is not type(None)] if args else [annotation]
+    return kinds[0] if len(kinds) == 1 and kinds[0] in (bool, int, float) else None
+
 
 def _check_keys(model: type[BaseModel], data: Any, prefix: str) -> None:
-    """Refuse unknown keys before pydantic does, naming the full key and what is allowed there."""
+    """Refuse unknown keys before pydantic does, naming the full key and what is allowed there; and
+    what pydantic would let through: true for a number (personas.n: true is 1), text or 0/1 for a switch."""
     if not isinstance(data, dict):
         return
     allowed = list(model.model_fields)
@@ -322,6 +457,11 @@ def _check_keys(model: type[BaseModel], data: Any, prefix: str) -> None:
                 + ", ".join(allowed)
             )
         annotation = model.model_fields[key].annotation
+        scalar = _scalar_type(annotation)
+        if value is not None and scalar is bool and not isinstance(value, bool):
+            raise ConfigError(f"config key '{prefix}{key}' is true or false, got {value!r}")
+        if scalar in (int, float) and isinstance(value, bool):
+            raise ConfigError(f"config key '{prefix}{key}' needs a number, got {value!r}")
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
             if value is not None and not isinstance(value, dict):
                 raise ConfigError(
@@ -349,11 +489,27 @@ def _apply_override(data: dict[str, Any], override: str) -> None:
         raise ConfigError(f"override {override!r}: value is not valid YAML: {e}") from e
 
 
+def _plain(value: Any, key: str) -> Any:
+    """A deep copy of a raw config value made of mappings, lists, text, numbers, booleans and None;
+    anything else (a YAML date or timestamp, !!binary, !!set) is refused with its key."""
+    if isinstance(value, dict):
+        return {k: _plain(v, f"{key}.{k}" if key else str(k)) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v, key) for v in value]
+    if value is None or isinstance(value, (str, int, float)):
+        return value
+    hint = "; quote it to make it text" if isinstance(value, (datetime.date, datetime.datetime)) else ""
+    raise ConfigError(f"config key '{key}' holds a {type(value).__name__} ({value!r}){hint}")
+
+
 def build_config(data: dict[str, Any] | None, overrides: list[str] | tuple[str, ...] = ()) -> RoundConfig:
     """Validate a raw mapping (plus overrides) into a RoundConfig, with errors that name the key."""
-    data = json.loads(json.dumps(data or {}))  # a deep copy that also rejects non-plain values
+    data = _plain(data or {}, "")
+    if not isinstance(data, dict):
+        raise ConfigError(f"a config is a mapping of sections, got {type(data).__name__}")
     for override in overrides:
         _apply_override(data, override)
+    data = _plain(data, "")  # an override's value is YAML too
     _check_keys(RoundConfig, data, "")
     try:
         return RoundConfig.model_validate(data)
@@ -373,6 +529,8 @@ def load_config(url: str, overrides: list[str] | tuple[str, ...] = ()) -> RoundC
         text = storage.read_text(url)
     except FileNotFoundError as e:
         raise ConfigError(f"config file not found: {url}") from e
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {url} is not UTF-8 text: {e}") from e
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
@@ -399,7 +557,10 @@ def config_to_yaml(cfg: RoundConfig) -> str:
 # shard) when they change, so a longer timeout after a shard timed out, or a lower gate after the gate
 # failed, redoes nothing. Only what changes the output may name where the output goes.
 _NOT_DATA_KEYS: dict[str, tuple[str, ...]] = {
-    "run": ("root",),  # where the artifacts live
+    "run": ("root", "allowed_schemes"),  # where the artifacts live; which references are allowed
+    # whether a model may run its own code: a model that needs it fails to load without it, and one that
+    # loads writes the same text either way
+    "model": ("trust_remote_code",),
     "engine": (
         # patience and retries: a shard that finishes is the same shard
         "shard_timeout_s",

@@ -146,6 +146,13 @@ def pretrained_kwargs(resolved: str, revision: str | None) -> dict[str, Any]:
     return {"revision": revision} if revision and is_hub_id(resolved) else {}
 
 
+def load_kwargs(resolved: str, revision: str | None, trust_remote_code: bool) -> dict[str, Any]:
+    """Every keyword argument the model section gives a loader (`from_pretrained`, `vllm.LLM`): the
+    revision of a hub id, and `trust_remote_code` always, explicitly, so no library default decides
+    whether a model's own Python code runs (model.trust_remote_code, off unless the config says so)."""
+    return {"trust_remote_code": trust_remote_code, **pretrained_kwargs(resolved, revision)}
+
+
 def model_revision(ref: str, resolved: str, revision: str | None = None) -> str:
     """A short, stable identity of the weights, for manifests: model.revision for a hub id, a hash of
     the files for a local folder (which a revision does not change)."""
@@ -292,8 +299,9 @@ def bundled_model_dir(name: str) -> Path:
 def _convert_gguf(gguf: Path, out: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # A GGUF file holds weights and a tokenizer, never code.
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, trust_remote_code=False)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, trust_remote_code=False)
     # The weights are dequantised to fp32 on load; drop the GGUF quantiser so save_pretrained writes
     # plain safetensors that any loader reads (ENV.md).
     model.hf_quantizer = None  # type: ignore[assignment]

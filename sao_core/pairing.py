@@ -15,9 +15,11 @@ def select_pairs(
     responses: list[dict[str, Any]],
     config_hash: str,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Pairs kept, and judgements dropped with a reason (invalid verdict, missing or equal answers)."""
+    """Pairs kept, and judgements dropped with a reason (invalid verdict, missing or equal answers, a
+    second judgement of a prompt already paired: one prompt gives at most one pair)."""
     by_prompt = {row["prompt_id"]: row for row in responses}
     kept, dropped = [], []
+    paired: set[str] = set()
     for j in judgements:
 
         def drop(reason: str, j: dict[str, Any] = j) -> None:
@@ -42,6 +44,10 @@ def select_pairs(
         if chosen["text"].strip() == rejected["text"].strip():
             drop("identical")  # equal answers carry no preference signal
             continue
+        if row["prompt_id"] in paired:
+            drop("duplicate_judgement")
+            continue
+        paired.add(row["prompt_id"])
         kept.append(
             {
                 "prompt": [{"role": "user", "content": row["prompt"]}],

@@ -14,7 +14,12 @@ Sources:
 
 Every source is sampled the same way: a seeded permutation of its distinct personas, skipping the ids of
 personas used by earlier rounds (exclude_ids), first n kept. So a larger n extends a smaller one with the
-same seed, and file sampling does not depend on the order of rows in the file.
+same seed, and file sampling does not depend on the order of rows in the file. `iter_personas` gives the
+same rows one at a time, so a round of 100k builtin personas is written shard by shard, never held whole.
+
+Rows of a file or hf source that cannot be personas are left out and counted by reason (`drops`): empty,
+duplicate (the same text as an earlier row, white space folded: a file's own id column is not read),
+too_long (over MAX_PERSONA_CHARS: a document in a cell, not a persona). Control characters are removed.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import json
 import math
 import random
 import string
+import unicodedata
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
 from collections.abc import Set as AbstractSet
@@ -47,6 +53,7 @@ __all__ = [
     "builtin_lists",
     "builtin_persona",
     "builtin_size",
+    "iter_personas",
     "load_persona_pool",
     "normalize_persona",
     "persona_id",
@@ -55,9 +62,19 @@ __all__ = [
 ]
 
 
+# Persona Hub's personas are a sentence or two (under 600 characters); a longer text is a broken row (a
+# whole document in one cell) and would crowd the persona out of the prompt writer's context.
+MAX_PERSONA_CHARS = 2000
+
+
 def normalize_persona(text: str) -> str:
-    """The persona text with runs of white space (newlines included) folded to one space."""
-    return " ".join(text.split())
+    """The persona text with runs of white space (newlines included) folded to one space, and control
+    characters (NUL, ESC of escape sequences, DEL) and lone surrogates (a JSON "\\ud800" escape, which no
+    shard could store as UTF-8) removed."""
+    text = " ".join(text.split())
+    if text.isprintable():
+        return text
+    return "".join(ch for ch in text if unicodedata.category(ch) not in ("Cc", "Cs"))
 
 
 def persona_id(text: str) -> str:
@@ -240,7 +257,8 @@ def _jsonl_values(text: str, url: str, column: str, json_array_ok: bool) -> list
         numbered = list(enumerate(rows, 1))
     else:
         numbered = []
-        for lineno, line in enumerate(text.splitlines(), 1):
+        # Lines end at "\n" only: str.splitlines would also cut at U+2028 or U+0085 inside a JSON string.
+        for lineno, line in enumerate(text.split("\n"), 1):
             if not line.strip():
                 continue
             try:
@@ -292,24 +310,40 @@ def _parquet_values(data: bytes, url: str, column: str) -> list[Any]:
         ) from e
 
 
-def _pool(values: Iterable[Any], where: str, column: str) -> dict[str, str]:
-    """Distinct personas by id, first text kept; empty and missing values skipped."""
+def _pool(values: Iterable[Any], where: str, column: str, drops: Counter[str]) -> dict[str, str]:
+    """Distinct personas by id, first text kept; empty, repeated and overlong values counted in `drops`."""
     pool: dict[str, str] = {}
     for row, value in enumerate(values, 1):
-        if value is None:
-            continue
-        if not isinstance(value, str):
+        if value is not None and not isinstance(value, str):
             raise PersonaSourceError(
                 f"persona source {where}: row {row} of column {column!r} holds {type(value).__name__}, not text"
             )
-        text = normalize_persona(value)
-        if text:
-            pool.setdefault(persona_id(text), text)
+        text = normalize_persona(value) if value else ""
+        if not text:
+            drops["empty"] += 1
+        elif len(text) > MAX_PERSONA_CHARS:
+            drops["too_long"] += 1
+        else:
+            pid = persona_id(text)
+            if pid in pool:
+                drops["duplicate"] += 1
+            else:
+                pool[pid] = text
     return pool
 
 
-def read_persona_file(url: str, column: str = "persona") -> dict[str, str]:
-    """Distinct personas (persona_id -> text) of a JSONL/JSON/Parquet/CSV file at any fsspec URL."""
+def _no_personas(where: str, column: str, rows: int, drops: Counter[str]) -> PersonaSourceError:
+    if set(drops) == {"empty"}:
+        why = f"column {column!r} is empty in all {rows} rows"
+    else:
+        counts = ", ".join(f"{k}={v}" for k, v in sorted(drops.items()))
+        why = f"none of its {rows} rows is a persona ({counts}; at most {MAX_PERSONA_CHARS} characters)"
+    return PersonaSourceError(f"{where} has no personas: {why}")
+
+
+def read_persona_file(url: str, column: str = "persona", drops: Counter[str] | None = None) -> dict[str, str]:
+    """Distinct personas (persona_id -> text) of a JSONL/JSON/Parquet/CSV file at any fsspec URL; the
+    rows left out are counted by reason in `drops` when given (module docstring)."""
     fmt, compressed = _file_format(url)
     try:
         data = read_bytes(url)
@@ -335,19 +369,19 @@ def read_persona_file(url: str, column: str = "persona") -> dict[str, str]:
             values = _csv_values(text, url, column)
         else:
             values = _jsonl_values(text, url, column, json_array_ok=fmt == "json")
-    pool = _pool(values, url, column)
+    drops = Counter() if drops is None else drops
+    pool = _pool(values, url, column, drops)
     if not pool:
-        raise PersonaSourceError(
-            f"persona file {url} has no personas: column {column!r} is empty in all {len(values)} rows"
-        )
+        raise _no_personas(f"persona file {url}", column, len(values), drops)
     return pool
 
 
-def _read_hf(cfg: PersonasConfig, where: str) -> dict[str, str]:
+def _read_hf(cfg: PersonasConfig, where: str, drops: Counter[str]) -> dict[str, str]:
     import datasets
 
     try:
-        ds = datasets.load_dataset(cfg.dataset, cfg.subset, split=cfg.split)
+        # datasets 4 and later run no loading scripts at all; said explicitly, so no version's default decides.
+        ds = datasets.load_dataset(cfg.dataset, cfg.subset, split=cfg.split, trust_remote_code=False)
     except Exception as e:  # offline, unknown id, missing subset or split
         raise PersonaSourceError(
             f"persona source {where} (subset {cfg.subset!r}, split {cfg.split!r}) cannot be loaded: "
@@ -359,11 +393,9 @@ def _read_hf(cfg: PersonasConfig, where: str) -> dict[str, str]:
             f"persona source {where} has no column {cfg.column!r}; columns found: {names} (set personas.column)"
         )
     values = ds.select_columns([cfg.column]).to_dict()[cfg.column]
-    pool = _pool(values, where, cfg.column)
+    pool = _pool(values, where, cfg.column, drops)
     if not pool:
-        raise PersonaSourceError(
-            f"persona source {where} has no personas: column {cfg.column!r} is empty in all {len(values)} rows"
-        )
+        raise _no_personas(f"persona source {where}", cfg.column, len(values), drops)
     return pool
 
 
@@ -375,14 +407,16 @@ def _source_name(cfg: PersonasConfig) -> str:
     return "builtin"
 
 
-def load_persona_pool(cfg: PersonasConfig) -> dict[str, str]:
-    """All distinct personas (persona_id -> text) of a file or hf source; builtin is never materialised."""
+def load_persona_pool(cfg: PersonasConfig, drops: Counter[str] | None = None) -> dict[str, str]:
+    """All distinct personas (persona_id -> text) of a file or hf source; builtin is never materialised.
+    The source rows left out are counted by reason in `drops` when given."""
     where = _source_name(cfg)
+    drops = Counter() if drops is None else drops
     if cfg.source == "file":
         assert cfg.path is not None  # PersonasConfig refuses a file source without a path
-        return read_persona_file(cfg.path, cfg.column)
+        return read_persona_file(cfg.path, cfg.column, drops)
     if cfg.source == "hf":
-        return _read_hf(cfg, where)
+        return _read_hf(cfg, where, drops)
     raise PersonaSourceError(
         f"persona source {where} has {builtin_size()} personas; sample it, do not load it"
     )
@@ -398,55 +432,68 @@ def _too_few(n: int, where: str, size: int, excluded: int) -> PersonaSourceError
     )
 
 
-def _take(
+def _draw(
     order: Iterable[tuple[str, str]], n: int, exclude_ids: AbstractSet[str], where: str
-) -> tuple[list[dict[str, str]], int, int]:
-    """The first n personas of `order` not excluded, plus how many were seen and how many excluded."""
-    rows: list[dict[str, str]] = []
-    seen: set[str] = set()
-    excluded = 0
+) -> Iterator[dict[str, str]]:
+    """The first n personas of `order` (distinct ids) not excluded, one at a time; PersonaSourceError,
+    with how many were drawn and excluded, when `order` ends first."""
+    given = drawn = excluded = 0
     for pid, text in order:
-        if pid in seen:
-            continue
-        seen.add(pid)
+        drawn += 1
         if pid in exclude_ids:
             excluded += 1
             continue
-        rows.append({"persona_id": pid, "persona": text, "source": where})
-        if len(rows) == n:
-            break
-    return rows, len(seen), excluded
+        yield {"persona_id": pid, "persona": text, "source": where}
+        given += 1
+        if given == n:
+            return
+    raise _too_few(n, where, drawn, excluded)
 
 
 def _builtin_texts(seed: int, size: int) -> Iterator[tuple[str, str]]:
+    # Distinct indices give distinct texts (_read_builtin_lists checks the lists), so distinct ids.
     for index in _builtin_order(seed, size):
         text = builtin_persona(index)
         yield persona_id(text), text
 
 
+def iter_personas(
+    cfg: PersonasConfig,
+    seed: int,
+    exclude_ids: AbstractSet[str] = frozenset(),
+    drops: Counter[str] | None = None,
+) -> Iterator[dict[str, str]]:
+    """`sample_personas` one row at a time: the builtin source draws each persona when it is asked for,
+    so a stage can write n personas in shards without holding them (a file or hf source is read whole,
+    as its permutation needs every id). The source rows left out are counted in `drops` when given.
+
+    Raises PersonaSourceError as sample_personas does; a shortfall after exclusion only once the source
+    is exhausted, after the rows it had.
+    """
+    where = _source_name(cfg)
+    if cfg.source == "builtin":
+        size = builtin_size()
+        if cfg.n > size:
+            raise _too_few(cfg.n, where, size, 0)
+        yield from _draw(_builtin_texts(seed, size), cfg.n, exclude_ids, where)
+        return
+    pool = load_persona_pool(cfg, drops)
+    # Sorting by id first makes the sample independent of row order in the file.
+    ids = sorted(pool)
+    random.Random(seed).shuffle(ids)
+    yield from _draw(((pid, pool[pid]) for pid in ids), cfg.n, exclude_ids, where)
+
+
 def sample_personas(
-    cfg: PersonasConfig, seed: int, exclude_ids: AbstractSet[str] = frozenset()
+    cfg: PersonasConfig,
+    seed: int,
+    exclude_ids: AbstractSet[str] = frozenset(),
+    drops: Counter[str] | None = None,
 ) -> list[dict[str, str]]:
-    """n distinct personas {persona_id, persona, source}, deterministic for (cfg, seed), none in exclude_ids.
+    """n distinct personas {persona_id, persona, source}, deterministic for (cfg, seed), none in exclude_ids;
+    the source rows left out are counted by reason in `drops` when given.
 
     Raises PersonaSourceError when the source is unreadable, has no personas, or has fewer than n left
     after exclusion (the message gives how many were asked, how many the source has, how many excluded).
     """
-    where = _source_name(cfg)
-    n = cfg.n
-    if cfg.source == "builtin":
-        size = builtin_size()
-        if n > size:
-            raise _too_few(n, where, size, 0)
-        rows, seen, excluded = _take(_builtin_texts(seed, size), n, exclude_ids, where)
-        if len(rows) < n:  # only after the whole space was drawn
-            raise _too_few(n, where, seen, excluded)
-        return rows
-    pool = load_persona_pool(cfg)
-    # Sorting by id first makes the sample independent of row order in the file.
-    ids = sorted(pool)
-    random.Random(seed).shuffle(ids)
-    rows, _, _ = _take(((pid, pool[pid]) for pid in ids), n, exclude_ids, where)
-    if len(rows) < n:
-        raise _too_few(n, where, len(pool), sum(1 for pid in pool if pid in exclude_ids))
-    return rows
+    return list(iter_personas(cfg, seed, exclude_ids, drops))

@@ -7,27 +7,56 @@ environment, never from configs); `memory://` in tests. Shards are JSONL or Parq
 Writes are atomic: the whole payload is built in memory, then written to a temporary name and renamed on
 local disks, or sent in one PUT on object stores, so a crash never leaves a half-written file behind.
 Each shard has a manifest entry with its sha256; readers verify it (DESIGN.md, "Artifact layout").
+
+Failures name the file. A full disk is a StorageError saying "no space left" (a retry cannot fix it; free
+space and run again). An object store that does not answer (connection refused or cut, 5xx) is tried
+again a few times with growing waits; if it still does not answer, a TransientStorageError, which is not
+a StorageError, so the orchestrator retries the task (tests/reliability/test_storage_faults.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import io
 import json
+import logging
 import os
+import sys
 import threading
+import time
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from sao_core.errors import ManifestError, StorageConflict, StorageError
+from sao_core.errors import ManifestError, SAOError, StorageConflict, StorageError
+
+log = logging.getLogger(__name__)
 
 SHARD_DIGITS = 5
+
+# One storage call on an object store is tried this many times, waiting TRANSIENT_WAIT_S, then twice that,
+# and so on between tries. botocore already retries each request 4 times (5xx, refused or cut connections,
+# up to ~15 s of its own backoff), so an endpoint down for about a minute is ridden out, and one that stays
+# down fails the call within about two minutes, not never.
+TRANSIENT_TRIES = 4
+TRANSIENT_WAIT_S = 2.0
+
+T = TypeVar("T")
+
+
+class TransientStorageError(SAOError, ConnectionError):
+    """The artifact store did not answer after every try (refused or cut connections, 5xx answers).
+
+    Deliberately not a StorageError: tasks.common.retry_unless_permanent treats StorageError as permanent,
+    and this one may pass on a later try. A ConnectionError, so code that expects I/O errors from the
+    store (OSError) still catches it.
+    """
 
 
 def url_to_fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -51,15 +80,136 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+# --- faults of the store ------------------------------------------------------------------------------
+
+# errno values s3fs gives answers a later try may not get: 500 InternalError (EREMOTEIO), 503 SlowDown or
+# ServiceUnavailable (EBUSY), codes it does not know, such as a proxy's 502 (EIO).
+_TRANSIENT_ERRNOS = {errno.EREMOTEIO, errno.EBUSY, errno.EIO, errno.EAGAIN, errno.ETIMEDOUT}
+_ANSWERS = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError)
+_DISK_FULL = {errno.ENOSPC, errno.EDQUOT}
+
+
+def _s3_code(error: BaseException) -> str:
+    """The S3 error code behind an error s3fs translated ("" when there is none)."""
+    seen: BaseException | None = error
+    while seen is not None:
+        response = getattr(seen, "response", None)
+        if isinstance(response, dict):
+            return str(response.get("Error", {}).get("Code", ""))
+        seen = seen.__cause__
+    return ""
+
+
+def is_transient(error: BaseException) -> bool:
+    """Whether a failed call on an object store may pass when tried again: no answer, a cut connection,
+    a timeout, a 5xx; never an answer such as "no such key", "already exists" or "access denied"."""
+    if isinstance(error, _ANSWERS):
+        return False
+    if isinstance(error, (ConnectionError, TimeoutError)):
+        return True
+    if isinstance(error, OSError):
+        return error.errno in _TRANSIENT_ERRNOS
+    # Raised as they are by s3fs: botocore's EndpointConnectionError (refused), ConnectionClosedError (cut),
+    # ReadTimeoutError; aiohttp's client errors. Looked up only when loaded: s3fs loads them.
+    botocore = sys.modules.get("botocore.exceptions")
+    if botocore is not None and isinstance(error, (botocore.ConnectionError, botocore.HTTPClientError)):
+        return True
+    aiohttp = sys.modules.get("aiohttp")
+    return aiohttp is not None and isinstance(error, aiohttp.ClientError)
+
+
+def _is_remote(fs: fsspec.AbstractFileSystem) -> bool:
+    protocols = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
+    return not isinstance(fs, LocalFileSystem) and "memory" not in protocols
+
+
+def _retrying(
+    what: str,
+    url: str,
+    fs: fsspec.AbstractFileSystem,
+    call: Callable[[], T],
+    transient: Callable[[BaseException], bool] = is_transient,
+) -> T:
+    """`call()`, tried again on an object store while it fails with a transient error, at most
+    TRANSIENT_TRIES times in all; then a TransientStorageError naming what was done to which URL."""
+    if not _is_remote(fs):
+        return call()
+    started = time.monotonic()
+    wait = TRANSIENT_WAIT_S
+    for attempt in range(1, TRANSIENT_TRIES + 1):
+        try:
+            return call()
+        except Exception as e:
+            if not transient(e):
+                raise
+            if attempt == TRANSIENT_TRIES:
+                raise TransientStorageError(
+                    f"cannot {what} {url}: the artifact store did not answer after {attempt} tries in "
+                    f"{time.monotonic() - started:.0f} s ({type(e).__name__}: {e})"
+                ) from e
+            log.warning(
+                "cannot %s %s (%s: %s); try %d of %d in %.1f s",
+                what,
+                url,
+                type(e).__name__,
+                e,
+                attempt + 1,
+                TRANSIENT_TRIES,
+                wait,
+            )
+        time.sleep(wait)
+        wait *= 2
+    raise AssertionError("unreachable")  # the loop returns or raises
+
+
+def _disk_full(url: str, size: int, error: OSError) -> StorageError:
+    return StorageError(
+        f"cannot write {url}: no space left on the device ({size} bytes to write; {error.strerror}); "
+        "free some space and run again: finished shards are kept"
+    )
+
+
+def _write_temp(url: str, path: str, data: bytes) -> str:
+    """The bytes in a hidden temporary file beside `path`, flushed to disk; its name. Nothing is left
+    behind when it fails; a full disk is a StorageError naming `url`."""
+    folder, name = os.path.split(path)
+    # Hidden and with a suffix of its own, so globs for shards ("part-*", "*.jsonl") never pick up one
+    # left by a killed process.
+    tmp = os.path.join(folder, f".{name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        os.makedirs(folder or ".", exist_ok=True)
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        _remove_quietly(tmp)
+        if e.errno in _DISK_FULL:
+            raise _disk_full(url, len(data), e) from e
+        raise
+    except BaseException:
+        _remove_quietly(tmp)
+        raise
+    return tmp
+
+
+def _remove_quietly(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(path)
+
+
+# --- files --------------------------------------------------------------------------------------------
+
+
 def exists(url: str) -> bool:
     fs, path = url_to_fs(url)
-    return bool(fs.exists(path))
+    return bool(_retrying("check", url, fs, lambda: fs.exists(path)))
 
 
 def read_bytes(url: str) -> bytes:
     fs, path = url_to_fs(url)
     try:
-        return bytes(fs.cat_file(path))
+        return bytes(_retrying("read", url, fs, lambda: fs.cat_file(path)))
     except FileNotFoundError:
         raise
     except IsADirectoryError as e:
@@ -74,23 +224,26 @@ def write_bytes(url: str, data: bytes) -> None:
     """Write a whole file atomically: temp name + rename locally, one PUT on object stores."""
     fs, path = url_to_fs(url)
     if isinstance(fs, LocalFileSystem):
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+        tmp = _write_temp(url, path, data)
         try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
             os.replace(tmp, path)
         finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+            _remove_quietly(tmp)
     else:
-        # s3fs: pipe_file is a single put_object (multipart, also all-or-nothing, above 5 GB).
-        fs.pipe_file(path, data)
+        # s3fs: pipe_file is a single put_object (multipart, also all-or-nothing, above 5 GB); sent again
+        # after a lost reply it writes the same bytes, so a retry is safe.
+        _retrying("write", url, fs, lambda: fs.pipe_file(path, data))
 
 
 _MEMORY_CREATE_LOCK = threading.Lock()
+# What S3 answers while another conditional write of the same key is in flight (409), as s3fs gives it.
+_CONFLICT_CODES = {"ConditionalRequestConflict", "OperationAborted", "409"}
+
+
+def _is_transient_for_create(error: BaseException) -> bool:
+    if isinstance(error, OSError) and error.errno == errno.EBUSY and _s3_code(error) in _CONFLICT_CODES:
+        return False  # another writer, not a fault: StorageConflict below
+    return is_transient(error)
 
 
 def write_bytes_exclusive(url: str, data: bytes) -> None:
@@ -99,8 +252,10 @@ def write_bytes_exclusive(url: str, data: bytes) -> None:
     Local disks: the bytes go to a temporary name and are hard-linked into place, which fails if the name
     exists, so the file appears whole or not at all. S3: one PUT with `If-None-Match: *` (s3fs's
     mode="create"), refused by the store when the key exists; the object is read back, so a store that
-    ignores the condition is caught when it let another writer replace ours. memory://: under a lock.
-    Other stores get fsspec's create mode, which checks and then writes (not atomic).
+    ignores the condition is caught when it let another writer replace ours. A PUT whose reply was lost
+    is sent again (by botocore or here) and refused, as the key now holds our own bytes: when what is there
+    is byte for byte what we wrote, the write is ours. memory://: under a lock. Other stores get fsspec's
+    create mode, which checks and then writes (not atomic).
     """
     fs, path = url_to_fs(url)
     if isinstance(fs, LocalFileSystem):
@@ -114,8 +269,14 @@ def write_bytes_exclusive(url: str, data: bytes) -> None:
             fs.pipe_file(path, data)
         return
     try:
-        fs.pipe_file(path, data, mode="create")
+        _retrying(
+            "create", url, fs, lambda: fs.pipe_file(path, data, mode="create"), _is_transient_for_create
+        )
     except FileExistsError as e:  # s3fs: 412 PreconditionFailed
+        fs.invalidate_cache(path)
+        if _retrying("read", url, fs, lambda: bytes(fs.cat_file(path))) == data:
+            log.info("%s: created by this writer (the store's first reply was lost)", url)
+            return
         raise StorageConflict(f"{url} already exists") from e
     except OSError as e:
         # S3 answers 409 ConditionalRequestConflict while another conditional write of the key is in flight.
@@ -123,18 +284,13 @@ def write_bytes_exclusive(url: str, data: bytes) -> None:
             raise StorageConflict(f"{url} is being written by another writer") from e
         raise
     fs.invalidate_cache(path)
-    if bytes(fs.cat_file(path)) != data:
+    if _retrying("read", url, fs, lambda: bytes(fs.cat_file(path))) != data:
         raise StorageConflict(f"{url} was replaced by another writer (the store ignored If-None-Match)")
 
 
 def _create_local(url: str, path: str, data: bytes) -> None:
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp = _write_temp(url, path, data)
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
         try:
             os.link(tmp, path)
         except FileExistsError as e:
@@ -144,15 +300,21 @@ def _create_local(url: str, path: str, data: bytes) -> None:
                 raise
             # A filesystem without hard links: O_EXCL still makes the name ours alone.
             try:
-                with open(path, "xb") as f:
+                f = open(path, "xb")  # noqa: SIM115 (the name is ours from here: removed if the write fails)
+            except FileExistsError as e2:
+                raise StorageConflict(f"{url} already exists") from e2
+            try:
+                with f:
                     f.write(data)
                     f.flush()
                     os.fsync(f.fileno())
-            except FileExistsError as e2:
-                raise StorageConflict(f"{url} already exists") from e2
+            except OSError as e3:
+                _remove_quietly(path)  # never a torn record under the final name
+                if e3.errno in _DISK_FULL:
+                    raise _disk_full(url, len(data), e3) from e3
+                raise
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        _remove_quietly(tmp)
 
 
 def forget_listing(url: str) -> None:
@@ -181,7 +343,7 @@ def list_files(url: str, pattern: str = "*") -> list[str]:
     """Full URLs of the files under a folder that match a glob pattern, sorted."""
     fs, path = url_to_fs(url)
     protocol = fs.protocol[0] if isinstance(fs.protocol, (tuple, list)) else fs.protocol
-    found = sorted(fs.glob(f"{path.rstrip('/')}/{pattern}"))
+    found = sorted(_retrying("list", url, fs, lambda: fs.glob(f"{path.rstrip('/')}/{pattern}")))
     if isinstance(fs, LocalFileSystem):
         return found
     return [f"{protocol}://{p.lstrip('/')}" for p in found]
@@ -189,8 +351,9 @@ def list_files(url: str, pattern: str = "*") -> list[str]:
 
 def remove(url: str, recursive: bool = False) -> None:
     fs, path = url_to_fs(url)
-    if fs.exists(path):
-        fs.rm(path, recursive=recursive)
+    if exists(url):
+        with contextlib.suppress(FileNotFoundError):  # removed by a try whose reply was lost
+            _retrying("remove", url, fs, lambda: fs.rm(path, recursive=recursive))
 
 
 # --- rows ------------------------------------------------------------------------------------------
@@ -329,6 +492,19 @@ def verify_shard(stage_url: str, entry: ShardManifest) -> bytes:
     return data
 
 
+def verify_dropped(stage_url: str, entry: ShardManifest) -> None:
+    """Check a shard's dropped rows file (when it has one) against the manifest's sha256."""
+    if not entry.dropped_file:
+        return
+    url = join(stage_url, entry.dropped_file)
+    try:
+        data = read_bytes(url)
+    except FileNotFoundError as e:
+        raise ManifestError(f"dropped rows {url} are listed in their manifest but missing") from e
+    if sha256_bytes(data) != entry.dropped_sha256:
+        raise ManifestError(f"dropped rows {url} do not match their manifest (sha256)")
+
+
 def read_shard(stage_url: str, index: int, fmt: str) -> tuple[list[dict[str, Any]], ShardManifest]:
     """Rows of a finished shard, verified against its manifest entry."""
     entry = read_shard_manifest(stage_url, index)
@@ -344,7 +520,9 @@ def read_shard(stage_url: str, index: int, fmt: str) -> tuple[list[dict[str, Any
 
 
 def shard_is_done(stage_url: str, index: int, input_sha256: str, settings_hash: str) -> ShardManifest | None:
-    """The manifest entry when the shard is complete, valid and made from these inputs; else None."""
+    """The manifest entry when the shard is complete, valid (its file and its dropped rows verify) and
+    made from these inputs; else None. A store that does not answer raises TransientStorageError: an
+    unanswered check is not "not done"."""
     try:
         entry = read_shard_manifest(stage_url, index)
         if entry is None or not entry.complete:
@@ -352,6 +530,9 @@ def shard_is_done(stage_url: str, index: int, input_sha256: str, settings_hash: 
         if entry.input_sha256 != input_sha256 or entry.settings_hash != settings_hash:
             return None
         verify_shard(stage_url, entry)
+        # The dropped rows are half of what the shard answered: a shard whose dropped file is torn would
+        # lose those rows from the round's counts for good if it still counted as done.
+        verify_dropped(stage_url, entry)
     except (StorageError, FileNotFoundError):
         return None
     return entry

@@ -27,6 +27,7 @@ from sao_core.campaign_report import (
     write_round_record,
 )
 from sao_core.config import load_config
+from sao_core.downstream import compare_downstream
 from sao_core.promotion import decide
 from tasks.common import artifact_key, load_round_config, retry_unless_permanent
 
@@ -65,7 +66,11 @@ def promotion_gate(
 ) -> dict[str, Any]:
     """The config's promotion rule on the evaluation and the downstream comparison."""
     cfg = load_round_config(round_ref["config_url"])
-    failures = list((downstream or {}).get("failures") or [])
+    failures = []
+    if downstream:
+        failures = compare_downstream(
+            downstream["candidate"], downstream["baseline"], cfg.promotion.max_downstream_drop
+        )
     return decide(cfg.promotion, evaluation, failures).to_dict()
 
 

@@ -41,8 +41,12 @@ def resolve_config(config: str, overrides: list[str]) -> dict[str, Any]:
             "pairs": hash_config(cfg),
             "training": training_hash(cfg),
             "evaluation": hash_config(cfg.evaluation) + hash_config(cfg.model),
+            "downstream": hash_config(cfg.evaluation.downstream)
+            + hash_config(cfg.model)
+            + hash_config(cfg.engine),
         },
         "evaluate": cfg.evaluation.enabled,
+        "downstream": cfg.evaluation.enabled and cfg.evaluation.downstream.enabled,
         "promotion": cfg.promotion.enabled and cfg.evaluation.enabled,
         "approval": cfg.promotion.approval,
         "approval_timeout_s": cfg.promotion.approval_timeout_s,

@@ -2,7 +2,9 @@
 
 It reads `ChatRequest.kind` to act as prompt writer ("prompt"), responder ("response") or judge
 ("judge"), and draws each behaviour from a hash of (seed, request id, completion index), so the same
-inputs always give the same outputs whatever the batch or shard layout.
+inputs always give the same outputs whatever the batch or shard layout. A LoRA adapter (model.adapter)
+stands for a trained policy: the sha256 of its files joins the seed of every draw, so the adapter's
+engine writes other text than its base, the same text for the same adapter, and model_revision names it.
 """
 
 from __future__ import annotations
@@ -10,10 +12,12 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Sequence
+from pathlib import Path
 
 from sao_core.config import FakeEngineConfig
 from sao_core.engines import ChatRequest, Completion, Sampling
 from sao_core.errors import EngineError
+from sao_core.models import model_revision, resolve_adapter
 
 _MALFORMED_VERDICTS = (
     "Both answers are fine.",
@@ -31,14 +35,32 @@ def _unit(*parts: object) -> float:
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
+def _folder_sha256(folder: str) -> str:
+    """sha256 over the relative paths and bytes of every file under `folder` (an adapter: megabytes)."""
+    h = hashlib.sha256()
+    root = Path(folder)
+    for f in sorted(p for p in root.rglob("*") if p.is_file()):
+        h.update(f.relative_to(root).as_posix().encode() + b"\0")
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
 class FakeEngine:
     name = "fake"
-    model_revision = "fake"
 
-    def __init__(self, cfg: FakeEngineConfig, model: str = "fake", seed: int = 0) -> None:
+    def __init__(
+        self, cfg: FakeEngineConfig, model: str = "fake", seed: int = 0, adapter: str | None = None
+    ) -> None:
         self.cfg = cfg
         self.model = model
         self.seed = seed
+        self.model_revision = "fake"
+        # What every draw is seeded with: the run seed, and the adapter's content when there is one.
+        self._key: str = str(seed)
+        if adapter:
+            folder = resolve_adapter(adapter)  # any fsspec URL, fetched once into the model cache
+            self.model_revision += "+adapter:" + model_revision(adapter, folder)
+            self._key += "+adapter:" + _folder_sha256(folder)
         self.calls = 0
 
     def close(self) -> None:
@@ -57,7 +79,7 @@ class FakeEngine:
                 body = self._complete(req, text, j, sampling)
                 if req.prefill and not body.startswith(req.prefill):
                     body = req.prefill + " " + body.split(":", 1)[-1].strip()
-                truncated = _unit(self.seed, "trunc", req.request_id, j) < self.cfg.truncate_rate
+                truncated = _unit(self._key, "trunc", req.request_id, j) < self.cfg.truncate_rate
                 words = body.split()
                 if truncated or len(words) > sampling.max_tokens:
                     body = " ".join(words[: max(1, min(len(words) - 1, sampling.max_tokens))])
@@ -69,7 +91,7 @@ class FakeEngine:
         return out
 
     def _complete(self, req: ChatRequest, text: str, j: int, sampling: Sampling) -> str:
-        key = (self.seed, req.request_id, j)
+        key = (self._key, req.request_id, j)
         if req.kind == "prompt":
             return self._prompt(text, key)
         if req.kind == "judge":
@@ -88,10 +110,10 @@ class FakeEngine:
         return f"Sure.\nUser prompt: {ask}"
 
     def _response(self, req: ChatRequest, text: str, j: int, key: tuple) -> str:
-        identical = _unit(self.seed, "same", req.request_id) < self.cfg.identical_response_rate
+        identical = _unit(self._key, "same", req.request_id) < self.cfg.identical_response_rate
         variant = 0 if identical else j
-        length = 8 + int(_unit(self.seed, req.request_id, variant, "len") * 40)
-        words = [f"w{int(_unit(self.seed, req.request_id, variant, i) * 997)}" for i in range(length)]
+        length = 8 + int(_unit(self._key, req.request_id, variant, "len") * 40)
+        words = [f"w{int(_unit(self._key, req.request_id, variant, i) * 997)}" for i in range(length)]
         return f"Answer to '{text[:40]}': " + " ".join(words) + "."
 
     def _verdict(self, text: str, key: tuple) -> str:

@@ -7,6 +7,15 @@
       api_key_env: OPENAI_API_KEY       # the key is read from this variable, never from a config
       max_concurrency: 8
 
+A trained round's LoRA policy (model.adapter) runs where the servers serve it under a name of its own:
+
+    vllm serve BASE --enable-lora --lora-modules policy=/path/to/adapter --max-lora-rank 16
+    engine: {name: openai, served_model_name: policy}   # sent as every request's model
+
+The engine cannot apply an adapter itself, so model.adapter without engine.served_model_name is refused;
+a server that lists the served name as a base model (vLLM's /models gives an adapter its `parent`), or
+lists an adapter for a model with no model.adapter, is refused too: either would answer as the wrong model.
+
 A request's prefill is sent as a final assistant message with vLLM's `continue_final_message` (servers
 other than vLLM may not support it). Each completion is one /chat/completions call (n=1, its own seed), so replicas share the load evenly and
 a retry repeats one completion, not a request's n. Calls run on max_concurrency threads; a 429, a 5xx, a
@@ -28,7 +37,8 @@ from typing import Any
 from sao_core.config import EngineConfig, ModelConfig
 from sao_core.engines import ChatRequest, Completion, Sampling
 from sao_core.engines.vllm import FINISH_REASONS, conversation, request_seed
-from sao_core.errors import ConfigError, EngineError
+from sao_core.errors import ConfigError, EngineError, ModelNotFoundError
+from sao_core.models import model_revision, resolve_adapter
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +69,18 @@ def _retry_after(value: str | None) -> float | None:
         return None  # an HTTP date: use our own backoff
 
 
+def _adapter_revision(adapter: str, served_model: str) -> str:
+    """The adapter's model_revision when this process can read it (the pipeline's adapters are at URLs
+    it can), else its served name: the server may hold the only copy."""
+    try:
+        return model_revision(adapter, resolve_adapter(adapter))
+    except ModelNotFoundError as e:
+        log.warning(
+            "openai engine: cannot read the adapter %s here (%s); naming it by its served name", adapter, e
+        )
+        return f"served:{served_model}"
+
+
 class OpenAIEngine:
     """Chat completions from OpenAI-compatible servers, `max_concurrency` calls in flight at most."""
 
@@ -74,10 +96,21 @@ class OpenAIEngine:
         for url in engine.base_urls:
             if not url.startswith(("http://", "https://")):
                 raise ConfigError(f"engine.base_urls: {url!r} is not an http(s) URL")
+        if model.adapter and not engine.served_model_name:
+            raise ConfigError(
+                f"model.adapter is {model.adapter!r}, but the openai engine cannot apply an adapter itself: "
+                "serve it (vllm serve BASE --enable-lora --lora-modules NAME=ADAPTER_FOLDER) and set "
+                "engine.served_model_name to NAME"
+            )
         self.cfg = engine
         self.model = model.path
+        self.adapter = model.adapter
         self.served_model = engine.served_model_name or model.path
-        self.model_revision = model.revision or f"served:{self.served_model}"
+        if model.adapter:
+            revision = model.revision or f"served:{model.path}"
+            self.model_revision = f"{revision}+adapter:{_adapter_revision(model.adapter, self.served_model)}"
+        else:
+            self.model_revision = model.revision or f"served:{self.served_model}"
         self.base_urls = [u.rstrip("/") for u in engine.base_urls]
         self.seed = seed
         headers = {"Content-Type": "application/json"}
@@ -110,14 +143,33 @@ class OpenAIEngine:
             if resp.status_code != 200:
                 continue  # not every OpenAI-compatible server lists its models
             try:
-                served = [m["id"] for m in resp.json()["data"]]
+                cards = {m["id"]: m for m in resp.json()["data"]}
             except (ValueError, KeyError, TypeError):
                 continue
-            if self.served_model not in served:
+            if self.served_model not in cards:
                 raise EngineError(
-                    f"{url} serves {served}, not {self.served_model!r}; set engine.served_model_name "
+                    f"{url} serves {list(cards)}, not {self.served_model!r}; set engine.served_model_name "
                     "(or start the server with --served-model-name)"
                 )
+            self._check_adapter(url, cards[self.served_model])
+
+    def _check_adapter(self, url: str, card: Any) -> None:
+        """Refuse a served model that is not what model.adapter says: vLLM lists an adapter with its base
+        model as `parent` and a base model with `parent` null; a server that gives no parent is trusted."""
+        if not isinstance(card, dict) or "parent" not in card:
+            return
+        if self.adapter and not card["parent"]:
+            raise EngineError(
+                f"{url} serves {self.served_model!r} as a base model, not as the adapter {self.adapter}; "
+                "serve the adapter (--enable-lora --lora-modules NAME=ADAPTER_FOLDER) and set "
+                "engine.served_model_name to NAME"
+            )
+        if not self.adapter and card["parent"]:
+            raise EngineError(
+                f"{url} serves {self.served_model!r} as a LoRA adapter of {card['parent']!r}, but "
+                "model.adapter is not set; set engine.served_model_name to the base model's name, or "
+                "model.adapter to the adapter it serves"
+            )
 
     def close(self) -> None:
         self._client.close()

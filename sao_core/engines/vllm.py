@@ -13,6 +13,12 @@ sao_core.engines.child. A crash or an OOM kill of the worker, or a call that run
 (`alive` is False) and the shard runner starts a new one for the retry. This module never imports vllm:
 the child's side is sao_core.engines.vllm_worker. The pure helpers here are shared with the worker and
 the openai engine.
+
+With model.adapter set (a trained round's LoRA policy), the parent resolves the adapter once (any fsspec
+URL, fetched into the model cache) and passes its folder in the start command; the worker starts vLLM
+with `enable_lora` and a `max_lora_rank` that holds the adapter's rank, loads the adapter before it
+answers the start, and sends every request with the adapter's LoRARequest. vLLM's CPU build runs LoRA
+too (its PunicaWrapperCPU), with the same greedy tokens as transformers with the adapter merged.
 """
 
 from __future__ import annotations
@@ -32,12 +38,16 @@ from typing import IO, Any
 from sao_core.config import EngineConfig, ModelConfig
 from sao_core.engines import ChatRequest, Completion, Sampling
 from sao_core.engines.child import ChildProcess, interpreter
-from sao_core.errors import EngineError
-from sao_core.models import model_revision, resolve_model
+from sao_core.errors import ConfigError, EngineError, ModelNotFoundError
+from sao_core.models import model_revision, resolve_adapter, resolve_model
 
 log = logging.getLogger(__name__)
 
 FINISH_REASONS = ("stop", "length")
+# The LoRA ranks vLLM accepts as max_lora_rank (vllm.config.lora.MaxLoRARanks in vLLM 0.32 and 0.33).
+LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+# The one adapter a worker serves: vLLM's lora_name for it; its lora_int_id is 1.
+ADAPTER_NAME = "policy"
 
 
 # --- pure helpers, shared with the worker ------------------------------------------------------------------
@@ -49,12 +59,37 @@ def request_seed(seed: int, request_id: str, index: int = 0) -> int:
     return int(digest[:8], 16)
 
 
+def max_lora_rank(adapter_dir: str) -> int:
+    """The smallest `max_lora_rank` vLLM accepts that holds the adapter: its adapter_config.json `r` (and
+    any larger rank in its `rank_pattern`), rounded up to one of LORA_RANKS."""
+    path = Path(adapter_dir) / "adapter_config.json"
+    try:
+        config = json.loads(path.read_text())
+        ranks = [int(config["r"]), *(int(r) for r in (config.get("rank_pattern") or {}).values())]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ModelNotFoundError(f"LoRA adapter {adapter_dir}: no rank `r` in {path}: {e}") from e
+    rank = max(ranks)
+    for allowed in LORA_RANKS:
+        if allowed >= rank:
+            return allowed
+    raise ConfigError(
+        f"LoRA adapter {adapter_dir} has rank {rank}; vLLM serves ranks up to {LORA_RANKS[-1]}: "
+        "merge it into its base (training.merge) and give the merged model as model.path"
+    )
+
+
 def llm_kwargs(
-    engine: EngineConfig, model_dir: str, seed: int, on_cpu: bool, revision: str | None = None
+    engine: EngineConfig,
+    model_dir: str,
+    seed: int,
+    on_cpu: bool,
+    revision: str | None = None,
+    lora_rank: int | None = None,
 ) -> dict:
     """Keyword arguments of `vllm.LLM` from the engine section.
 
     On CPU: float32 for dtype "auto" and eager mode always (vLLM's CPU backend, ENV.md "vLLM on CPU").
+    With `lora_rank` (from max_lora_rank): LoRA on, for one adapter of at most that rank.
     """
     kwargs: dict[str, Any] = {
         "model": model_dir,
@@ -72,6 +107,8 @@ def llm_kwargs(
         kwargs["max_model_len"] = engine.max_model_len
     if revision and not Path(model_dir).is_dir():
         kwargs["revision"] = revision  # a hub id; a local folder has no revisions
+    if lora_rank is not None:
+        kwargs.update(enable_lora=True, max_lora_rank=lora_rank, max_loras=1)
     return kwargs
 
 
@@ -143,6 +180,13 @@ class VLLMEngine:
         self.model = model.path
         model_dir = resolve_model(model.path)
         self.model_revision = model_revision(model.path, model_dir, model.revision)
+        adapter_dir = None
+        if model.adapter:
+            # Resolved here, like the model: the worker may not reach the adapter's store (memory://, S3
+            # credentials), and a rank vLLM cannot serve fails before a worker starts.
+            adapter_dir = resolve_adapter(model.adapter)
+            max_lora_rank(adapter_dir)
+            self.model_revision += "+adapter:" + model_revision(model.adapter, adapter_dir)
         cmd_read, cmd_write = os.pipe()
         reply_read, reply_write = os.pipe()
         cmd = [
@@ -169,6 +213,7 @@ class VLLMEngine:
             "engine": engine.model_dump(mode="json"),
             "model": model.model_dump(mode="json"),
             "model_dir": model_dir,
+            "adapter_dir": adapter_dir,
             "seed": seed,
         }
         try:

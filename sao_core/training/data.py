@@ -174,6 +174,11 @@ def load_pairs(url: str) -> tuple[Dataset, list[str], str]:
             digest.update(hashlib.sha256(data).digest())
             if not data.strip():
                 continue  # an empty shard holds no rows; datasets refuses it
+            if _file_format(f) == "json":
+                try:  # pyarrow's JSON reader takes any bytes as text; the first read of a row would fail
+                    data.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise TrainingError(f"malformed pairs: {f} is not UTF-8 text: {e}") from e
             target = Path(tmp) / f"{i:05d}-{Path(f).name}"
             target.write_bytes(data)
             local.append(str(target))
@@ -187,6 +192,8 @@ def load_pairs(url: str) -> tuple[Dataset, list[str], str]:
                 split="train",
                 cache_dir=str(Path(tmp) / "cache"),
                 keep_in_memory=True,
+                # datasets 4 and later run no loading scripts; said explicitly, so no version's default decides.
+                trust_remote_code=False,
             )
         except Exception as e:  # datasets wraps parser errors in its own types; name the file instead
             raise _diagnose_load_failure(files, e) from e
@@ -237,16 +244,27 @@ def measure_lengths(ds: Dataset, tokenizer: Any, adds_bos: bool) -> tuple[list[i
 
 
 def prepare_pairs(url: str, tokenizer: Any, tcfg: TrainingConfig) -> Pairs:
-    """Load and check the pairs, then drop (and count) rows longer than max_length / max_prompt_length.
+    """Load and check the pairs, then drop (and count) rows longer than max_length / max_prompt_length,
+    and rows whose prompt_id an earlier row has (a pairs file written twice over, or by hand).
 
     SimPO's code truncates long answers instead; we drop them, because a truncated answer changes the
     length-normalised reward the pair is trained on. No row left is an error.
     """
     ds, files, sha = load_pairs(url)
+    prompt_ids = (
+        [str(x) for x in ds["prompt_id"]]
+        if "prompt_id" in ds.column_names
+        else [str(i) for i in range(len(ds))]
+    )
     # CPOTrainer and ORPOTrainer prepend the BOS when the templated prompt lacks it; DPOTrainer does not.
     prompt_len, chosen_len, rejected_len = measure_lengths(ds, tokenizer, adds_bos=tcfg.objective != "dpo")
-    keep, drops = [], {"prompt_too_long": 0, "too_long": 0}
+    keep, drops = [], {"duplicate_prompt_id": 0, "prompt_too_long": 0, "too_long": 0}
+    seen: set[str] = set()
     for i, (p, c, r) in enumerate(zip(prompt_len, chosen_len, rejected_len, strict=True)):
+        if prompt_ids[i] in seen:
+            drops["duplicate_prompt_id"] += 1  # one prompt, one pair: a repeat would weigh it twice
+            continue
+        seen.add(prompt_ids[i])
         if p > tcfg.max_prompt_length:
             drops["prompt_too_long"] += 1
         elif max(c, r) > tcfg.max_length:
@@ -260,11 +278,6 @@ def prepare_pairs(url: str, tokenizer: Any, tcfg: TrainingConfig) -> Pairs:
             f"(shortest pair {min(max(c, r) for c, r in zip(chosen_len, rejected_len, strict=True))} tokens, "
             f"shortest prompt {min(prompt_len)})"
         )
-    prompt_ids = (
-        [str(x) for x in ds["prompt_id"]]
-        if "prompt_id" in ds.column_names
-        else [str(i) for i in range(len(ds))]
-    )
     tokens = [c + r for c, r in zip(chosen_len, rejected_len, strict=True)]
     rows_in = len(ds)
     if len(keep) < rows_in:

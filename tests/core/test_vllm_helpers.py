@@ -21,8 +21,15 @@ from sao_core import storage
 from sao_core.config import EngineConfig, load_config
 from sao_core.engines import ChatRequest, Sampling, make_engine
 from sao_core.engines.child import interpreter
-from sao_core.engines.vllm import llm_kwargs, request_seed, sampling_kwargs, to_completion
-from sao_core.errors import ConfigError, EngineError
+from sao_core.engines.vllm import (
+    LORA_RANKS,
+    llm_kwargs,
+    max_lora_rank,
+    request_seed,
+    sampling_kwargs,
+    to_completion,
+)
+from sao_core.errors import ConfigError, EngineError, ModelNotFoundError
 from sao_core.stages.layout import prepare_round, shard_target
 from sao_core.stages.round import run_personas
 from sao_core.stages.runner import EngineProvider, run_model_stage, run_shard
@@ -51,7 +58,9 @@ def test_llm_kwargs_on_gpu_come_from_the_engine_section(tmp_path: Path) -> None:
     assert kwargs["gpu_memory_utilization"] == 0.5
     assert kwargs["tensor_parallel_size"] == 2
     assert kwargs["revision"] == "abc123"  # a hub id keeps its revision
-    assert llm_kwargs(engine.model_copy(update={"batch_size": 256}), "m", 0, on_cpu=False)["max_num_seqs"] == 256
+    assert (
+        llm_kwargs(engine.model_copy(update={"batch_size": 256}), "m", 0, on_cpu=False)["max_num_seqs"] == 256
+    )
     assert "max_model_len" not in kwargs  # None: the model's own
     assert llm_kwargs(EngineConfig(name="vllm"), str(tmp_path), 0, on_cpu=False)["dtype"] == "auto"
     assert "revision" not in llm_kwargs(engine, str(tmp_path), 0, on_cpu=False, revision="abc123")
@@ -280,3 +289,95 @@ def test_shard_command_names_a_bad_shard_and_bad_arguments(tmp_path: Path) -> No
     assert "error:" in missing.stderr and "not finished" in missing.stderr
     bad = _stage_command("judgements", round_dir)
     assert bad.returncode == 2 and "--shard" in bad.stderr
+
+
+# --- a trained adapter (model.adapter) on vLLM ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("config", "rank"),
+    [
+        ({"r": 1}, 1),
+        ({"r": 4}, 8),
+        ({"r": 16}, 16),
+        ({"r": 17}, 32),
+        ({"r": 300}, 320),
+        ({"r": 8, "rank_pattern": {"q_proj": 40}}, 64),  # a larger rank on some modules counts
+        ({"r": 512}, 512),
+    ],
+)
+def test_max_lora_rank_rounds_the_adapters_rank_up_to_one_vllm_accepts(
+    tmp_path: Path, config: dict, rank: int
+) -> None:
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    assert max_lora_rank(str(tmp_path)) == rank
+    assert rank in LORA_RANKS
+
+
+def test_max_lora_rank_names_a_rank_vllm_cannot_serve_and_a_config_without_one(tmp_path: Path) -> None:
+    (tmp_path / "adapter_config.json").write_text('{"r": 1024}')
+    with pytest.raises(ConfigError, match=r"has rank 1024; vLLM serves ranks up to 512: merge it"):
+        max_lora_rank(str(tmp_path))
+    (tmp_path / "adapter_config.json").write_text('{"lora_alpha": 16}')
+    with pytest.raises(ModelNotFoundError, match=r"no rank `r` in .*adapter_config\.json"):
+        max_lora_rank(str(tmp_path))
+
+
+def test_llm_kwargs_turn_lora_on_for_one_adapter() -> None:
+    engine = EngineConfig(name="vllm")
+    kwargs = llm_kwargs(engine, "/models/m", seed=0, on_cpu=True, lora_rank=16)
+    assert (kwargs["enable_lora"], kwargs["max_lora_rank"], kwargs["max_loras"]) == (True, 16, 1)
+    assert "enable_lora" not in llm_kwargs(engine, "/models/m", seed=0, on_cpu=True)
+
+
+def _model_folder(url: str) -> str:
+    files = {"config.json": b'{"model_type": "llama"}', "model.safetensors": b"weights"}
+    for name, data in files.items():
+        storage.write_bytes(storage.join(url, name), data)
+    return url
+
+
+def _adapter_folder(url: str, rank: int) -> str:
+    files = {"adapter_config.json": json.dumps({"r": rank}).encode(), "adapter_model.safetensors": b"lora"}
+    for name, data in files.items():
+        storage.write_bytes(storage.join(url, name), data)
+    return url
+
+
+def test_the_parent_resolves_the_adapter_and_names_it_in_the_revision(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sao_core.config import ModelConfig
+    from sao_core.models import model_revision, resolve_adapter, resolve_model
+
+    monkeypatch.setenv("SAO_CACHE", str(tmp_path / "cache"))
+    python, log = _scripted_worker(tmp_path, monkeypatch)
+    model = _model_folder(str(tmp_path / "base"))
+    # At a URL the worker could not open (memory:// lives in this process): the parent fetches it.
+    adapter = _adapter_folder("memory://round_001/model/adapter", rank=4)
+    engine = make_engine(
+        EngineConfig(name="vllm", python=python), ModelConfig(path=model, adapter=adapter), seed=0
+    )
+    try:
+        engine.generate([ChatRequest.user("r0", "hi")], Sampling(0.0, 1.0, 8, 0))
+    finally:
+        engine.close()
+    start = _commands(log, "start")[0]
+    local = resolve_adapter(adapter)
+    assert (
+        start["adapter_dir"] == local and (Path(local) / "adapter_model.safetensors").read_bytes() == b"lora"
+    )
+    assert start["model"]["adapter"] == adapter
+    base_revision = model_revision(model, resolve_model(model))
+    assert engine.model_revision == f"{base_revision}+adapter:{model_revision(adapter, local)}"
+
+    # Without an adapter the start command says so, and the revision is the base model's.
+    base = make_engine(EngineConfig(name="vllm", python=python), ModelConfig(path=model), seed=0)
+    base.close()
+    assert _commands(log, "start")[1]["adapter_dir"] is None and base.model_revision == base_revision
+
+    # A rank vLLM cannot serve fails here, before a worker starts and loads the model for nothing.
+    too_big = _adapter_folder(str(tmp_path / "big"), rank=1024)
+    with pytest.raises(ConfigError, match="has rank 1024"):
+        make_engine(EngineConfig(name="vllm", python=python), ModelConfig(path=model, adapter=too_big))
+    assert len(_commands(log, "start")) == 2

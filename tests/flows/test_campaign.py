@@ -159,7 +159,9 @@ def test_a_person_approves_or_rejects_in_the_ui(
                 flow_run_id=paused.id, key_prefix="paused-approve-round-1", limit=20, exclude_keys=set()
             )
         ]
-        description = client.read_flow_run_input(flow_run_id=paused.id, key="paused-approve-round-1-description")
+        description = client.read_flow_run_input(
+            flow_run_id=paused.id, key="paused-approve-round-1-description"
+        )
     assert keys, "the pause saved no input form"
     assert "Promote round 1?" in description and "judge trust" in description and "Sample" in description
     resume_flow_run(paused.id, run_input={"approve": approve, "reason": "checked the samples"})
