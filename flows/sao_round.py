@@ -23,6 +23,8 @@ from prefect.input import RunInput
 from prefect.runtime import flow_run
 from prefect.states import Running
 
+from sao_core.config import load_config
+from sao_core.locks import campaign_lock
 from tasks.campaign import campaign_report_task, plan_round, promotion_gate, record_outcome
 from tasks.common import result_storage, with_result_storage
 from tasks.config import resolve_config
@@ -81,8 +83,18 @@ def sao_round(
     """resolve -> personas -> prompts -> responses -> judgements -> pairs -> gate -> train -> evaluate
     -> promotion gate -> outcome -> report"""
     overrides = list(overrides or [])
-    if continue_campaign:
+    if not continue_campaign:
+        return _round(config, overrides, continue_campaign)
+    # A campaign's rounds one at a time, whatever started them (nightly, `sao campaign`, the UI): the
+    # next round is planned only once this one has recorded its outcome.
+    run = load_config(config, overrides).run
+    holder = f"flow run {flow_run.get_name()} ({flow_run.get_id()})"
+    with campaign_lock(run.root, run.campaign, holder=holder):
         overrides += plan_round(config, overrides)["overrides"]
+        return _round(config, overrides, continue_campaign)
+
+
+def _round(config: str, overrides: list[str], continue_campaign: bool) -> dict[str, Any]:
     ref = resolve_config(config, overrides)
     results = result_storage(ref["root"])
     ref = {**ref, "result_storage": results}

@@ -41,11 +41,13 @@ log = logging.getLogger(__name__)
 SHARD_DIGITS = 5
 
 # One storage call on an object store is tried this many times, waiting TRANSIENT_WAIT_S, then twice that,
-# and so on between tries. botocore already retries each request 4 times (5xx, refused or cut connections,
-# up to ~15 s of its own backoff), so an endpoint down for about a minute is ridden out, and one that stays
-# down fails the call within about two minutes, not never.
+# and so on between tries; no new try starts TRANSIENT_GIVE_UP_S after the first. botocore already retries
+# each request 4 times (5xx, refused or cut connections: up to ~15 s of its own backoff), so an endpoint
+# down for about a minute is ridden out, and one that stays down fails the call within about two minutes
+# (one that accepts connections and never answers: botocore's read timeouts, 5 x 60 s, then no new try).
 TRANSIENT_TRIES = 4
 TRANSIENT_WAIT_S = 2.0
+TRANSIENT_GIVE_UP_S = 120.0
 
 T = TypeVar("T")
 
@@ -131,7 +133,8 @@ def _retrying(
     transient: Callable[[BaseException], bool] = is_transient,
 ) -> T:
     """`call()`, tried again on an object store while it fails with a transient error, at most
-    TRANSIENT_TRIES times in all; then a TransientStorageError naming what was done to which URL."""
+    TRANSIENT_TRIES times in all and none started TRANSIENT_GIVE_UP_S after the first; then a
+    TransientStorageError naming what was done to which URL."""
     if not _is_remote(fs):
         return call()
     started = time.monotonic()
@@ -142,9 +145,9 @@ def _retrying(
         except Exception as e:
             if not transient(e):
                 raise
-            if attempt == TRANSIENT_TRIES:
+            if attempt == TRANSIENT_TRIES or time.monotonic() - started + wait > TRANSIENT_GIVE_UP_S:
                 raise TransientStorageError(
-                    f"cannot {what} {url}: the artifact store did not answer after {attempt} tries in "
+                    f"cannot {what} {url}: the artifact store failed {attempt} tries in "
                     f"{time.monotonic() - started:.0f} s ({type(e).__name__}: {e})"
                 ) from e
             log.warning(
@@ -273,9 +276,8 @@ def write_bytes_exclusive(url: str, data: bytes) -> None:
             "create", url, fs, lambda: fs.pipe_file(path, data, mode="create"), _is_transient_for_create
         )
     except FileExistsError as e:  # s3fs: 412 PreconditionFailed
-        fs.invalidate_cache(path)
-        if _retrying("read", url, fs, lambda: bytes(fs.cat_file(path))) == data:
-            log.info("%s: created by this writer (the store's first reply was lost)", url)
+        if _read_back(url, fs, path) == data:
+            log.info("%s holds the very bytes written: ours, sent again after a lost reply", url)
             return
         raise StorageConflict(f"{url} already exists") from e
     except OSError as e:
@@ -283,9 +285,17 @@ def write_bytes_exclusive(url: str, data: bytes) -> None:
         if e.errno == errno.EBUSY:
             raise StorageConflict(f"{url} is being written by another writer") from e
         raise
-    fs.invalidate_cache(path)
-    if _retrying("read", url, fs, lambda: bytes(fs.cat_file(path))) != data:
+    if _read_back(url, fs, path) != data:
         raise StorageConflict(f"{url} was replaced by another writer (the store ignored If-None-Match)")
+
+
+def _read_back(url: str, fs: fsspec.AbstractFileSystem, path: str) -> bytes | None:
+    """What the store holds at `path` now (None: removed since, by another writer)."""
+    fs.invalidate_cache(path)
+    try:
+        return bytes(_retrying("read", url, fs, lambda: fs.cat_file(path)))
+    except FileNotFoundError:
+        return None
 
 
 def _create_local(url: str, path: str, data: bytes) -> None:

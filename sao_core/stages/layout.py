@@ -4,6 +4,11 @@ round_dir = prepare_round(cfg)                  # {root}/{campaign}/round_{k:03d
 stage_url(round_dir, "responses")               # the stage's folder
 stage_settings_hash(cfg, "responses")           # what the stage's output depends on besides its input
 shard_target("responses", cfg, round_dir, 3)    # where shard 3 goes and what makes it count as done
+shard_claim_url(round_dir, "responses", 3)      # the lease of whoever is writing shard 3 (sao_core.locks)
+
+Two runners of one round (two `sao synth`, a crashed batch and its resubmission) share the folder: a shard
+is written under its claim, {stage}/_claims/part-NNNNN.json, and a stage's manifest (and the personas and
+pairs stages) under {stage}/_claims/stage.json, so no two of them ever write the same files at once.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from typing import Any
 from sao_core import storage
 from sao_core.config import RoundConfig, config_to_yaml, data_settings, hash_config, round_url
 from sao_core.errors import StorageError
+from sao_core.locks import LEASE_TTL_S
 
 MODEL_STAGES = ("prompts", "responses", "judgements")
 CANDIDATES = "_candidates"  # prompts before the round-wide duplicate pass
@@ -46,10 +52,22 @@ def output_url(round_dir: str, stage: str) -> str:
 
 
 def prepare_round(cfg: RoundConfig) -> str:
-    """Create the round folder with resolved_config.yaml and its hash; return the folder URL."""
+    """Create the round folder with resolved_config.yaml and its hash; return the folder URL.
+
+    Files already there with the same text are left as they are: a resumed round, or a second runner of
+    it, rewrites nothing."""
     url = round_url(cfg)
-    storage.write_text(storage.join(url, "resolved_config.yaml"), config_to_yaml(cfg))
-    storage.write_text(storage.join(url, "config_hash"), hash_config(cfg) + "\n")
+    for name, text in (
+        ("resolved_config.yaml", config_to_yaml(cfg)),
+        ("config_hash", hash_config(cfg) + "\n"),
+    ):
+        target = storage.join(url, name)
+        try:
+            if storage.read_text(target) == text:
+                continue
+        except (FileNotFoundError, StorageError, UnicodeDecodeError):
+            pass
+        storage.write_text(target, text)
     return url
 
 
@@ -101,3 +119,29 @@ def shard_target(stage: str, cfg: RoundConfig, round_dir: str, index: int) -> Sh
     if entry is None or not entry.complete:
         raise StorageError(f"{stage} shard {index}: its input shard {index} of {in_url} is not finished")
     return ShardTarget(output_url(round_dir, stage), digest(entry.sha256), stage_settings_hash(cfg, stage))
+
+
+CLAIMS = "_claims"
+
+
+def shard_claim_url(round_dir: str, stage: str, index: int) -> str:
+    """The lease of the runner writing shard `index` of a model stage (sao_core.locks)."""
+    return storage.join(output_url(round_dir, stage), CLAIMS, f"part-{index:0{storage.SHARD_DIGITS}d}.json")
+
+
+def stage_claim_url(round_dir: str, stage: str) -> str:
+    """The lease of the runner writing a stage's manifest, or all of personas or pairs."""
+    base = output_url(round_dir, stage) if stage in MODEL_STAGES else stage_url(round_dir, stage)
+    return storage.join(base, CLAIMS, "stage.json")
+
+
+def claim_ttl(cfg: RoundConfig) -> float:
+    """How long a claim outlives its holder's last renewal: locks.LEASE_TTL_S, or less when a shard may
+    not run that long (engine.shard_timeout_s)."""
+    return min(cfg.engine.shard_timeout_s, LEASE_TTL_S)
+
+
+def claim_wait(cfg: RoundConfig) -> float:
+    """How long a runner waits for another's claim: a holder renews it for at most engine.shard_timeout_s,
+    after which it expires within claim_ttl; waiting longer means something else is wrong."""
+    return cfg.engine.shard_timeout_s + 2 * claim_ttl(cfg)

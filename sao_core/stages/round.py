@@ -2,6 +2,9 @@
 
 run_personas(cfg, round_dir)   # n personas, none used by an earlier round of the campaign, in shards
 run_pairs(cfg, round_dir)      # each shard's valid judgements as TRL preference rows
+
+Each writes its whole stage under the stage's claim (layout.stage_claim_url), so two runners of one round
+never write it at once; the second finds it done and returns its manifest.
 """
 
 from __future__ import annotations
@@ -11,10 +14,18 @@ import time
 from collections import Counter
 from typing import Any
 
-from sao_core import storage
+from sao_core import locks, storage
 from sao_core.config import RoundConfig, hash_config
-from sao_core.errors import PersonaSourceError
-from sao_core.stages.layout import digest, num_shards, stage_settings_hash, stage_url
+from sao_core.errors import PersonaSourceError, StorageError
+from sao_core.stages.layout import (
+    claim_ttl,
+    claim_wait,
+    digest,
+    num_shards,
+    stage_claim_url,
+    stage_settings_hash,
+    stage_url,
+)
 from sao_core.storage import ShardManifest
 
 _ROUND_DIR = re.compile(r"round_(\d{3,})-[0-9a-f]+$")
@@ -39,17 +50,33 @@ def used_persona_ids(cfg: RoundConfig) -> set[str]:
     return used
 
 
+def _personas_done(out: str, settings: str) -> dict[str, Any] | None:
+    if not storage.exists(storage.join(out, "manifest.json")):
+        return None
+    manifest = storage.read_stage_manifest(out)
+    entries = [storage.shard_is_done(out, int(e["shard"]), "", settings) for e in manifest["shards"]]
+    return manifest if entries and all(entries) else None
+
+
+def _hold_stage(cfg: RoundConfig, round_dir: str, stage: str) -> Any:
+    return locks.hold(stage_claim_url(round_dir, stage), stage, claim_ttl(cfg), claim_wait(cfg))
+
+
 def run_personas(cfg: RoundConfig, round_dir: str) -> dict[str, Any]:
     """Sample the round's personas and write them as shards of run.shard_size rows."""
-    from sao_core.personas import sample_personas
-
     out = stage_url(round_dir, "personas")
     settings = stage_settings_hash(cfg, "personas")
-    if storage.exists(storage.join(out, "manifest.json")):
-        manifest = storage.read_stage_manifest(out)
-        entries = [storage.shard_is_done(out, int(e["shard"]), "", settings) for e in manifest["shards"]]
-        if entries and all(entries):
-            return manifest
+    done = _personas_done(out, settings)
+    if done is not None:
+        return done
+    with _hold_stage(cfg, round_dir, "personas"):
+        done = _personas_done(out, settings)  # written by the runner whose claim we waited for
+        return done if done is not None else _write_personas(cfg, out, settings)
+
+
+def _write_personas(cfg: RoundConfig, out: str, settings: str) -> dict[str, Any]:
+    from sao_core.personas import sample_personas
+
     start = time.perf_counter()
     exclude = used_persona_ids(cfg) if cfg.personas.exclude_used else set()
     rows = sample_personas(cfg.personas, seed=cfg.run.seed + 7919 * cfg.run.round, exclude_ids=exclude)
@@ -81,12 +108,43 @@ def run_personas(cfg: RoundConfig, round_dir: str) -> dict[str, Any]:
 
 
 def run_pairs(cfg: RoundConfig, round_dir: str) -> dict[str, Any]:
-    """Turn each shard's valid judgements into TRL preference rows (cheap: always recomputed)."""
+    """Turn each shard's valid judgements into TRL preference rows (cheap, but a pairs stage already made
+    from the same judgements and responses is kept as it is)."""
+    with _hold_stage(cfg, round_dir, "pairs"):
+        return _write_pairs(cfg, round_dir)
+
+
+def _pairs_done(out_url: str, inputs: list[str], chash: str) -> dict[str, Any] | None:
+    """The pairs manifest when every shard is there, verifies and came from these inputs; else None."""
+    try:
+        manifest = storage.read_stage_manifest(out_url)
+    except (StorageError, FileNotFoundError):
+        return None
+    if int(manifest.get("num_shards", -1)) != len(inputs):
+        return None
+    if any(storage.shard_is_done(out_url, i, sha, chash) is None for i, sha in enumerate(inputs)):
+        return None
+    return manifest
+
+
+def _write_pairs(cfg: RoundConfig, round_dir: str) -> dict[str, Any]:
     from sao_core.pairing import select_pairs
 
     count = num_shards(round_dir, "pairs")
     judge_url, resp_url, out_url = (stage_url(round_dir, s) for s in ("judgements", "responses", "pairs"))
     chash = hash_config(cfg)
+    inputs = [
+        digest(j.sha256, r.sha256)
+        for j, r in (
+            (storage.read_shard_manifest(judge_url, i), storage.read_shard_manifest(resp_url, i))
+            for i in range(count)
+        )
+        if j is not None and r is not None
+    ]
+    if len(inputs) == count:
+        done = _pairs_done(out_url, inputs, chash)
+        if done is not None:
+            return done
     entries = []
     for i in range(count):
         start = time.perf_counter()

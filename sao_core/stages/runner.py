@@ -10,6 +10,12 @@ input shard and stage settings is skipped, so a re-run after a crash resumes whe
 is built once per EngineProvider and held for every shard given to it (a stage, or a GPU batch of shards):
 under vLLM that is one worker child and one model load, however many shards. An engine whose worker died
 is dropped, so the shard's retry starts a fresh one.
+
+Two runners of the same round (two `sao synth` at once, a batch run and the resubmission of it) never
+write one shard together: a shard is generated and written under its claim (layout.shard_claim_url, a
+lease of sao_core.locks); a runner that finds it claimed waits, or with try_run_shard leaves it for
+later, and then finds it done. A stage's manifest is written under the stage's claim, once no shard of
+the stage is claimed any more.
 """
 
 from __future__ import annotations
@@ -19,18 +25,23 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import asdict
 from typing import Any
 
-from sao_core import storage
+from sao_core import locks, storage
 from sao_core.config import JudgingConfig, PromptsConfig, ResponsesConfig, RoundConfig
 from sao_core.engines import ChatRequest, Completion, Engine, Sampling, make_engine
 from sao_core.errors import EngineError, StorageError
 from sao_core.stages.layout import (
     MODEL_STAGES,
+    claim_ttl,
+    claim_wait,
     digest,
     input_stage,
     num_shards,
     output_url,
+    shard_claim_url,
+    stage_claim_url,
     stage_settings_hash,
     stage_url,
 )
@@ -123,7 +134,23 @@ def _build_and_parse(
 def run_shard(
     stage: str, cfg: RoundConfig, round_dir: str, index: int, engines: EngineProvider
 ) -> ShardManifest:
-    """Run one shard of a model stage (skipped when already done from the same input and settings)."""
+    """Run one shard of a model stage (skipped when already done from the same input and settings);
+    while another runner holds the shard's claim, wait for it and take its result."""
+    entry = _run_shard(stage, cfg, round_dir, index, engines, wait=True)
+    assert entry is not None  # a waiting runner always comes back with the shard
+    return entry
+
+
+def try_run_shard(
+    stage: str, cfg: RoundConfig, round_dir: str, index: int, engines: EngineProvider
+) -> ShardManifest | None:
+    """run_shard, or None at once when another runner holds the shard's claim."""
+    return _run_shard(stage, cfg, round_dir, index, engines, wait=False)
+
+
+def _run_shard(
+    stage: str, cfg: RoundConfig, round_dir: str, index: int, engines: EngineProvider, wait: bool
+) -> ShardManifest | None:
     if stage not in MODEL_STAGES:
         raise ValueError(f"unknown model stage {stage!r}; allowed: {', '.join(MODEL_STAGES)}")
     in_url = stage_url(round_dir, input_stage(stage))
@@ -135,6 +162,37 @@ def run_shard(
     if done is not None:
         log.info("%s shard %d: done earlier, skipped", stage, index)
         return done
+    what, url = f"{stage} shard {index}", shard_claim_url(round_dir, stage, index)
+    ttl = claim_ttl(cfg)
+    claim: locks.Lease | None
+    if wait:
+        claim = locks.acquire(url, what, ttl, claim_wait(cfg), max_hold_s=cfg.engine.shard_timeout_s)
+    else:
+        claim = locks.try_acquire(url, what, ttl, max_hold_s=cfg.engine.shard_timeout_s)
+    if claim is None:
+        log.warning("%s: claimed by %s; left for later", what, locks.describe(locks.read_lease(url)))
+        return None
+    try:
+        done = storage.shard_is_done(out_url, index, input_sha, settings)
+        if done is not None:  # written by the runner whose claim we waited for
+            log.info("%s: written by another runner meanwhile, skipped", what)
+            return done
+        return _generate_shard(stage, cfg, index, in_rows, out_url, input_sha, settings, engines, claim)
+    finally:
+        claim.release()
+
+
+def _generate_shard(
+    stage: str,
+    cfg: RoundConfig,
+    index: int,
+    in_rows: list[dict[str, Any]],
+    out_url: str,
+    input_sha: str,
+    settings: str,
+    engines: EngineProvider,
+    claim: locks.Lease,
+) -> ShardManifest:
     requests, parse = _build_and_parse(stage, cfg, in_rows)
     start = time.perf_counter()
     engine: Engine | None = None
@@ -167,6 +225,7 @@ def run_shard(
         model_revision=engine.model_revision if engine else "",  # nothing generated, no model loaded
         stats=stats,
     )
+    claim.check()  # taken over while we generated (we froze past its ttl): the new holder writes it
     written = storage.write_shard(out_url, index, kept, dropped, cfg.run.format, entry)
     log.info("%s shard %d: %d in, %d out, %.1fs", stage, index, len(in_rows), len(kept), seconds)
     return written
@@ -183,12 +242,37 @@ def _read_entries(url: str, count: int) -> list[ShardManifest]:
 
 
 def finalize_stage(stage: str, cfg: RoundConfig, round_dir: str) -> dict[str, Any]:
-    """Check every shard of a stage finished and write the stage manifest (prompts: dedupe first)."""
+    """Check every shard of a stage finished and write the stage manifest (prompts: dedupe first).
+
+    Runs under the stage's claim, once no other runner holds a claim on one of its shards; a manifest
+    already written from the same shards is returned as it is."""
     count = num_shards(round_dir, stage)
     out_url = output_url(round_dir, stage)
-    entries = _read_entries(out_url, count)
-    if stage == "prompts":
-        return _dedupe_prompts(cfg, round_dir, entries)
+    ttl, wait = claim_ttl(cfg), claim_wait(cfg)
+    with locks.hold(stage_claim_url(round_dir, stage), f"{stage} manifest", ttl, wait):
+        claims = [shard_claim_url(round_dir, stage, i) for i in range(count)]
+        locks.wait_until_free(claims, f"{stage} manifest", ttl, wait)
+        entries = _read_entries(out_url, count)
+        if stage == "prompts":
+            return _dedupe_prompts(cfg, round_dir, entries)
+        earlier = _finalised_earlier(out_url, entries)
+        if earlier is not None:
+            return earlier
+        return _write_stage_manifest(stage, cfg, out_url, entries)
+
+
+def _finalised_earlier(url: str, entries: list[ShardManifest]) -> dict[str, Any] | None:
+    """The stage manifest already at `url` when it lists exactly these shard entries, else None."""
+    try:
+        manifest = storage.read_stage_manifest(url)
+    except (StorageError, FileNotFoundError):
+        return None
+    return manifest if manifest.get("shards") == [asdict(e) for e in entries] else None
+
+
+def _write_stage_manifest(
+    stage: str, cfg: RoundConfig, out_url: str, entries: list[ShardManifest]
+) -> dict[str, Any]:
     extra: dict[str, Any] = {"format": cfg.run.format}
     if stage == "judgements":
         from sao_core.judging import judge_diagnostics
@@ -246,12 +330,30 @@ class EvalOverlap:
         }
 
 
+def _deduped_earlier(out_url: str, candidates: list[ShardManifest]) -> dict[str, Any] | None:
+    """The prompts manifest when every deduped shard is there, verifies and was made from these candidate
+    shards (the pass is deterministic, so it would write the same files again); else None."""
+    try:
+        manifest = storage.read_stage_manifest(out_url)
+    except (StorageError, FileNotFoundError):
+        return None
+    if int(manifest.get("num_shards", -1)) != len(candidates):
+        return None
+    for cand in candidates:
+        if storage.shard_is_done(out_url, cand.shard, digest(cand.sha256), cand.settings_hash) is None:
+            return None
+    return manifest
+
+
 def _dedupe_prompts(cfg: RoundConfig, round_dir: str, candidates: list[ShardManifest]) -> dict[str, Any]:
     """Drop exact and normalised duplicates across the whole round, first occurrence kept, shards kept."""
     from sao_core.prompts import PromptDeduper
 
     cand_url = output_url(round_dir, "prompts")
     out_url = stage_url(round_dir, "prompts")
+    earlier = _deduped_earlier(out_url, candidates)
+    if earlier is not None:
+        return earlier
     deduper = PromptDeduper()
     overlap = EvalOverlap(cfg)
     entries = []
@@ -283,7 +385,13 @@ def _dedupe_prompts(cfg: RoundConfig, round_dir: str, candidates: list[ShardMani
 
 
 def run_model_stage(stage: str, cfg: RoundConfig, round_dir: str, engines: EngineProvider) -> dict[str, Any]:
-    """Every shard of a model stage in turn, then its manifest."""
-    for index in range(num_shards(round_dir, stage)):
+    """Every shard of a model stage in turn, then its manifest. Shards another runner has claimed are
+    left for later, so two runners of one round share the shards; then each left one is waited for."""
+    later = [
+        index
+        for index in range(num_shards(round_dir, stage))
+        if try_run_shard(stage, cfg, round_dir, index, engines) is None
+    ]
+    for index in later:
         run_shard(stage, cfg, round_dir, index, engines)
     return finalize_stage(stage, cfg, round_dir)

@@ -12,14 +12,14 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from sao_core import storage
+from sao_core import locks, storage
 from sao_core.config import RoundConfig, TrainingConfig, config_to_yaml, round_url
 from sao_core.errors import ConfigError, TrainingError
 from sao_core.models import resolve_model
 from sao_core.training.arguments import REPO_ROOT, check_objective, deploy_path, gradient_accumulation_steps
 from sao_core.training.data import Pairs, prepare_pairs
-from sao_core.training.outputs import finished_manifest, run_identity, training_hash
-from sao_core.training.run import load_tokenizer, local_adapter, run_training, say
+from sao_core.training.outputs import finished_manifest, run_identity, train_claim_url, training_hash
+from sao_core.training.run import LAUNCHED_BY, load_tokenizer, local_adapter, run_training, say
 
 DEFAULT_ACCELERATE_CONFIG = "deployments/accelerate/ddp.yaml"
 
@@ -131,6 +131,10 @@ def launch_distributed(cfg: RoundConfig, pairs_url: str, output_url: str) -> dic
         cmd = build_launch_command(tcfg, stage_args, _free_port())
         env = dict(os.environ)
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // tcfg.num_processes)))
+        # The ranks run in a session of their own (stream_command): should this process die without
+        # stopping them (SIGKILL), they stop themselves rather than train on beside the run that
+        # resumes from their checkpoint (run.stop_with_launcher).
+        env[LAUNCHED_BY] = str(os.getpid())
         say(f"launching {tcfg.num_processes} processes: {' '.join(cmd)}")
         stream_command(cmd, env, tcfg.launcher, cwd=cwd)
     manifest = storage.read_json(storage.join(output_url, "manifest.json"))
@@ -147,14 +151,24 @@ def default_output_url(cfg: RoundConfig) -> str:
 
 
 def train(cfg: RoundConfig, pairs_url: str, output_url: str | None = None) -> dict[str, Any]:
-    """Train on the pairs into output_url (default {round}/model), in this process or launched; the manifest."""
+    """Train on the pairs into output_url (default {round}/model), in this process or launched; the manifest.
+
+    One trainer per output folder: the run holds the folder's claim (outputs.train_claim_url) while it
+    trains, so a second `sao train` or round into the same folder waits, then finds it trained; a claim
+    left by a killed trainer is taken over (at once on the same machine, else once it expires)."""
     output_url = (output_url or default_output_url(cfg)).rstrip("/")
     cfg = _absolute_model_paths(cfg)  # the launched ranks run from another folder
     pairs = check_inputs(cfg, pairs_url)
-    done = finished_manifest(output_url, run_identity(cfg, pairs.sha256))
+    identity = run_identity(cfg, pairs.sha256)
+    done = finished_manifest(output_url, identity)
     if done is not None:
         say(f"{output_url} is already trained ({done.get('steps')} steps): nothing to do")
         return done
-    if cfg.training.launcher == "inprocess":
-        return run_training(cfg, pairs_url, output_url, pairs)
-    return launch_distributed(cfg, pairs_url, output_url)
+    with locks.hold(train_claim_url(output_url), f"training into {output_url}"):
+        done = finished_manifest(output_url, identity)
+        if done is not None:  # trained by the process whose claim we waited for
+            say(f"{output_url} was trained meanwhile ({done.get('steps')} steps): nothing to do")
+            return done
+        if cfg.training.launcher == "inprocess":
+            return run_training(cfg, pairs_url, output_url, pairs)
+        return launch_distributed(cfg, pairs_url, output_url)

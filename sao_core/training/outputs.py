@@ -91,6 +91,37 @@ def check_run_identity(output_url: str, identity: dict[str, str], write: bool) -
 
 # --- checkpoints and staging --------------------------------------------------------------------------
 
+ROWS_SEEN = "rows_seen.json"  # in each checkpoint: the pair rows every rank trained on up to its step
+CLAIM = "_claims/train.json"  # the lease of the process training into the folder (sao_core.locks)
+
+
+def train_claim_url(output_url: str) -> str:
+    """Where the process training into `output_url` holds its lease: one trainer per output folder."""
+    return storage.join(output_url, CLAIM)
+
+
+def write_rows_seen(checkpoint: Path, step: int, ranks: list[list[int]]) -> None:
+    """Record the rows (indices into the pairs) each rank trained on in steps 1..step, atomically."""
+    tmp = checkpoint / f"{ROWS_SEEN}.tmp"
+    tmp.write_text(json.dumps({"step": step, "ranks": ranks}))
+    tmp.replace(checkpoint / ROWS_SEEN)
+
+
+def rows_seen_at(checkpoint: Path, rank: int, world_size: int) -> list[int] | None:
+    """The rows this rank had trained on at a checkpoint; None when the checkpoint does not say (made
+    before this was recorded, or killed between its trainer_state.json and this file). Under another
+    number of processes than the checkpoint's, rank 0 takes every earlier row: the totals stay right."""
+    try:
+        data = json.loads((checkpoint / ROWS_SEEN).read_text())
+        step, ranks = int(data["step"]), [[int(r) for r in rows] for rows in data["ranks"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if str(step) != checkpoint.name[11:]:
+        return None
+    if len(ranks) == world_size:
+        return ranks[rank]
+    return [r for rows in ranks for r in rows] if rank == 0 else []
+
 
 def last_checkpoint(folder: str | Path) -> Path | None:
     """The newest complete checkpoint-N under a local folder (its trainer_state.json reads and says step N)."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Any
 from sao_core import storage
 from sao_core.config import RoundConfig, TrainingConfig, hash_config
 from sao_core.errors import ModelNotFoundError, TrainingError
+from sao_core.locks import process_gone
 from sao_core.models import model_revision, pretrained_kwargs, resolve_adapter, resolve_model
 from sao_core.training.arguments import build_peft_config, build_trl_config, check_objective, trainer_class
 from sao_core.training.data import ROW_COLUMN, Pairs, pairs_sha256, prepare_pairs, repeated_rows
@@ -27,20 +29,40 @@ from sao_core.training.outputs import (
     finished_manifest,
     last_checkpoint,
     prune_remote_checkpoints,
+    rows_seen_at,
     run_identity,
     staging_dir,
     trainable_sha256,
     upload_folder,
     versions,
     write_outputs,
+    write_rows_seen,
 )
 from sao_core.training.plots import read_train_log
 
 RANK_LOG_TAG = "[sao-train]"  # starts every line we print, so a launcher's mixed output can be read
+LAUNCHED_BY = "SAO_TRAIN_LAUNCHED_BY"  # the PID of the `train` process that launched the ranks
+LAUNCHER_CHECK_S = 2.0
 
 
 def say(message: str) -> None:
     print(f"{RANK_LOG_TAG} {message}", flush=True)
+
+
+def stop_with_launcher(pid: int, every_s: float = LAUNCHER_CHECK_S) -> threading.Thread:
+    """Exit this rank once the process that launched the run is gone: it held the output folder's
+    claim, and a re-run takes the claim over and resumes from the last checkpoint; a rank training on
+    would write the same folder beside it. Checkpoints are complete or ignored (last_checkpoint)."""
+
+    def watch() -> None:
+        while not process_gone(pid):
+            time.sleep(every_s)
+        say(f"the process that launched this run (pid {pid}) is gone: stopping this rank")
+        os._exit(1)
+
+    thread = threading.Thread(target=watch, name="stop-with-launcher", daemon=True)
+    thread.start()
+    return thread
 
 
 # --- model and tokenizer -------------------------------------------------------------------------------
@@ -125,6 +147,28 @@ def _progress_callback(total_hint: int) -> Any:
     return Progress()
 
 
+def _rows_seen_callback(trainer: Any) -> Any:
+    from transformers import TrainerCallback
+
+    class RowsSeen(TrainerCallback):
+        """Writes the rows every rank trained on into each checkpoint, before it is uploaded: a run resumed
+        from it counts the rows of the steps before the resume too (tokens, rows per rank, ranks.json)."""
+
+        def on_save(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            rows = [int(r) for r in trainer.rows_seen]
+            if args.world_size > 1:
+                from accelerate.utils import gather_object
+
+                ranks = gather_object([rows])
+            else:
+                ranks = [rows]
+            if state.is_world_process_zero:
+                checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+                write_rows_seen(checkpoint, state.global_step, ranks)
+
+    return RowsSeen()
+
+
 def _checkpoint_sync_callback(output_url: str, staging: str) -> Any:
     from transformers import TrainerCallback
 
@@ -194,6 +238,7 @@ def prepare_training(
 
     trainer.remove_callback(PrinterCallback)
     trainer.add_callback(_progress_callback(max(tcfg.max_steps, 0)))
+    trainer.add_callback(_rows_seen_callback(trainer))  # before CheckpointSync, which uploads the checkpoint
     return TrainingSetup(trainer, pairs, model_path, world_size, adapter, revision)
 
 
@@ -224,6 +269,8 @@ def run_training(
     """
     tcfg = cfg.training
     output_url = output_url.rstrip("/")
+    if os.environ.get(LAUNCHED_BY, "").isdigit():
+        stop_with_launcher(int(os.environ[LAUNCHED_BY]))
     identity = run_identity(cfg, pairs.sha256 if pairs is not None else pairs_sha256(pairs_url))
     done = finished_manifest(output_url, identity)
     if done is not None:
@@ -244,6 +291,11 @@ def run_training(
         trainer.add_callback(_checkpoint_sync_callback(output_url, str(staging)))
     trainer.accelerator.wait_for_everyone()
     resume = last_checkpoint(staging / "checkpoints")
+    resume_step = int(resume.name[11:]) if resume else 0
+    rows_before: list[int] | None = []
+    if resume is not None:
+        rows_before = rows_seen_at(resume, trainer.args.process_index, setup.world_size)
+        trainer.rows_seen = list(rows_before or [])
     if is_main:
         dropped = sum(pairs.drops.values())
         say(
@@ -260,7 +312,12 @@ def run_training(
                 "process trains the same number of full batches (accelerate's even_batches)"
             )
         if resume is not None:
-            say(f"resuming from {resume.name} (step {resume.name[11:]})")
+            say(f"resuming from {resume.name} (step {resume_step})")
+            if rows_before is None:
+                say(
+                    f"{resume.name} does not record the rows trained before it: rows and tokens count "
+                    f"from step {resume_step} on"
+                )
 
     started = time.perf_counter()
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
@@ -272,6 +329,8 @@ def run_training(
         "rank": trainer.args.process_index,
         "rows": [pairs.prompt_ids[r] for r in trainer.rows_seen],
         "tokens": sum(pairs.tokens[r] for r in trainer.rows_seen),
+        # Trained by this process since it started (the rest before the checkpoint it resumed from).
+        "tokens_now": sum(pairs.tokens[r] for r in trainer.rows_seen[len(rows_before or []) :]),
         "trainable_sha256": trainable_sha256(trainer.accelerator.unwrap_model(trainer.model)),
     }
     ranks = gather_object([rank_info]) if setup.world_size > 1 else [rank_info]
@@ -282,6 +341,7 @@ def run_training(
         if tcfg.lora.enabled and tcfg.merge:
             _merge_adapter(setup, model_dir, staging / "full", tcfg)
         tokens = sum(r["tokens"] for r in ranks)
+        tokens_now = sum(r["tokens_now"] for r in ranks)  # what `seconds` timed
         steps = read_train_log(trainer.state.log_history)
         manifest = {
             "stage": "train",
@@ -295,6 +355,9 @@ def run_training(
             "steps": trainer.state.global_step,
             "epochs": trainer.state.epoch,
             "resumed_from": resume.name if resume else None,
+            "resumed_from_step": resume_step,
+            # False only when a checkpoint without rows_seen.json was resumed: rows count from that step.
+            "rows_counted_from_start": rows_before is not None,
             "rows_in": pairs.rows_in,
             "rows": len(pairs.dataset),
             "drops": pairs.drops,
@@ -310,7 +373,7 @@ def run_training(
             "gradient_accumulation_steps": trainer.args.gradient_accumulation_steps,
             "seconds": round(seconds, 3),
             "tokens": tokens,
-            "tokens_per_s": round(tokens / seconds, 2) if seconds > 0 else None,
+            "tokens_per_s": round(tokens_now / seconds, 2) if seconds > 0 else None,
             "final_loss": steps[-1]["loss"] if steps else None,
             "ranks": [
                 {

@@ -162,7 +162,9 @@ def test_killed_run_resumes_from_its_last_checkpoint(tiny_model, pairs_dir, tmp_
     assert f"resuming from checkpoint-{step} (step {step})" in again.stdout
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["resumed_from"] == f"checkpoint-{step}" and manifest["steps"] == 12
-    assert manifest["ranks"][0]["rows"] == 12 - step  # the steps before the checkpoint were not redone
+    assert manifest["resumed_from_step"] == step
+    assert manifest["ranks"][0]["rows"] == 12  # every row trained, those before the kill too
+    assert f"step {step + 1}/12" in again.stdout and f"step {step}/12" not in again.stdout  # not redone
     log = json.loads((out / "train_log.json").read_text())
     assert [s["step"] for s in log["steps"]] == list(range(1, 13))
 

@@ -256,7 +256,10 @@ def test_s3_output_uploads_checkpoints_and_a_fresh_machine_resumes_from_them(
     monkeypatch.setenv("SAO_CACHE", str(tmp_path / "cache-b"))
     second = train(cfg, pairs_url, out)
     assert second["resumed_from"] == "checkpoint-1" and second["steps"] == 2
-    assert second["ranks"][0]["rows"] == 2  # only step 2 was trained again
+    assert second["resumed_from_step"] == 1 and second["rows_counted_from_start"] is True
+    assert (
+        second["ranks"][0]["rows"] == first["ranks"][0]["rows"] == 4
+    )  # step 1's rows come from checkpoint-1
     log = storage.read_json(f"{out}/train_log.json")
     assert [s["step"] for s in log["steps"]] == [1, 2]
 

@@ -1,0 +1,375 @@
+"""Leases in the artifact store: one holder at a time for a shard, a stage's manifest, a training run or a
+campaign's round, across processes and machines that share nothing but the store.
+
+    with hold(url, "responses shard 3", ttl_s=120, wait_s=600) as lease:   # waits while another holds it
+        ...                                                                  # released on the way out
+    lease = try_acquire(url, "responses shard 3", ttl_s=120)               # None: someone else holds it
+    with campaign_lock(root, "nightly", holder="flow run 1f3c", ttl_s=120, wait_s=3600):
+        ...                                                                  # one round of the campaign at a time
+
+A lease is a small JSON file made with a create-only write (storage.write_bytes_exclusive: a hard link on
+local disks, `If-None-Match: *` on S3), so of two processes one creates it and the other finds it there.
+It names its holder (host, process, a random token) and when it expires. A thread renews it every third
+of `ttl_s` while it is held, so a holder that dies or freezes loses it within `ttl_s`, on any machine; a
+holder on this machine whose process is gone loses it at once. Renewal stops after `max_hold_s` (a
+shard's engine.shard_timeout_s): a holder stuck past its own time limit lets others in.
+
+A stale lease is taken over in two create-only steps: first a marker named after that lease (of two
+takers, one creates it), then, once the stale lease is checked to be still the same and removed, the
+lease itself. Two takers never both come away holding it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from sao_core import storage
+from sao_core.errors import SAOError, StorageConflict, StorageError
+
+log = logging.getLogger(__name__)
+
+LEASE_TTL_S = 120.0  # a lease nobody renews is free after this long (less when a caller asks for less)
+MIN_POLL_S, MAX_POLL_S = 0.1, 1.0  # how often a waiter looks again: a quarter of the ttl, within these
+CAMPAIGN_LOCK = "_lock.json"
+
+
+class LeaseLost(SAOError):
+    """A lease was taken over while its holder still worked under it (the holder froze past its ttl):
+    what the holder made is not written; a retry finds the other holder's result or waits for it."""
+
+
+class LeaseTimeout(StorageConflict):
+    """A lease stayed held by another live holder for longer than the caller would wait."""
+
+
+# --- who holds a lease ------------------------------------------------------------------------------
+
+
+def _pid_namespace() -> str:
+    # Two containers may share a host name (host networking) but never a PID namespace.
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return ""
+
+
+def this_process() -> dict[str, Any]:
+    """The host, PID namespace and PID a lease records of its holder."""
+    return {"host": socket.gethostname(), "pid_ns": _pid_namespace(), "pid": os.getpid()}
+
+
+def process_gone(pid: int) -> bool:
+    """True when no process `pid` runs on this machine (a zombie counts as gone: it writes nothing)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[-1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def describe(data: dict[str, Any] | None) -> str:
+    """A lease's holder in words, for a log line or an error."""
+    if not data:
+        return "nobody"
+    until = datetime.fromtimestamp(float(data.get("expires", 0)), UTC).strftime("%H:%M:%S")
+    where = f"pid {data.get('pid', '?')} on {data.get('host', '?')}"
+    label = data.get("holder") or where
+    return f"{label} (until {until} UTC)" if label == where else f"{label} ({where}, until {until} UTC)"
+
+
+def stale_reason(data: dict[str, Any] | None, now: float | None = None) -> str | None:
+    """Why a lease (as read) can be taken over: expired, unreadable, or its process gone; None while live."""
+    if data is None:
+        return "released"
+    if not data or "token" not in data:
+        return "unreadable"
+    now = time.time() if now is None else now
+    expires = float(data.get("expires", 0))
+    if expires <= now:
+        return f"expired {now - expires:.1f} s ago"
+    me = this_process()
+    same_machine = data.get("host") == me["host"] and data.get("pid_ns", "") == me["pid_ns"]
+    if same_machine and isinstance(data.get("pid"), int) and process_gone(data["pid"]):
+        return f"its process {data['pid']} is gone"
+    return None
+
+
+def read_lease(url: str) -> dict[str, Any] | None:
+    """The lease at `url` as written; None when there is none, {} when it cannot be read."""
+    try:
+        raw = storage.read_bytes(url)
+    except FileNotFoundError:
+        return None
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+# --- one lease ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Lease:
+    """A lease this process holds; renewed by a thread until released (see the module docstring)."""
+
+    url: str
+    what: str
+    holder: str
+    token: str
+    ttl_s: float
+    acquired: float
+    max_hold_s: float | None = None
+    taken_from: str | None = None  # why the lease before ours was stale, when we took it over
+    marker: str | None = None  # the take-over marker we created
+    lost: str | None = None  # why we no longer hold it
+    _stop: threading.Event = field(default_factory=threading.Event, repr=False)
+    _thread: threading.Thread | None = field(default=None, repr=False)
+
+    def body(self, now: float) -> bytes:
+        data = {
+            "what": self.what,
+            "holder": self.holder,
+            **this_process(),
+            "token": self.token,
+            "acquired": self.acquired,
+            "renewed": now,
+            "expires": now + self.ttl_s,
+            "ttl_s": self.ttl_s,
+        }
+        return (json.dumps(data, indent=2) + "\n").encode("utf-8")
+
+    def held(self) -> bool:
+        """Whether the lease in the store is still ours (read afresh)."""
+        if self.lost:
+            return False
+        data = read_lease(self.url)
+        if not data or data.get("token") != self.token:
+            self.lost = f"now held by {describe(data)}" if data else "removed by another process"
+            return False
+        return True
+
+    def check(self) -> None:
+        """Raise LeaseLost unless the lease is still ours: call it just before writing what it guards."""
+        if not self.held():
+            raise LeaseLost(f"{self.what}: lost {self.url} ({self.lost}); nothing written")
+
+    def renew(self) -> bool:
+        """Push the expiry on by ttl_s; False (and stop renewing) when it is no longer ours or past max_hold_s."""
+        now = time.time()
+        if self.max_hold_s is not None and now - self.acquired > self.max_hold_s:
+            log.warning(
+                "%s: held for %.0f s, past its limit of %.0f s; no longer renewed", self.what,
+                now - self.acquired, self.max_hold_s,
+            )  # fmt: skip
+            return False
+        try:
+            if not self.held():
+                log.warning("%s: lease %s lost (%s)", self.what, self.url, self.lost)
+                return False
+            storage.write_bytes(self.url, self.body(now))
+        except (OSError, StorageError) as e:  # the store is briefly away: the next try may reach it
+            log.warning("%s: could not renew %s: %s", self.what, self.url, e)
+        return True
+
+    def start_renewing(self) -> None:
+        def loop() -> None:
+            interval = max(self.ttl_s / 3, MIN_POLL_S)
+            while not self._stop.wait(interval):
+                if not self.renew():
+                    return
+
+        self._thread = threading.Thread(target=loop, name=f"lease {self.what}", daemon=True)
+        self._thread.start()
+
+    def release(self) -> None:
+        """Stop renewing and remove the lease if it is still ours (never someone else's)."""
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=30)
+        try:
+            if self.held():
+                _remove(self.url)
+            if self.marker:
+                _remove(self.marker)
+        except (OSError, StorageError) as e:  # left behind, it expires within ttl_s
+            log.warning("%s: could not release %s: %s", self.what, self.url, e)
+
+
+def _remove(url: str) -> None:
+    storage.forget_listing(url)
+    with suppress(FileNotFoundError):
+        storage.remove(url)
+
+
+def _marker_url(url: str, stale: dict[str, Any], raw_token: str) -> str:
+    key = hashlib.sha256(f"{stale.get('token', '')}|{raw_token}".encode()).hexdigest()[:16]
+    base, _, name = url.rpartition("/")
+    return f"{base}/{name}.taken-{key}"
+
+
+def _create(lease: Lease) -> bool:
+    try:
+        storage.write_bytes_exclusive(lease.url, lease.body(time.time()))
+    except StorageConflict:
+        return False
+    return True
+
+
+def try_acquire(
+    url: str,
+    what: str,
+    ttl_s: float = LEASE_TTL_S,
+    holder: str | None = None,
+    max_hold_s: float | None = None,
+) -> Lease | None:
+    """Take the lease at `url` if it is free or stale, and start renewing it; None while another holds it."""
+    if ttl_s <= 0:
+        raise ValueError(f"lease ttl_s must be above 0, got {ttl_s}")
+    me = this_process()
+    lease = Lease(
+        url=url,
+        what=what,
+        holder=holder or f"pid {me['pid']} on {me['host']}",
+        token=uuid.uuid4().hex,
+        ttl_s=float(ttl_s),
+        acquired=time.time(),
+        max_hold_s=max_hold_s,
+    )
+    if _create(lease):
+        lease.start_renewing()
+        return lease
+    stale = read_lease(url)
+    reason = stale_reason(stale)
+    if reason is None:
+        return None
+    if stale is None:  # released since our try
+        if not _create(lease):
+            return None
+        lease.start_renewing()
+        return lease
+    # Two create-only steps, so that of two takers of the same stale lease only one goes on.
+    marker = _marker_url(url, stale, json.dumps(stale, sort_keys=True))
+    try:
+        storage.write_bytes_exclusive(marker, lease.token.encode())
+    except StorageConflict:
+        return None
+    if read_lease(url) != stale:  # renewed, released or taken since we read it: not ours to remove
+        _remove(marker)
+        return None
+    _remove(url)
+    lease.marker = marker
+    if not _create(lease):
+        _remove(marker)
+        return None
+    lease.taken_from = reason
+    log.warning("%s: took over %s from %s: %s", what, url, describe(stale), reason)
+    lease.start_renewing()
+    return lease
+
+
+def poll_interval(ttl_s: float) -> float:
+    return min(max(ttl_s / 4, MIN_POLL_S), MAX_POLL_S)
+
+
+def acquire(
+    url: str,
+    what: str,
+    ttl_s: float = LEASE_TTL_S,
+    wait_s: float | None = None,
+    holder: str | None = None,
+    max_hold_s: float | None = None,
+) -> Lease:
+    """Take the lease, waiting while another live holder has it (at most `wait_s`; None: as long as it
+    takes); LeaseTimeout naming the holder when the wait runs out. The first wait is logged."""
+    deadline = None if wait_s is None else time.monotonic() + wait_s
+    waited = False
+    started = time.monotonic()
+    while True:
+        lease = try_acquire(url, what, ttl_s, holder, max_hold_s)
+        if lease is not None:
+            if waited:
+                log.warning("%s: waited %.1f s for %s", what, time.monotonic() - started, url)
+            return lease
+        other = read_lease(url)
+        if not waited:
+            log.warning("%s: %s is held by %s; waiting", what, url, describe(other))
+            waited = True
+        if deadline is not None and time.monotonic() > deadline:
+            raise LeaseTimeout(
+                f"{what}: {url} is still held by {describe(other)} after waiting {wait_s:.0f} s"
+            )
+        time.sleep(poll_interval(ttl_s))
+
+
+@contextmanager
+def hold(
+    url: str,
+    what: str,
+    ttl_s: float = LEASE_TTL_S,
+    wait_s: float | None = None,
+    holder: str | None = None,
+    max_hold_s: float | None = None,
+) -> Iterator[Lease]:
+    """The lease for the length of a `with` block (see acquire); released on the way out, even on error."""
+    lease = acquire(url, what, ttl_s, wait_s, holder, max_hold_s)
+    try:
+        yield lease
+    finally:
+        lease.release()
+
+
+def wait_until_free(urls: list[str], what: str, ttl_s: float, wait_s: float | None) -> None:
+    """Wait until none of the leases at `urls` is held by a live holder; LeaseTimeout after `wait_s`."""
+    deadline = None if wait_s is None else time.monotonic() + wait_s
+    for url in urls:
+        announced = False
+        while stale_reason(data := read_lease(url)) is None:
+            if not announced:
+                log.warning("%s: %s is held by %s; waiting for it", what, url, describe(data))
+                announced = True
+            if deadline is not None and time.monotonic() > deadline:
+                raise LeaseTimeout(
+                    f"{what}: {url} is still held by {describe(data)} after waiting {wait_s:.0f} s"
+                )
+            time.sleep(poll_interval(ttl_s))
+
+
+# --- the campaign lock -----------------------------------------------------------------------------------
+
+
+def campaign_lock_url(root: str, campaign: str) -> str:
+    """{root}/{campaign}/_lock.json (a local root made absolute, as campaign.campaign_url does)."""
+    root = root.rstrip("/")
+    if "://" not in root:
+        root = os.path.abspath(os.path.expanduser(root))
+    return storage.join(root, campaign, CAMPAIGN_LOCK)
+
+
+@contextmanager
+def campaign_lock(
+    root: str, campaign: str, holder: str, ttl_s: float = LEASE_TTL_S, wait_s: float | None = None
+) -> Iterator[Lease]:
+    """One round of a campaign at a time: held from planning a round to its outcome; a second round
+    waits here (LeaseTimeout after `wait_s`, naming the round that holds it)."""
+    with hold(campaign_lock_url(root, campaign), f"campaign {campaign}", ttl_s, wait_s, holder) as lease:
+        yield lease
