@@ -48,6 +48,14 @@ class Completion:
     prompt_tokens: int = 0
     completion_tokens: int = 0
 
+    def __post_init__(self) -> None:
+        # A server's JSON may escape a lone surrogate ("\\ud800"): it is not UTF-8, so no shard could store
+        # it and no id could hash it. It becomes U+FFFD, as a UTF-8 decoder makes of a broken byte.
+        if not self.text.isascii():
+            clean = self.text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+            if clean != self.text:
+                object.__setattr__(self, "text", clean)
+
 
 @dataclass(frozen=True)
 class Sampling:

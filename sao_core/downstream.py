@@ -290,6 +290,8 @@ def run_downstream(
                 device=_device(device),
                 dtype=dtype,
                 batch_size=batch_size,
+                # the evaluated policy is our own trained model: nothing of its own to run
+                trust_remote_code=False,
             )
         except Exception as e:
             raise DownstreamError(

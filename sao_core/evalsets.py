@@ -254,7 +254,8 @@ def _load_hf_instructions(source: str) -> list[EvalInstruction]:
     name, _, subset = source[len(HF_PREFIX) :].partition(":")
     where = f"evaluation.prompts {source}"
     try:
-        splits = datasets.load_dataset(name, subset or None)
+        # datasets 4 and later run no loading scripts; said explicitly, so no version's default decides.
+        splits = datasets.load_dataset(name, subset or None, trust_remote_code=False)
     except Exception as e:  # no network, no such dataset: say which
         raise EvalSetError(f"{where}: cannot load: {type(e).__name__}: {e}") from e
     # AlpacaEval names its split "eval"; a folder of files has the split its file names give.

@@ -87,7 +87,8 @@ def strip_quoted(text: str | None, quoted: Iterable[str]) -> str | None:
     """
     if not text:
         return text
-    for source in quoted:
+    # Longest first: an answer that repeats the prompt goes whole, before the prompt inside it is stripped.
+    for source in sorted(quoted, key=len, reverse=True):
         source = source.strip()
         if VERDICT_RE.search(source) or BARE_VERDICT_RE.search(source):
             rest = BARE_VERDICT_RE.sub("", VERDICT_RE.sub("", source))

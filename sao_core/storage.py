@@ -387,7 +387,9 @@ def decode_rows(data: bytes, fmt: str, where: str) -> list[dict[str, Any]]:
     try:
         if fmt == "jsonl":
             rows = []
-            for lineno, line in enumerate(data.decode("utf-8").splitlines(), 1):
+            # Lines end at "\n" only: str.splitlines also cuts at U+2028 or U+0085, which json.dumps leaves
+            # as they are inside a string when ensure_ascii is off.
+            for lineno, line in enumerate(data.decode("utf-8").split("\n"), 1):
                 if not line.strip():
                     continue
                 try:

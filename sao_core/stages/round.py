@@ -9,6 +9,7 @@ never write it at once; the second finds it done and returns its manifest.
 
 from __future__ import annotations
 
+import itertools
 import re
 import time
 from collections import Counter
@@ -75,27 +76,30 @@ def run_personas(cfg: RoundConfig, round_dir: str) -> dict[str, Any]:
 
 
 def _write_personas(cfg: RoundConfig, out: str, settings: str) -> dict[str, Any]:
-    from sao_core.personas import sample_personas
+    from sao_core.personas import iter_personas
 
     start = time.perf_counter()
     exclude = used_persona_ids(cfg) if cfg.personas.exclude_used else set()
-    rows = sample_personas(cfg.personas, seed=cfg.run.seed + 7919 * cfg.run.round, exclude_ids=exclude)
-    if not rows:
-        raise PersonaSourceError(f"persona source {cfg.personas.source!r} gave zero personas")
-    rows = [{**r, "round": cfg.run.round} for r in rows]  # type: ignore[dict-item]
+    source_drops: Counter[str] = Counter()  # rows of a file or hf source that are not personas
+    rows = iter_personas(
+        cfg.personas, seed=cfg.run.seed + 7919 * cfg.run.round, exclude_ids=exclude, drops=source_drops
+    )
     size = cfg.run.shard_size
-    entries_out = []
-    for index, begin in enumerate(range(0, len(rows), size)):
-        chunk = rows[begin : begin + size]
+    entries_out: list[ShardManifest] = []
+    # Shard by shard: the builtin source draws each persona when asked, so no round holds them all
+    # (bench/scale.py). The stage manifest is written last, so a shortfall raised mid-way leaves no stage.
+    while chunk := [{**r, "round": cfg.run.round} for r in itertools.islice(rows, size)]:
         entry = ShardManifest(
             stage="personas",
-            shard=index,
+            shard=len(entries_out),
             rows_in=len(chunk),
             settings_hash=settings,
             seconds=0.0,
             stats={"excluded_used": len(exclude)},
         )
-        entries_out.append(storage.write_shard(out, index, chunk, [], cfg.run.format, entry))
+        entries_out.append(storage.write_shard(out, entry.shard, chunk, [], cfg.run.format, entry))
+    if not entries_out:
+        raise PersonaSourceError(f"persona source {cfg.personas.source!r} gave zero personas")
     entries_out[0].seconds = round(time.perf_counter() - start, 3)
     return storage.write_stage_manifest(
         out,
@@ -104,6 +108,7 @@ def _write_personas(cfg: RoundConfig, out: str, settings: str) -> dict[str, Any]
         format=cfg.run.format,
         source=cfg.personas.source,
         excluded_used=len(exclude),
+        source_drops=dict(sorted(source_drops.items())),
     )
 
 

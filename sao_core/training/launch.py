@@ -42,7 +42,9 @@ def check_inputs(cfg: RoundConfig, pairs_url: str) -> Pairs:
                 "model first (training.merge) and train from that"
             )
         local_adapter(cfg.model.adapter)  # a URL is fetched into the model cache here, once for every rank
-    return prepare_pairs(pairs_url, load_tokenizer(model_path, cfg.model.revision), tcfg)
+    return prepare_pairs(
+        pairs_url, load_tokenizer(model_path, cfg.model.revision, cfg.model.trust_remote_code), tcfg
+    )
 
 
 def _free_port() -> int:

@@ -18,7 +18,7 @@ from sao_core import storage
 from sao_core.config import RoundConfig, TrainingConfig, hash_config
 from sao_core.errors import ModelNotFoundError, TrainingError
 from sao_core.locks import process_gone
-from sao_core.models import model_revision, pretrained_kwargs, resolve_adapter, resolve_model
+from sao_core.models import load_kwargs, model_revision, resolve_adapter, resolve_model
 from sao_core.training.arguments import build_peft_config, build_trl_config, check_objective, trainer_class
 from sao_core.training.data import ROW_COLUMN, Pairs, pairs_sha256, prepare_pairs, repeated_rows
 from sao_core.training.outputs import (
@@ -68,12 +68,12 @@ def stop_with_launcher(pid: int, every_s: float = LAUNCHER_CHECK_S) -> threading
 # --- model and tokenizer -------------------------------------------------------------------------------
 
 
-def load_tokenizer(path: str, revision: str | None = None) -> Any:
+def load_tokenizer(path: str, revision: str | None = None, trust_remote_code: bool = False) -> Any:
     """The tokenizer of a resolved model (models.resolve_model); `revision` applies to a hub id only."""
     from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, **pretrained_kwargs(path, revision))
+        tokenizer = AutoTokenizer.from_pretrained(path, **load_kwargs(path, revision, trust_remote_code))
     except (OSError, ValueError) as e:
         raise TrainingError(f"model {path} has no loadable tokenizer: {e}") from e
     if not tokenizer.chat_template:
@@ -92,7 +92,13 @@ def local_adapter(url: str) -> str:
         raise ModelNotFoundError(f"model.adapter: {e}") from e
 
 
-def load_model(path: str, adapter: str | None = None, dtype: Any = None, revision: str | None = None) -> Any:
+def load_model(
+    path: str,
+    adapter: str | None = None,
+    dtype: Any = None,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+) -> Any:
     """The model to train, weights in fp32 unless `dtype` (see TrainingConfig.precision); `revision`
     applies to a hub id only. With an adapter (a local folder), the adapter is merged in: training
     starts from that policy, and it is DPO's reference too (SAO.md step 7: round t+1 starts from M_t+1)."""
@@ -100,7 +106,7 @@ def load_model(path: str, adapter: str | None = None, dtype: Any = None, revisio
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=dtype or torch.float32, **pretrained_kwargs(path, revision)
+        path, dtype=dtype or torch.float32, **load_kwargs(path, revision, trust_remote_code)
     )
     if adapter:
         from peft import PeftModel
@@ -200,6 +206,7 @@ class TrainingSetup:
     world_size: int
     start_adapter: str | None = None  # local folder of model.adapter, merged into the model
     revision: str | None = None  # model.revision: the hub revision of model_path
+    trust_remote_code: bool = False  # model.trust_remote_code
 
 
 def prepare_training(
@@ -217,7 +224,7 @@ def prepare_training(
     if pairs is not None and pairs.tokenizer is not None:
         tokenizer = pairs.tokenizer  # loaded from the same model path when the pairs were checked
     else:
-        tokenizer = load_tokenizer(model_path, revision)
+        tokenizer = load_tokenizer(model_path, revision, cfg.model.trust_remote_code)
     if pairs is None:
         pairs = prepare_pairs(pairs_url, tokenizer, tcfg)
     # TrainingArguments set up the process group (and DeepSpeed's zero.Init) before the model loads.
@@ -226,7 +233,9 @@ def prepare_training(
     )
     cls = trainer_class(tcfg.objective)
     trainer = cls(
-        model=load_model(model_path, adapter, revision=revision),
+        model=load_model(
+            model_path, adapter, revision=revision, trust_remote_code=cfg.model.trust_remote_code
+        ),
         args=args,
         train_dataset=pairs.dataset,
         processing_class=tokenizer,
@@ -239,7 +248,9 @@ def prepare_training(
     trainer.remove_callback(PrinterCallback)
     trainer.add_callback(_progress_callback(max(tcfg.max_steps, 0)))
     trainer.add_callback(_rows_seen_callback(trainer))  # before CheckpointSync, which uploads the checkpoint
-    return TrainingSetup(trainer, pairs, model_path, world_size, adapter, revision)
+    return TrainingSetup(
+        trainer, pairs, model_path, world_size, adapter, revision, cfg.model.trust_remote_code
+    )
 
 
 def _merge_adapter(setup: TrainingSetup, adapter_dir: Path, out_dir: Path, tcfg: TrainingConfig) -> None:
@@ -250,10 +261,17 @@ def _merge_adapter(setup: TrainingSetup, adapter_dir: Path, out_dir: Path, tcfg:
     from transformers import AutoTokenizer
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(tcfg.precision, torch.float32)
-    base = load_model(setup.model_path, setup.start_adapter, dtype=dtype, revision=setup.revision)
+    base = load_model(
+        setup.model_path,
+        setup.start_adapter,
+        dtype=dtype,
+        revision=setup.revision,
+        trust_remote_code=setup.trust_remote_code,
+    )
     merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
     merged.save_pretrained(out_dir)
-    AutoTokenizer.from_pretrained(adapter_dir).save_pretrained(out_dir)
+    # The tokenizer training saved next to the adapter: files, no code.
+    AutoTokenizer.from_pretrained(adapter_dir, trust_remote_code=False).save_pretrained(out_dir)
 
 
 # --- the run -------------------------------------------------------------------------------------------

@@ -312,6 +312,9 @@ def test_a_round_trains_on_the_train_deployment(cluster: Cluster):
     overrides = [
         f"run.root={cluster.bucket}/rounds-train",
         f"training.deployment={TRAIN_DEPLOYMENT}",
+        # The round deployment continues the campaign, whose rounds merge LoRA (tasks/campaign.py):
+        # said here too, so the model folder computed below is the one the round writes.
+        "training.merge=true",
         "personas.n=4",
         "run.shard_size=2",
         "evaluation.enabled=false",
