@@ -23,6 +23,7 @@ from typing import Any
 
 from sao_core import storage
 from sao_core.config import RoundConfig
+from sao_core.fmt import pct
 
 OUTCOME = "outcome.json"
 
@@ -106,21 +107,17 @@ def decided_rounds(root: str, campaign: str) -> list[int]:
     return [int(r["round"]) for r in campaign_rows(root, campaign)]
 
 
-def _pct(x: Any) -> str:
-    return "n/a" if x is None else f"{100 * float(x):.1f}%"
-
-
 def _comparison(row: Mapping[str, Any], name: str) -> str:
     c = row["comparisons"].get(name)
     if not c:
         return "-"
     low, high = c["ci"]
-    return f"{_pct(c['win_rate'])} [{_pct(low)}, {_pct(high)}], LC {_pct(c['lc_win_rate'])}"
+    return f"{pct(c['win_rate'])} [{pct(low)}, {pct(high)}], LC {pct(c['lc_win_rate'])}"
 
 
 def _downstream(row: Mapping[str, Any]) -> str:
     scores = row.get("downstream", {}).get("scores") or {}
-    return ", ".join(f"{task} {_pct(v)}" for task, v in sorted(scores.items())) or "-"
+    return ", ".join(f"{task} {pct(v)}" for task, v in sorted(scores.items())) or "-"
 
 
 def plot_campaign(rows: list[dict[str, Any]], campaign: str) -> bytes:
@@ -180,7 +177,7 @@ def campaign_markdown(rows: list[dict[str, Any]], campaign: str, image: str) -> 
         j = r["judge"]
         lines.append(
             f"| {r['round']} | `{r['started_from']}` | {r['pairs'] if r['pairs'] is not None else '-'} | "
-            f"{_pct(j['valid_rate'])} / {_pct(j['agreement'])} | {_comparison(r, 'current')} | "
+            f"{pct(j['valid_rate'])} / {pct(j['agreement'])} | {_comparison(r, 'current')} | "
             f"{_comparison(r, 'original')} | {_downstream(r)} | **{r['status']}**: {r['why']} |"
         )
     lines.append(f"\n![campaign plot]({image})\n")

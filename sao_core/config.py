@@ -104,6 +104,9 @@ class EngineConfig(Section):
     api_key_env: str = "OPENAI_API_KEY"
     # The model name the servers know (`vllm serve --served-model-name`); None: model.path.
     served_model_name: str | None = None
+    # The name they serve model.adapter under (`vllm serve --enable-lora --lora-modules NAME=FOLDER`):
+    # the base and its adapter answer under their own names from one engine section.
+    served_adapter_name: str | None = None
     max_concurrency: int = Field(8, ge=1)
     request_timeout_s: float = Field(120.0, gt=0)
     max_retries: int = Field(4, ge=0)
@@ -285,6 +288,10 @@ class EvaluationConfig(Section):
     # Word n-grams shared with the evaluation set drop a synthetic prompt (0: no decontamination).
     decontamination_n: int = Field(13, ge=0)
     judge: JudgeConfig = JudgeConfig()
+    # The engine that loads the trained policy and the original model (None: the round's engine). A
+    # served engine (openai) answers as the one model its servers hold, not a policy trained minutes ago,
+    # so a round on engine.name 'openai' must name one that loads models here (vllm, transformers).
+    engine: EngineConfig | None = None
     downstream: DownstreamConfig = DownstreamConfig()
     # The campaign's first model, a second baseline from round 2 on (the campaign flow sets it).
     original: str | None = Field(None, min_length=1)
@@ -346,6 +353,14 @@ class RoundConfig(Section):
             raise ValueError(
                 f"fanout.mode 'replicas' spreads shards over engine.base_urls and needs engine.name "
                 f"'openai', got {self.engine.name!r}; for vLLM on GPU workers use fanout.mode 'deployment'"
+            )
+        served = self.evaluation.engine or self.engine
+        if self.evaluation.enabled and served.name == "openai":
+            raise ValueError(
+                "evaluation runs the policy this round trains, which no engine.base_urls server holds "
+                "yet: the openai engine would answer as the model its servers serve; set "
+                "evaluation.engine to an engine that loads models, e.g. {name: vllm} "
+                "(or evaluation.enabled: false)"
             )
         if self.fanout.mode == "deployment" and self.run.root.startswith("memory://"):
             raise ValueError(

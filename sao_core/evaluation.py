@@ -29,6 +29,7 @@ from sao_core import storage
 from sao_core.chat import ChatRequest, Completion, Sampling
 from sao_core.config import RoundConfig
 from sao_core.evalsets import EvalInstruction, judge_agreement, load_eval_prompts, load_judge_trust
+from sao_core.fmt import pct
 from sao_core.judging import format_judge_prompt, parse_verdict, strip_quoted
 from sao_core.stages.runner import EngineProvider
 from sao_core.winrate import JudgedPrompt, compute_win_rate, winner_from_position
@@ -200,9 +201,6 @@ def evaluate_candidate(
 
 def headline(manifest: Mapping[str, Any]) -> list[dict[str, Any]]:
     """The table the round report and the UI artifact show: one row per comparison, plus the judge."""
-
-    def pct(x: Any) -> str:
-        return "n/a" if x is None else f"{100 * x:.1f}%"
 
     rows = []
     for name, c in manifest["comparisons"].items():

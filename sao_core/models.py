@@ -155,18 +155,51 @@ def load_kwargs(resolved: str, revision: str | None, trust_remote_code: bool) ->
 
 def model_revision(ref: str, resolved: str, revision: str | None = None) -> str:
     """A short, stable identity of the weights, for manifests: model.revision for a hub id, a hash of
-    the files for a local folder (which a revision does not change)."""
+    the files for a local folder (which a revision does not change).
+
+    The hash covers the bytes of the config and weight files, so a model or adapter retrained in place
+    (same names, same sizes: another round's LoRA) gets a new revision. It is kept per folder and file
+    stamp (size, mtime) in this process and under {cache}/revisions, so a folder is read once."""
     folder = Path(resolved)
     if not folder.is_dir():
         return revision or "main"
+    files = sorted(
+        f for f in folder.iterdir() if f.is_file() and f.suffix in {".json", ".safetensors", ".bin"}
+    )
+    stamp = hashlib.sha256(str(folder.resolve()).encode())
+    for f in files:
+        st = f.stat()
+        stamp.update(f"\0{f.name}\0{st.st_size}\0{st.st_mtime_ns}".encode())
+    key = stamp.hexdigest()
+    if key in _REVISIONS:
+        return _REVISIONS[key]
+    memo = cache_dir() / "revisions" / key
+    try:
+        known = memo.read_text().strip()
+    except OSError:
+        known = ""
+    if known.startswith("sha256:"):
+        _REVISIONS[key] = known
+        return known
     h = hashlib.sha256()
-    for f in sorted(folder.iterdir()):
-        if f.is_file() and f.suffix in {".json", ".safetensors", ".bin"}:
-            h.update(f.name.encode())
-            h.update(str(f.stat().st_size).encode())
-            if f.suffix == ".json":
-                h.update(f.read_bytes())
-    return "sha256:" + h.hexdigest()[:12]
+    for f in files:
+        h.update(f.name.encode() + b"\0")
+        with f.open("rb") as stream:
+            for chunk in iter(lambda: stream.read(1 << 22), b""):
+                h.update(chunk)
+    found = "sha256:" + h.hexdigest()[:12]
+    _REVISIONS[key] = found
+    try:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        tmp = memo.with_name(f".{key}.{uuid.uuid4().hex}")
+        tmp.write_text(found)
+        os.replace(tmp, memo)
+    except OSError as e:  # a read-only cache costs a re-read next time, nothing else
+        log.debug("cannot keep the revision of %s under %s: %s", folder, memo, e)
+    return found
+
+
+_REVISIONS: dict[str, str] = {}  # file stamp -> revision, for this process
 
 
 # --- folders at URLs -----------------------------------------------------------------------------------

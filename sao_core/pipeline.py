@@ -14,6 +14,7 @@ from typing import Any
 
 from sao_core import storage
 from sao_core.config import RoundConfig, hash_config
+from sao_core.fmt import pct
 from sao_core.stages.layout import MODEL_STAGES, prepare_round, stage_url
 from sao_core.stages.round import run_pairs, run_personas
 from sao_core.stages.runner import EngineProvider, run_model_stage
@@ -103,9 +104,6 @@ def format_stage_line(stage: str, s: dict[str, Any]) -> str:
 
 
 def format_diagnostics(d: dict[str, Any]) -> str:
-    def pct(x: float | None) -> str:
-        return "n/a" if x is None else f"{x:.1%}"
-
     parts = [
         f"parse rate {pct(d.get('parse_rate'))}",
         f"valid {d.get('valid_judgements', 0)}/{d.get('judgements', 0)}",

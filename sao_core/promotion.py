@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from sao_core.config import PromotionConfig
+from sao_core.fmt import pct
 
 
 @dataclass(frozen=True)
@@ -37,10 +38,6 @@ class Decision:
 
     def to_dict(self) -> dict[str, Any]:
         return {"promote": self.promote, "failed": self.failed, "checks": [asdict(c) for c in self.checks]}
-
-
-def _pct(x: float) -> str:
-    return f"{100 * x:.1f}%"
 
 
 def decide(
@@ -65,9 +62,9 @@ def decide(
             Check(
                 "win rate",
                 low > rule.min_win_rate_lower,
-                f"the 95% interval's lower bound {_pct(low)} (win rate {_pct(primary['win_rate'])}, "
+                f"the 95% interval's lower bound {pct(low)} (win rate {pct(primary['win_rate'])}, "
                 f"{primary['complete']} prompts) {'is' if low > rule.min_win_rate_lower else 'is not'} above "
-                f"promotion.min_win_rate_lower={_pct(rule.min_win_rate_lower)}",
+                f"promotion.min_win_rate_lower={pct(rule.min_win_rate_lower)}",
             )
         )
     agreement = evaluation.get("trust", {}).get("agreement")
@@ -82,8 +79,8 @@ def decide(
             Check(
                 "judge agreement",
                 ok,
-                f"{_pct(agreement)} on {items} labelled pairs {'meets' if ok else 'is under'} "
-                f"promotion.min_judge_agreement={_pct(rule.min_judge_agreement)}",
+                f"{pct(agreement)} on {items} labelled pairs {'meets' if ok else 'is under'} "
+                f"promotion.min_judge_agreement={pct(rule.min_judge_agreement)}",
             )
         )
     checks.append(

@@ -10,6 +10,7 @@ from typing import Any
 
 from sao_core import storage
 from sao_core.evaluation import headline
+from sao_core.fmt import pct
 
 STAGE_ORDER = ("personas", "prompts", "responses", "judgements", "pairs")
 
@@ -75,10 +76,6 @@ def format_chains(chains: list[dict[str, Any]], title: str) -> str:
     return "\n".join(out)
 
 
-def _pct(x: float | None) -> str:
-    return "n/a" if x is None else f"{x:.1%}"
-
-
 def format_round_report(
     round_dir: str,
     summary: dict[str, dict[str, Any]],
@@ -102,16 +99,16 @@ def format_round_report(
             f"| {stage} | {s.get('rows_in', 0)} | {s.get('rows_out', 0)} | {drops} | {secs:.1f} | {rate} |"
         )
     if "repetition_rate" in summary.get("prompts", {}):
-        lines.append(f"\nPrompt repetition rate: {_pct(summary['prompts']['repetition_rate'])}")
+        lines.append(f"\nPrompt repetition rate: {pct(summary['prompts']['repetition_rate'])}")
     d = summary.get("judgements", {}).get("diagnostics")
     if d:
         lines.append("\n## Judge diagnostics\n")
         lines.append("| measure | value |\n|---|---|")
-        lines.append(f"| verdicts parsed | {_pct(d.get('parse_rate'))} of {d.get('verdicts', 0)} |")
+        lines.append(f"| verdicts parsed | {pct(d.get('parse_rate'))} of {d.get('verdicts', 0)} |")
         lines.append(f"| valid judgements | {d.get('valid_judgements', 0)} of {d.get('judgements', 0)} |")
-        lines.append(f'| position bias (share of "1 > 2") | {_pct(d.get("first_wins_rate"))} |')
-        lines.append(f"| length bias (longer answer wins) | {_pct(d.get('longer_wins_rate'))} |")
-        lines.append(f"| swap consistency | {_pct(d.get('swap_consistency'))} |")
+        lines.append(f'| position bias (share of "1 > 2") | {pct(d.get("first_wins_rate"))} |')
+        lines.append(f"| length bias (longer answer wins) | {pct(d.get('longer_wins_rate'))} |")
+        lines.append(f"| swap consistency | {pct(d.get('swap_consistency'))} |")
         for reason, count in (d.get("invalid_by_reason") or {}).items():
             lines.append(f"| invalid: {reason} | {count} |")
     if training:

@@ -45,21 +45,19 @@ def evaluate(round_ref: dict[str, Any], settings_hash: str, model: dict[str, Any
     """The trained policy against the current model (and the original), the judge on the trust set."""
     cfg = load_round_config(round_ref["config_url"])
     policy_cfg = policy_config(cfg, model)
-    contenders = [Contender("candidate", describe(policy_cfg.model), engine_for(policy_cfg))]
+    candidate = Contender("candidate", describe(policy_cfg.model), engine_for(policy_cfg))
     baselines = [Contender("current", describe(cfg.model), engine_for(cfg))]
     original = cfg.evaluation.original
     if original and original != cfg.model.path:
-        original_cfg = cfg.model_copy(
-            update={
-                "model": cfg.model.model_copy(update={"path": original, "adapter": None, "revision": None})
-            }
+        original_cfg = loaded_config(
+            cfg, cfg.model.model_copy(update={"path": original, "adapter": None, "revision": None})
         )
         baselines.append(Contender("original", original, engine_for(original_cfg)))
     judge_cfg = judge_config(cfg)
     judge = Contender("judge", describe(judge_cfg.model), engine_for(judge_cfg))
     out = storage.join(model["url"], "eval")
     # Engines stay loaded if this try fails, so a retry does not load them again.
-    result = evaluate_candidate(cfg, contenders[0], baselines, judge, out)
+    result = evaluate_candidate(cfg, candidate, baselines, judge, out)
     release_engine(policy_cfg)
     if len(baselines) > 1:
         release_engine(original_cfg)
@@ -73,12 +71,19 @@ def evaluate(round_ref: dict[str, Any], settings_hash: str, model: dict[str, Any
 
 
 def policy_config(cfg: RoundConfig, model: dict[str, Any]) -> RoundConfig:
-    """The round config with its trained policy as the model: the full model when there is one."""
+    """The round config with its trained policy as the model (the full model when there is one), on the
+    evaluation's engine."""
     if model.get("full"):
         policy = cfg.model.model_copy(update={"path": model["full"], "adapter": None, "revision": None})
     else:
         policy = cfg.model.model_copy(update={"adapter": model["adapter"]})
-    return cfg.model_copy(update={"model": policy})
+    return loaded_config(cfg, policy)
+
+
+def loaded_config(cfg: RoundConfig, model: ModelConfig) -> RoundConfig:
+    """The round config with `model` on the engine that loads models for the evaluation
+    (evaluation.engine, else the round's)."""
+    return cfg.model_copy(update={"model": model, "engine": cfg.evaluation.engine or cfg.engine})
 
 
 def judge_config(cfg: RoundConfig) -> RoundConfig:

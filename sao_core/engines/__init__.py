@@ -36,7 +36,7 @@ def make_engine(engine: EngineConfig, model: ModelConfig, seed: int = 0) -> Engi
     if engine.name == "fake":
         from sao_core.engines.fake import FakeEngine
 
-        return FakeEngine(engine.fake, model=model.path, seed=seed)
+        return FakeEngine(engine.fake, model=model.path, seed=seed, adapter=model.adapter)
     if engine.name == "transformers":
         from sao_core.engines.transformers_engine import TransformersEngine
 

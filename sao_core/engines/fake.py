@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Sequence
-from pathlib import Path
 
 from sao_core.config import FakeEngineConfig
 from sao_core.engines import ChatRequest, Completion, Sampling
@@ -35,16 +34,6 @@ def _unit(*parts: object) -> float:
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
-def _folder_sha256(folder: str) -> str:
-    """sha256 over the relative paths and bytes of every file under `folder` (an adapter: megabytes)."""
-    h = hashlib.sha256()
-    root = Path(folder)
-    for f in sorted(p for p in root.rglob("*") if p.is_file()):
-        h.update(f.relative_to(root).as_posix().encode() + b"\0")
-        h.update(f.read_bytes())
-    return h.hexdigest()
-
-
 class FakeEngine:
     name = "fake"
 
@@ -59,8 +48,9 @@ class FakeEngine:
         self._key: str = str(seed)
         if adapter:
             folder = resolve_adapter(adapter)  # any fsspec URL, fetched once into the model cache
-            self.model_revision += "+adapter:" + model_revision(adapter, folder)
-            self._key += "+adapter:" + _folder_sha256(folder)
+            revision = model_revision(adapter, folder)  # the sha256 of its weights' bytes
+            self.model_revision += "+adapter:" + revision
+            self._key += "+adapter:" + revision
         self.calls = 0
 
     def close(self) -> None:

@@ -9,12 +9,14 @@
 
 A trained round's LoRA policy (model.adapter) runs where the servers serve it under a name of its own:
 
-    vllm serve BASE --enable-lora --lora-modules policy=/path/to/adapter --max-lora-rank 16
-    engine: {name: openai, served_model_name: policy}   # sent as every request's model
+    vllm serve BASE --served-model-name base --enable-lora --lora-modules policy=/path/to/adapter
+    engine: {name: openai, served_model_name: base, served_adapter_name: policy}
 
-The engine cannot apply an adapter itself, so model.adapter without engine.served_model_name is refused;
-a server that lists the served name as a base model (vLLM's /models gives an adapter its `parent`), or
-lists an adapter for a model with no model.adapter, is refused too: either would answer as the wrong model.
+Requests name `served_adapter_name` when model.adapter is set and `served_model_name` when it is not, so
+the base and its policy are both reachable from one engine section. The engine cannot apply an adapter
+itself, so model.adapter without engine.served_adapter_name is refused; a server that lists the adapter's
+name as a base model (vLLM's /models gives an adapter its `parent`), or lists an adapter for a model with
+no model.adapter, is refused too: either would answer as the wrong model.
 
 A request's prefill is sent as a final assistant message with vLLM's `continue_final_message` (servers
 other than vLLM may not support it). Each completion is one /chat/completions call (n=1, its own seed), so replicas share the load evenly and
@@ -96,16 +98,19 @@ class OpenAIEngine:
         for url in engine.base_urls:
             if not url.startswith(("http://", "https://")):
                 raise ConfigError(f"engine.base_urls: {url!r} is not an http(s) URL")
-        if model.adapter and not engine.served_model_name:
+        if model.adapter and not engine.served_adapter_name:
             raise ConfigError(
                 f"model.adapter is {model.adapter!r}, but the openai engine cannot apply an adapter itself: "
                 "serve it (vllm serve BASE --enable-lora --lora-modules NAME=ADAPTER_FOLDER) and set "
-                "engine.served_model_name to NAME"
+                "engine.served_adapter_name to NAME"
             )
         self.cfg = engine
         self.model = model.path
         self.adapter = model.adapter
-        self.served_model = engine.served_model_name or model.path
+        if model.adapter:
+            self.served_model: str = engine.served_adapter_name or ""
+        else:
+            self.served_model = engine.served_model_name or model.path
         if model.adapter:
             revision = model.revision or f"served:{model.path}"
             self.model_revision = f"{revision}+adapter:{_adapter_revision(model.adapter, self.served_model)}"
@@ -148,7 +153,8 @@ class OpenAIEngine:
                 continue
             if self.served_model not in cards:
                 raise EngineError(
-                    f"{url} serves {list(cards)}, not {self.served_model!r}; set engine.served_model_name "
+                    f"{url} serves {list(cards)}, not {self.served_model!r}; set engine."
+                    f"{'served_adapter_name' if self.adapter else 'served_model_name'} "
                     "(or start the server with --served-model-name)"
                 )
             self._check_adapter(url, cards[self.served_model])
@@ -162,7 +168,7 @@ class OpenAIEngine:
             raise EngineError(
                 f"{url} serves {self.served_model!r} as a base model, not as the adapter {self.adapter}; "
                 "serve the adapter (--enable-lora --lora-modules NAME=ADAPTER_FOLDER) and set "
-                "engine.served_model_name to NAME"
+                "engine.served_adapter_name to NAME"
             )
         if not self.adapter and card["parent"]:
             raise EngineError(

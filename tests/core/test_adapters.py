@@ -69,6 +69,16 @@ def test_the_fake_engine_answers_as_its_adapter_and_names_it() -> None:
         cfg, model="m", seed=0, adapter=write_adapter("memory://round_002/a", b"lora-round-2")
     )
     assert texts(retrained) not in (texts(base), texts(policy))
+    assert retrained.model_revision not in (base.model_revision, policy.model_revision)
+
+
+def test_make_engine_gives_the_fake_engine_the_configured_adapter() -> None:
+    url = write_adapter("memory://round_001/model/adapter")
+    engine = EngineConfig(name="fake")
+    policy = make_engine(engine, ModelConfig(path="m", adapter=url))
+    assert texts(policy) == texts(FakeEngine(FakeEngineConfig(), model="m", seed=0, adapter=url))
+    assert texts(policy) != texts(make_engine(engine, ModelConfig(path="m")))
+    assert policy.model_revision == "fake+adapter:" + model_revision(url, resolve_adapter(url))
 
 
 def test_the_fake_engine_refuses_an_adapter_that_is_not_one(tmp_path: Path) -> None:
@@ -113,8 +123,10 @@ def served() -> Iterator[StubServer]:
     stub.stop()
 
 
-def openai_engine(url: str, served_model_name: str | None, adapter: str | None = None) -> Any:
-    engine = EngineConfig(name="openai", base_urls=(url,), served_model_name=served_model_name)
+def openai_engine(url: str, served_name: str | None, adapter: str | None = None) -> Any:
+    """The openai engine asking for `served_name`: the base's name, or the adapter's when there is one."""
+    names = {"served_adapter_name" if adapter else "served_model_name": served_name}
+    engine = EngineConfig(name="openai", base_urls=(url,), **names)
     return make_engine(engine, ModelConfig(path="bundled:smollm2-135m-instruct", adapter=adapter))
 
 
@@ -149,7 +161,7 @@ def test_the_openai_engine_refuses_an_adapter_it_is_not_told_the_name_of(served:
     assert str(info.value) == (
         f"model.adapter is {url!r}, but the openai engine cannot apply an adapter itself: serve it "
         "(vllm serve BASE --enable-lora --lora-modules NAME=ADAPTER_FOLDER) and set "
-        "engine.served_model_name to NAME"
+        "engine.served_adapter_name to NAME"
     )
     assert served.models_calls == 0 and not served.calls  # refused before asking the server anything
 
@@ -165,6 +177,18 @@ def test_the_openai_engine_refuses_a_base_model_for_an_adapter_and_the_reverse(s
     ):
         openai_engine(served.url, "policy")
     assert not served.calls
+
+
+def test_one_engine_section_reaches_the_base_and_its_adapter(served: StubServer) -> None:
+    # What an evaluation does: the current model and the policy from the same engine settings.
+    url = write_adapter("memory://round_001/model/adapter")
+    engine = EngineConfig(
+        name="openai", base_urls=(served.url,), served_model_name="smollm2", served_adapter_name="policy"
+    )
+    base = make_engine(engine, ModelConfig(path="bundled:smollm2-135m-instruct"))
+    policy = make_engine(engine, ModelConfig(path="bundled:smollm2-135m-instruct", adapter=url))
+    assert texts(base) != texts(policy)
+    assert [c["model"] for c in served.calls] == ["smollm2"] * 4 + ["policy"] * 4
 
 
 def test_a_server_that_lists_no_parents_is_trusted() -> None:

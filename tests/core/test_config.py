@@ -122,3 +122,14 @@ def test_round_hash_leaves_training_to_its_own_hash():
     a, b = build_config({}), build_config({}, ["training.learning_rate=0.001"])
     assert hash_config(a) == hash_config(b) and round_url(a) == round_url(b)
     assert hash_config(a.training) != hash_config(b.training)
+
+
+def test_a_served_engine_cannot_evaluate_the_policy_a_round_trains():
+    served = ["engine.name=openai", "engine.base_urls=[http://127.0.0.1:8000/v1]"]
+    with pytest.raises(ConfigError, match=r"set evaluation\.engine to an engine that loads models"):
+        build_config(None, overrides=served)
+    with pytest.raises(ConfigError, match=r"evaluation\.engine"):
+        build_config(None, overrides=[*served, "evaluation.engine={name: openai, base_urls: [http://h:1/v1]}"])
+    cfg = build_config(None, overrides=[*served, "evaluation.engine={name: vllm}"])
+    assert (cfg.engine.name, cfg.evaluation.engine.name) == ("openai", "vllm")
+    assert build_config(None, overrides=[*served, "evaluation.enabled=false"]).evaluation.engine is None

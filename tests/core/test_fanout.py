@@ -108,7 +108,7 @@ def test_replicas_needs_the_openai_engine():
         build_config({"engine": {"name": "fake"}}, ["fanout.mode=replicas"])
     cfg = build_config(
         {"engine": {"name": "openai", "base_urls": ["http://127.0.0.1:8001/v1", "http://127.0.0.1:8002/v1"]}},
-        ["fanout.mode=replicas"],
+        ["fanout.mode=replicas", "evaluation.engine={name: vllm}"],
     )
     assert cfg.fanout.mode == "replicas"
 

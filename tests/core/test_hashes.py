@@ -90,7 +90,7 @@ def test_batch_size_names_the_folder_only_under_transformers():
     hf = ("engine.name=transformers",)
     assert round_url(tiny(*hf, "engine.batch_size=3")) != round_url(tiny(*hf))
     for engine in ("vllm", "openai"):
-        other = (f"engine.name={engine}", "engine.base_urls=[http://a:8000/v1]")
+        other = (f"engine.name={engine}", "engine.base_urls=[http://a:8000/v1]", "evaluation.enabled=false")
         assert round_url(tiny(*other, "engine.batch_size=3")) == round_url(tiny(*other))
 
 

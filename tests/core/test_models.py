@@ -3,6 +3,7 @@ at URLs copied once into the cache (memory:// here, a real S3 endpoint in the ti
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import fsspec
@@ -106,6 +107,27 @@ def test_revision_applies_to_hub_ids_only(tmp_path):
     # The manifest names what was loaded: a folder's own files, whatever revision the config gives.
     assert model_revision(local, local, "abc123") == model_revision(local, local)
     assert model_revision(local, local).startswith("sha256:")
+
+
+def test_a_folder_retrained_in_place_gets_a_new_revision(tmp_path):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    for name, data in MODEL_FILES.items():
+        (folder / name).write_bytes(data)
+    weights = next(f for f in folder.iterdir() if f.suffix == ".safetensors")
+    first = model_revision(str(folder), str(folder))
+    assert model_revision(str(folder), str(folder)) == first  # kept, not read again
+    assert [p.read_text() for p in (tmp_path / "cache" / "revisions").iterdir()] == [first]
+
+    # Another round's weights: same name, same size, other bytes.
+    data = weights.read_bytes()
+    weights.write_bytes(bytes(b ^ 0xFF for b in data))
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 1_000_000))
+    second = model_revision(str(folder), str(folder))
+    assert second.startswith("sha256:") and second != first
+    # Files the revision does not cover (a README) change nothing.
+    (folder / "README.md").write_text("notes")
+    assert model_revision(str(folder), str(folder)) == second
 
 
 # --- folders at URLs --------------------------------------------------------------------------------------

@@ -160,6 +160,7 @@ def test_retries_running_out_fail_the_shard_and_write_nothing(stub: StubServer, 
             "engine.served_model_name=stub-model",
             "engine.max_retries=2",
             "engine.max_concurrency=1",
+            "evaluation.enabled=false",
         ],
     )
     round_dir = prepare_round(cfg)

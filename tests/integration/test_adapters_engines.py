@@ -220,13 +220,21 @@ def test_openai_engine_asks_vllm_serve_for_the_adapter_by_its_served_name(
         server.wait_healthy()
         cards = {m["id"]: m for m in httpx.get(f"{server.url}/models").json()["data"]}
         assert cards[SERVED_BASE]["parent"] is None and cards[SERVED_ADAPTER]["parent"] == SERVED_BASE
-        served = EngineConfig(name="openai", base_urls=(server.url,), served_model_name=SERVED_BASE)
+        # One engine section reaches both: the base by its served name, the policy by the adapter's.
+        served = EngineConfig(
+            name="openai",
+            base_urls=(server.url,),
+            served_model_name=SERVED_BASE,
+            served_adapter_name=SERVED_ADAPTER,
+        )
         base_texts, base_revision = answers(served, ModelConfig(path=base))
-        policy_engine = served.model_copy(update={"served_model_name": SERVED_ADAPTER})
-        policy_texts, policy_revision = answers(policy_engine, ModelConfig(path=base, adapter=adapter))
+        policy_texts, policy_revision = answers(served, ModelConfig(path=base, adapter=adapter))
         # The base model's served name for the policy: refused, never answered as the base.
         with pytest.raises(EngineError, match=rf"serves '{SERVED_BASE}' as a base model, not as the adapter"):
-            make_engine(served, ModelConfig(path=base, adapter=adapter))
+            make_engine(
+                served.model_copy(update={"served_adapter_name": SERVED_BASE}),
+                ModelConfig(path=base, adapter=adapter),
+            )
     finally:
         server.kill()
 
