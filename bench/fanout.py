@@ -46,26 +46,14 @@ def data_stages_flow() -> Any:
     """The round flow's first four stages (flows/sao_round.py), as a flow of its own."""
     from prefect import flow
 
-    from tasks.common import result_storage, with_result_storage
-    from tasks.config import resolve_config
-    from tasks.judging import judge_responses
-    from tasks.personas import sample_personas
-    from tasks.prompts import synthesize_prompts
-    from tasks.responses import generate_responses
+    from flows.sao_round import data_stages
 
     @flow(name="bench-fanout-data-stages")
-    def data_stages(config: str, overrides: list[str]) -> dict[str, Any]:
-        ref = resolve_config(config, overrides)
-        results = result_storage(ref["root"])
-        ref = {**ref, "result_storage": results}
-        s = ref["settings"]
-        personas = with_result_storage(sample_personas, results)(ref, s["personas"])
-        prompts = with_result_storage(synthesize_prompts, results)(ref, s["prompts"], personas["url"])
-        responses = with_result_storage(generate_responses, results)(ref, s["responses"], prompts["url"])
-        with_result_storage(judge_responses, results)(ref, s["judgements"], responses["url"])
+    def four_stages(config: str, overrides: list[str]) -> dict[str, Any]:
+        ref, _ = data_stages(config, overrides)
         return {"round_dir": ref["round_dir"]}
 
-    return data_stages
+    return four_stages
 
 
 def batch_overheads(cluster: Any, records: list[dict[str, Any]]) -> list[float]:

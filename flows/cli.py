@@ -31,13 +31,18 @@ LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"
 
 def add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, help="round recipe: a YAML path or any fsspec URL")
+    add_overrides_arg(p, "judging.swap=true")
+
+
+def add_overrides_arg(p: argparse.ArgumentParser, example: str) -> None:
+    """`--set KEY=VALUE`, repeatable: config overrides, collected in `overrides`."""
     p.add_argument(
         "--set",
         dest="overrides",
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override a config value, e.g. --set judging.swap=true (repeatable)",
+        help=f"override a config value, e.g. --set {example} (repeatable)",
     )
 
 
@@ -130,14 +135,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
 def add_campaign_args(p: argparse.ArgumentParser) -> None:
     """Which campaign: from a round recipe (run.root, run.campaign), or named outright."""
     p.add_argument("--config", help="a round recipe whose run.root and run.campaign name the campaign")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value, e.g. --set run.campaign=nightly (repeatable)",
-    )
+    add_overrides_arg(p, "run.campaign=nightly")
     p.add_argument("--campaign-root", help="the artifact root (run.root): a folder or any fsspec URL")
     p.add_argument("--campaign", help="the campaign's name (run.campaign)")
 

@@ -94,7 +94,9 @@ def sao_round(
         return _round(config, overrides, continue_campaign)
 
 
-def _round(config: str, overrides: list[str], continue_campaign: bool) -> dict[str, Any]:
+def data_stages(config: str, overrides: list[str]) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """The resolved round (with its result storage) and the four stages that write the data, by name:
+    personas -> prompts -> responses -> judgements."""
     ref = resolve_config(config, overrides)
     results = result_storage(ref["root"])
     ref = {**ref, "result_storage": results}
@@ -103,6 +105,13 @@ def _round(config: str, overrides: list[str], continue_campaign: bool) -> dict[s
     prompts = with_result_storage(synthesize_prompts, results)(ref, s["prompts"], personas["url"])
     responses = with_result_storage(generate_responses, results)(ref, s["responses"], prompts["url"])
     judgements = with_result_storage(judge_responses, results)(ref, s["judgements"], responses["url"])
+    return ref, {"personas": personas, "prompts": prompts, "responses": responses, "judgements": judgements}
+
+
+def _round(config: str, overrides: list[str], continue_campaign: bool) -> dict[str, Any]:
+    ref, data = data_stages(config, overrides)
+    results, s = ref["result_storage"], ref["settings"]
+    responses, judgements = data["responses"], data["judgements"]
     pairs = with_result_storage(build_pairs, results)(ref, s["pairs"], judgements["url"], responses["url"])
     quality_gate(ref, pairs, judgements)
     model = with_result_storage(train_policy, results)(ref, s["training"], pairs["url"])
@@ -118,7 +127,7 @@ def _round(config: str, overrides: list[str], continue_campaign: bool) -> dict[s
     if decision and decision["promote"] and ref["approval"] == "human":
         decision = ask_for_approval(ref, decision, approval_description(ref, evaluation, decision))
     outcome = record_outcome(ref, model, pairs, judgements, evaluation, downstream, decision)
-    stages = {s["stage"]: s for s in (personas, prompts, responses, judgements, pairs)}
+    stages = {s["stage"]: s for s in (*data.values(), pairs)}
     report = write_report(ref, stages, model, evaluation, decision)
     campaign_report = campaign_report_task(config, overrides) if continue_campaign else None
     return {

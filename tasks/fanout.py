@@ -133,7 +133,12 @@ def run_on_deployment(
                 timeout=0,
                 idempotency_key=f"{key}-{stage}-b{b}-a{attempt}",
                 flow_run_name=f"{stage}-batch-{b:02d}-try-{attempt}",
-                tags=[f"sao-stage:{stage}", f"sao-round:{round_ref['round']}"],
+                # A round number repeats across campaigns and configs; its folder name does not.
+                tags=[
+                    f"sao-stage:{stage}",
+                    f"sao-round:{round_ref['round']}",
+                    f"sao-round-dir:{round_dir.rstrip('/').rsplit('/', 1)[-1]}",
+                ],
             )
             runs.append({"batch": b, "shards": shards, "flow_run_id": run.id})
             logger.info("%s: batch %d (shards %s) submitted as flow run %s", stage, b, shards, run.id)
