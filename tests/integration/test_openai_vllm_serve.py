@@ -126,6 +126,7 @@ def _round(tmp_path: Path, server: VLLMServer, *overrides: str) -> tuple[RoundCo
             f"engine.served_model_name={SERVED}",
             f"engine.api_key_env={KEY_ENV}",
             "engine.max_concurrency=2",
+            "evaluation.enabled=false",  # the stages only: no trained policy to evaluate
             "prompts.max_tokens=48",
             *overrides,
         ],
