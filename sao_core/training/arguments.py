@@ -175,6 +175,16 @@ def trainer_class(objective: str) -> type:
 
     class SAOTrainer(base):
         rows_seen: list[int]
+        warmup_steps: int = 0  # the warmup the run used (training.warmup_ratio, capped: create_scheduler)
+
+        def create_scheduler(self, num_training_steps: int, optimizer: Any = None) -> Any:
+            # transformers' warmup starts at learning rate 0, so a warmup as long as the run (one or two
+            # steps: a small round) trains nothing at all; it is cut to leave the last step at full rate.
+            warmup = self.args.get_warmup_steps(num_training_steps)
+            if num_training_steps > 0 and warmup >= num_training_steps:
+                self.args.warmup_steps = num_training_steps - 1
+            self.warmup_steps = self.args.get_warmup_steps(num_training_steps)
+            return super().create_scheduler(num_training_steps, optimizer)
 
         def _set_signature_columns_if_needed(self) -> None:
             super()._set_signature_columns_if_needed()

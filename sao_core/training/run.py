@@ -371,6 +371,7 @@ def run_training(
             "adapter": "adapter" if tcfg.lora.enabled else None,
             "full_model": "full" if (not tcfg.lora.enabled or tcfg.merge) else None,
             "steps": trainer.state.global_step,
+            "warmup_steps": getattr(trainer, "warmup_steps", None),
             "epochs": trainer.state.epoch,
             "resumed_from": resume.name if resume else None,
             "resumed_from_step": resume_step,

@@ -148,6 +148,20 @@ def test_adapter_weights_change_and_base_weights_do_not(tiny_model, pairs_dir, t
     assert len(setup.trainer.rows_seen) == 6  # 3 steps x global batch 2
 
 
+@pytest.mark.parametrize("steps", [1, 2])
+def test_a_run_of_one_or_two_steps_still_trains(tiny_model, pairs_dir, tmp_path, steps):
+    # training.warmup_ratio 0.1 of 1 or 2 steps is one warmup step, which transformers runs at rate 0.
+    import torch
+
+    setup = prepare_training(tiny_config(tiny_model, max_steps=steps), pairs_dir, str(tmp_path))
+    model = setup.trainer.model
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    setup.trainer.train()
+    moved = [n for n, p in model.named_parameters() if n in before and not torch.equal(before[n], p.detach())]
+    assert moved, "no trained weight moved"
+    assert setup.trainer.warmup_steps == steps - 1
+
+
 def test_orpo_trains_and_logs_reward_metrics(tiny_model, pairs_dir, tmp_path):
     manifest = train(tiny_config(tiny_model, objective="orpo", max_steps=1), pairs_dir, str(tmp_path / "m"))
     steps = json.loads((tmp_path / "m" / "train_log.json").read_text())["steps"]
