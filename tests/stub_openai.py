@@ -19,8 +19,11 @@ import json
 import socket
 import threading
 from collections.abc import Callable
+from concurrent.futures import Future
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 # Only a guard against a hang when the engine misbehaves; no outcome depends on it.
 HANG_GUARD_S = 60.0
@@ -198,3 +201,17 @@ class StubServer:
             self.changed.notify_all()
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+def in_background(fn: Callable[..., T], *args: Any) -> Future[T]:
+    """Run fn on a thread of its own, so that a test can drive the stubs while the caller waits on them."""
+    future: Future[T] = Future()
+
+    def run() -> None:
+        try:
+            future.set_result(fn(*args))
+        except BaseException as e:
+            future.set_exception(e)
+
+    threading.Thread(target=run, daemon=True).start()
+    return future

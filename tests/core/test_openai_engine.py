@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import socket
 import threading
-from collections.abc import Callable, Iterator
-from concurrent.futures import Future
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -25,25 +24,11 @@ from sao_core.errors import ConfigError, EngineError
 from sao_core.stages.layout import prepare_round
 from sao_core.stages.round import run_personas
 from sao_core.stages.runner import EngineProvider, run_shard
-from tests.stub_openai import HANG_GUARD_S, StubServer
+from tests.stub_openai import HANG_GUARD_S, StubServer, in_background
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLING = Sampling(temperature=0.6, top_p=0.95, max_tokens=16, seed=1)
 T = TypeVar("T")
-
-
-def _in_background(fn: Callable[..., T], *args: Any) -> Future[T]:
-    """Run fn on a thread of its own, so that the test can drive the stub while the engine waits on it."""
-    future: Future[T] = Future()
-
-    def run() -> None:
-        try:
-            future.set_result(fn(*args))
-        except BaseException as e:
-            future.set_exception(e)
-
-    threading.Thread(target=run, daemon=True).start()
-    return future
 
 
 @pytest.fixture
@@ -113,7 +98,7 @@ def test_concurrency_is_bounded(stub: StubServer, monkeypatch: pytest.MonkeyPatc
     stub.hold_calls()
     engine = _engine(stub.url, max_concurrency=3)
     requests = [ChatRequest.user(f"r{i}", f"q{i}") for i in range(12)]
-    outs = _in_background(engine.generate, requests, SAMPLING)
+    outs = in_background(engine.generate, requests, SAMPLING)
     for answered in range(12):
         stub.wait_until(answered=answered, in_flight=min(3, 12 - answered))
         assert stub.max_in_flight == 3, f"{stub.max_in_flight} calls in flight with max_concurrency=3"
@@ -139,7 +124,7 @@ def test_429_5xx_dropped_connections_and_aborts_are_retried(stub: StubServer) ->
 def test_a_stalled_call_times_out_and_is_retried(stub: StubServer) -> None:
     stub.faults = ["stall"]  # the first call is not answered while the test runs
     engine = _engine(stub.url, request_timeout_s=0.5, max_retries=3)
-    outs = _in_background(engine.generate, [ChatRequest.user("r0", "q")], SAMPLING)
+    outs = in_background(engine.generate, [ChatRequest.user("r0", "q")], SAMPLING)
     out = outs.result(timeout=HANG_GUARD_S)[0][0]
     # The answer can only have come from a retry: the stalled call is still waiting. A retry repeats
     # the same completion (same body, so the same seed).

@@ -16,7 +16,6 @@ import json
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -31,7 +30,7 @@ from sao_core.stages import runner
 from sao_core.stages.layout import MODEL_STAGES, input_stage, num_shards, output_url, stage_url
 from sao_core.stages.runner import EngineProvider
 from tests.flows.conftest import task_runs
-from tests.stub_openai import HANG_GUARD_S, StubServer, echo
+from tests.stub_openai import HANG_GUARD_S, StubServer, echo, in_background
 
 ROOT = Path(__file__).parents[2]
 TINY = str(ROOT / "configs" / "tiny.yaml")
@@ -179,19 +178,6 @@ def prove_shards_run_at_once(
         for replica in replicas:
             replica.let_go()
     return seen
-
-
-def in_background(fn: Callable[..., T], *args: Any) -> Future[T]:
-    future: Future[T] = Future()
-
-    def run() -> None:
-        try:
-            future.set_result(fn(*args))
-        except BaseException as e:
-            future.set_exception(e)
-
-    threading.Thread(target=run, daemon=True).start()
-    return future
 
 
 class EngineGets:
