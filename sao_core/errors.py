@@ -47,3 +47,21 @@ class StorageConflict(StorageError):
 
 class CampaignError(SAOError, ValueError):
     """A promotion or rollback that the campaign's history or the model does not allow."""
+
+
+class TransientStorageError(SAOError, ConnectionError):
+    """The artifact store did not answer after every try (refused or cut connections, 5xx answers).
+
+    Deliberately not a StorageError: tasks.common.retry_unless_permanent treats StorageError as permanent,
+    and this one may pass on a later try. A ConnectionError, so code that expects I/O errors from the
+    store (OSError) still catches it.
+    """
+
+
+class LeaseLost(SAOError):
+    """A lease was taken over while its holder still worked under it (the holder froze past its ttl):
+    what the holder made is not written; a retry finds the other holder's result or waits for it."""
+
+
+class LeaseTimeout(StorageConflict):
+    """A lease stayed held by another live holder for longer than the caller would wait."""

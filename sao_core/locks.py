@@ -17,6 +17,11 @@ shard's engine.shard_timeout_s): a holder stuck past its own time limit lets oth
 A stale lease is taken over in two create-only steps: first a marker named after that lease (of two
 takers, one creates it), then, once the stale lease is checked to be still the same and removed, the
 lease itself. Two takers never both come away holding it.
+
+A lease this process released but could not remove (the store down at that moment) is remembered here, by
+URL and token: its record is still there and still looks live, but this process knows it holds nothing
+under it, so its next acquire (or wait) takes it over at once, the same safe way, rather than waiting
+out the ttl for itself. Other processes still wait for it to expire.
 """
 
 from __future__ import annotations
@@ -29,14 +34,15 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from functools import partial
+from typing import Any, TypeVar
 
 from sao_core import storage
-from sao_core.errors import SAOError, StorageConflict, StorageError
+from sao_core.errors import LeaseLost, LeaseTimeout, StorageConflict, StorageError
 
 log = logging.getLogger(__name__)
 
@@ -44,14 +50,11 @@ LEASE_TTL_S = 120.0  # a lease nobody renews is free after this long (less when 
 MIN_POLL_S, MAX_POLL_S = 0.1, 1.0  # how often a waiter looks again: a quarter of the ttl, within these
 CAMPAIGN_LOCK = "_lock.json"
 
+T = TypeVar("T")
 
-class LeaseLost(SAOError):
-    """A lease was taken over while its holder still worked under it (the holder froze past its ttl):
-    what the holder made is not written; a retry finds the other holder's result or waits for it."""
-
-
-class LeaseTimeout(StorageConflict):
-    """A lease stayed held by another live holder for longer than the caller would wait."""
+# (url, token) of leases this process released but could not remove; see the module docstring.
+_unreleased: set[tuple[str, str]] = set()
+_unreleased_lock = threading.Lock()
 
 
 # --- who holds a lease ------------------------------------------------------------------------------
@@ -110,6 +113,24 @@ def stale_reason(data: dict[str, Any] | None, now: float | None = None) -> str |
     if same_machine and isinstance(data.get("pid"), int) and process_gone(data["pid"]):
         return f"its process {data['pid']} is gone"
     return None
+
+
+def _remember_unreleased(url: str, token: str) -> None:
+    with _unreleased_lock:
+        _unreleased.add((url, token))
+
+
+def _forget_unreleased(url: str, token: str) -> None:
+    with _unreleased_lock:
+        _unreleased.discard((url, token))
+
+
+def released_here(url: str, data: dict[str, Any] | None) -> bool:
+    """Whether the lease at `url` (as read) is one this process released but could not remove."""
+    if not data or "token" not in data:
+        return False
+    with _unreleased_lock:
+        return (url, str(data["token"])) in _unreleased
 
 
 def read_lease(url: str) -> dict[str, Any] | None:
@@ -206,13 +227,20 @@ class Lease:
         self._stop.set()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=30)
+        removed = False
         try:
             if self.held():
                 _remove(self.url)
+            removed = True
             if self.marker:
                 _remove(self.marker)
         except (OSError, StorageError) as e:  # left behind, it expires within ttl_s
-            log.warning("%s: could not release %s: %s", self.what, self.url, e)
+            if not removed:  # its record still looks live: let this process's next try take it back
+                _remember_unreleased(self.url, self.token)
+            log.warning(
+                "%s: could not release %s: %s (others wait until it expires, within %.0f s; "
+                "this process takes it back at once)", self.what, self.url, e, self.ttl_s,
+            )  # fmt: skip
 
 
 def _remove(url: str) -> None:
@@ -225,6 +253,33 @@ def _marker_url(url: str, stale: dict[str, Any], raw_token: str) -> str:
     key = hashlib.sha256(f"{stale.get('token', '')}|{raw_token}".encode()).hexdigest()[:16]
     base, _, name = url.rpartition("/")
     return f"{base}/{name}.taken-{key}"
+
+
+def _take_marker(url: str, stale: dict[str, Any], token: str) -> str | None:
+    """Create the take-over marker for the stale lease `stale` at `url` and remove that lease; the marker's
+    URL, or None when another taker got the marker first or the lease changed since it was read."""
+    marker = _marker_url(url, stale, json.dumps(stale, sort_keys=True))
+    try:
+        storage.write_bytes_exclusive(marker, token.encode())
+    except StorageConflict:
+        return None
+    if read_lease(url) != stale:  # renewed, released or taken since we read it: not ours to remove
+        _remove(marker)
+        return None
+    _remove(url)
+    if "token" in stale:
+        _forget_unreleased(url, str(stale["token"]))
+    return marker
+
+
+def _clear_released_here(url: str, data: dict[str, Any]) -> None:
+    """Remove a lease this process released but could not remove (see released_here), the safe way."""
+    try:
+        marker = _take_marker(url, data, uuid.uuid4().hex)
+        if marker is not None:
+            _remove(marker)
+    except (OSError, StorageError) as e:  # still there: this process keeps treating it as free
+        log.warning("could not remove %s, released earlier by this process: %s", url, e)
 
 
 def _create(lease: Lease) -> bool:
@@ -260,6 +315,8 @@ def try_acquire(
         return lease
     stale = read_lease(url)
     reason = stale_reason(stale)
+    if reason is None and released_here(url, stale):
+        reason = "released by this process, which could not remove it then"
     if reason is None:
         return None
     if stale is None:  # released since our try
@@ -268,15 +325,9 @@ def try_acquire(
         lease.start_renewing()
         return lease
     # Two create-only steps, so that of two takers of the same stale lease only one goes on.
-    marker = _marker_url(url, stale, json.dumps(stale, sort_keys=True))
-    try:
-        storage.write_bytes_exclusive(marker, lease.token.encode())
-    except StorageConflict:
+    marker = _take_marker(url, stale, lease.token)
+    if marker is None:
         return None
-    if read_lease(url) != stale:  # renewed, released or taken since we read it: not ours to remove
-        _remove(marker)
-        return None
-    _remove(url)
     lease.marker = marker
     if not _create(lease):
         _remove(marker)
@@ -291,6 +342,33 @@ def poll_interval(ttl_s: float) -> float:
     return min(max(ttl_s / 4, MIN_POLL_S), MAX_POLL_S)
 
 
+def _wait_for(
+    url: str,
+    what: str,
+    ttl_s: float,
+    wait_s: float | None,
+    deadline: float | None,
+    attempt: Callable[[], tuple[T | None, dict[str, Any] | None]],
+    waiting: str,
+) -> tuple[T, bool]:
+    """Call `attempt` (one try: its result, None while `url` is held, and the lease as read) until it gives
+    a result; logs the first wait, LeaseTimeout naming the holder after `deadline`. The result and whether
+    it waited."""
+    announced = False
+    while True:
+        result, data = attempt()
+        if result is not None:
+            return result, announced
+        if not announced:
+            log.warning("%s: %s is held by %s; %s", what, url, describe(data), waiting)
+            announced = True
+        if deadline is not None and time.monotonic() > deadline:
+            raise LeaseTimeout(
+                f"{what}: {url} is still held by {describe(data)} after waiting {wait_s:.0f} s"
+            )
+        time.sleep(poll_interval(ttl_s))
+
+
 def acquire(
     url: str,
     what: str,
@@ -302,23 +380,16 @@ def acquire(
     """Take the lease, waiting while another live holder has it (at most `wait_s`; None: as long as it
     takes); LeaseTimeout naming the holder when the wait runs out. The first wait is logged."""
     deadline = None if wait_s is None else time.monotonic() + wait_s
-    waited = False
     started = time.monotonic()
-    while True:
+
+    def attempt() -> tuple[Lease | None, dict[str, Any] | None]:
         lease = try_acquire(url, what, ttl_s, holder, max_hold_s)
-        if lease is not None:
-            if waited:
-                log.warning("%s: waited %.1f s for %s", what, time.monotonic() - started, url)
-            return lease
-        other = read_lease(url)
-        if not waited:
-            log.warning("%s: %s is held by %s; waiting", what, url, describe(other))
-            waited = True
-        if deadline is not None and time.monotonic() > deadline:
-            raise LeaseTimeout(
-                f"{what}: {url} is still held by {describe(other)} after waiting {wait_s:.0f} s"
-            )
-        time.sleep(poll_interval(ttl_s))
+        return lease, None if lease is not None else read_lease(url)
+
+    lease, waited = _wait_for(url, what, ttl_s, wait_s, deadline, attempt, "waiting")
+    if waited:
+        log.warning("%s: waited %.1f s for %s", what, time.monotonic() - started, url)
+    return lease
 
 
 @contextmanager
@@ -338,20 +409,22 @@ def hold(
         lease.release()
 
 
+def _free(url: str) -> tuple[bool | None, dict[str, Any] | None]:
+    """One look at the lease at `url`: True when nobody live holds it, else None; and the lease as read."""
+    data = read_lease(url)
+    if stale_reason(data) is not None:
+        return True, data
+    if data is not None and released_here(url, data):
+        _clear_released_here(url, data)
+        return True, data
+    return None, data
+
+
 def wait_until_free(urls: list[str], what: str, ttl_s: float, wait_s: float | None) -> None:
     """Wait until none of the leases at `urls` is held by a live holder; LeaseTimeout after `wait_s`."""
     deadline = None if wait_s is None else time.monotonic() + wait_s
     for url in urls:
-        announced = False
-        while stale_reason(data := read_lease(url)) is None:
-            if not announced:
-                log.warning("%s: %s is held by %s; waiting for it", what, url, describe(data))
-                announced = True
-            if deadline is not None and time.monotonic() > deadline:
-                raise LeaseTimeout(
-                    f"{what}: {url} is still held by {describe(data)} after waiting {wait_s:.0f} s"
-                )
-            time.sleep(poll_interval(ttl_s))
+        _wait_for(url, what, ttl_s, wait_s, deadline, partial(_free, url), "waiting for it")
 
 
 # --- the campaign lock -----------------------------------------------------------------------------------

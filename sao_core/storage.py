@@ -34,7 +34,12 @@ from typing import Any, TypeVar
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from sao_core.errors import ManifestError, SAOError, StorageConflict, StorageError
+from sao_core.errors import (
+    ManifestError,
+    StorageConflict,
+    StorageError,
+    TransientStorageError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -50,15 +55,6 @@ TRANSIENT_WAIT_S = 2.0
 TRANSIENT_GIVE_UP_S = 120.0
 
 T = TypeVar("T")
-
-
-class TransientStorageError(SAOError, ConnectionError):
-    """The artifact store did not answer after every try (refused or cut connections, 5xx answers).
-
-    Deliberately not a StorageError: tasks.common.retry_unless_permanent treats StorageError as permanent,
-    and this one may pass on a later try. A ConnectionError, so code that expects I/O errors from the
-    store (OSError) still catches it.
-    """
 
 
 def url_to_fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:

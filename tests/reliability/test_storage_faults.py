@@ -37,11 +37,10 @@ from sao_core import storage
 from sao_core.chat import ChatRequest, Completion, Sampling
 from sao_core.config import RoundConfig, build_config, load_config, round_url
 from sao_core.engines.fake import FakeEngine
-from sao_core.errors import StorageError
+from sao_core.errors import StorageError, TransientStorageError
 from sao_core.pipeline import run_synth
 from sao_core.stages.layout import MODEL_STAGES, stage_url
 from sao_core.stages.runner import EngineProvider
-from sao_core.storage import TransientStorageError
 from sao_core.training import default_output_url
 
 if TYPE_CHECKING:  # pytest loads the conftest itself: importing it again would make a second copy
