@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
-from sao_core.errors import SAOError, StorageError
-from sao_core.storage import read_bytes
+from sao_core.errors import SAOError
+from sao_core.storage import read_input
 
 __all__ = [
     "BUILTIN",
@@ -177,14 +177,7 @@ def _read(source: str, filename: str) -> tuple[str, str]:
             ) from e
     else:
         where = f"evaluation set {source}"
-        try:
-            data = read_bytes(source)
-        except FileNotFoundError as e:
-            raise EvalSetError(f"{where} does not exist") from e
-        except StorageError as e:
-            raise EvalSetError(f"{where} cannot be read: {e}") from e
-        except Exception as e:  # credentials, endpoint, permissions: name the file, keep the cause
-            raise EvalSetError(f"{where} cannot be read: {type(e).__name__}: {e}") from e
+        data = read_input(source, where, EvalSetError)
     try:
         return data.decode("utf-8-sig"), where
     except UnicodeDecodeError as e:

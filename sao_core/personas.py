@@ -45,8 +45,8 @@ from typing import Any
 import yaml
 
 from sao_core.config import PersonasConfig
-from sao_core.errors import PersonaSourceError, StorageError
-from sao_core.storage import read_bytes
+from sao_core.errors import PersonaSourceError
+from sao_core.storage import read_input
 
 __all__ = [
     "builtin_attributes",
@@ -345,14 +345,7 @@ def read_persona_file(url: str, column: str = "persona", drops: Counter[str] | N
     """Distinct personas (persona_id -> text) of a JSONL/JSON/Parquet/CSV file at any fsspec URL; the
     rows left out are counted by reason in `drops` when given (module docstring)."""
     fmt, compressed = _file_format(url)
-    try:
-        data = read_bytes(url)
-    except FileNotFoundError as e:
-        raise PersonaSourceError(f"persona file {url} does not exist") from e
-    except StorageError as e:
-        raise PersonaSourceError(f"persona file {url} cannot be read: {e}") from e
-    except Exception as e:  # credentials, endpoint, permissions: name the file, keep the cause
-        raise PersonaSourceError(f"persona file {url} cannot be read: {type(e).__name__}: {e}") from e
+    data = read_input(url, f"persona file {url}", PersonaSourceError)
     if compressed:
         try:
             data = gzip.decompress(data)

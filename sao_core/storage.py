@@ -205,6 +205,19 @@ def exists(url: str) -> bool:
     return bool(_retrying("check", url, fs, lambda: fs.exists(path)))
 
 
+def read_input(url: str, where: str, error: type[Exception]) -> bytes:
+    """The bytes of an input file the config names; `error` saying `where` it is missing or unreadable
+    (credentials, endpoint, permissions included), with the cause kept."""
+    try:
+        return read_bytes(url)
+    except FileNotFoundError as e:
+        raise error(f"{where} does not exist") from e
+    except StorageError as e:
+        raise error(f"{where} cannot be read: {e}") from e
+    except Exception as e:
+        raise error(f"{where} cannot be read: {type(e).__name__}: {e}") from e
+
+
 def read_bytes(url: str) -> bytes:
     fs, path = url_to_fs(url)
     try:
