@@ -33,7 +33,8 @@ from typing import Any
 
 import httpx
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.procs import REPO, s3_env, start, stop, tail, wait_healthy
+
 BIN = Path(sys.executable).parent
 PG_BIN = Path(os.environ.get("SAO_POSTGRES_BIN", "/usr/lib/postgresql/15/bin"))
 # The nightly schedule `sao deploy` is given: a rare date, so no scheduled round starts mid-test.
@@ -43,19 +44,13 @@ TRAIN_WORKER = "train"
 # Flow runs beat every 30 s here (PREFECT_FLOWS_HEARTBEAT_FREQUENCY); the automation waits this long.
 HEARTBEAT_FREQUENCY_S, HEARTBEAT_GRACE_S = 30, 60
 FINAL = {"COMPLETED", "FAILED", "CANCELLED", "CRASHED"}
+ROUND_DEPLOYMENT = "sao-round/round"
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def _tail(path: Path, chars: int = 4000) -> str:
-    try:
-        return path.read_text(errors="replace")[-chars:]
-    except OSError:
-        return ""
 
 
 def _pg(argv: list[str], as_postgres: bool, **kwargs: Any) -> subprocess.CompletedProcess:
@@ -108,7 +103,7 @@ class _PostgresCluster:
             f"-p {self.port} -k {self.sock} -c listen_addresses=127.0.0.1 "
             "-c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=200"
         )
-        start = _pg(
+        started = _pg(
             [
                 str(PG_BIN / "pg_ctl"),
                 "-D",
@@ -124,8 +119,8 @@ class _PostgresCluster:
             ],
             self.as_postgres,
         )
-        assert start.returncode == 0, (
-            f"pg_ctl start failed:\n{start.stdout}\n{start.stderr}\n{_tail(self.log)}"
+        assert started.returncode == 0, (
+            f"pg_ctl start failed:\n{started.stdout}\n{started.stderr}\n{tail(self.log)}"
         )
         self.started = True
         created = _pg(
@@ -207,6 +202,11 @@ def stop_worker(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
         kill_process(child)
 
 
+def state_type(run: dict[str, Any]) -> str:
+    """A flow run's state type as the API gives it ("COMPLETED", ...), "" before it has one."""
+    return (run.get("state") or {}).get("type", "")
+
+
 @dataclass
 class Cluster:
     """What the tests need: the API, the bucket, each worker's process and log, the deploy's output."""
@@ -228,6 +228,30 @@ class Cluster:
         r.raise_for_status()
         return r.json()
 
+    def trigger_round(
+        self, config: str, overrides: list[str], job_variables: dict[str, Any] | None = None
+    ) -> str:
+        """A run of sao-round/round with these parameters, as the UI's custom run form creates it; its id.
+        `job_variables` (the form's job variables, e.g. {"env": {...}}) reach the process it runs in."""
+        deployment = self.get(f"/deployments/name/{ROUND_DEPLOYMENT}")
+        body: dict[str, Any] = {"parameters": {"config": config, "overrides": overrides}}
+        if job_variables is not None:
+            body["job_variables"] = job_variables
+        return str(self.post(f"/deployments/{deployment['id']}/create_flow_run", body)["id"])
+
+    def read_run(self, run_id: str) -> dict[str, Any]:
+        return self.get(f"/flow_runs/{run_id}")
+
+    def wait_final(self, run_id: str, timeout_s: float = 600.0, every_s: float = 2.0) -> dict[str, Any]:
+        """The flow run once its state is final (Completed, Failed, Cancelled, Crashed)."""
+        deadline = time.monotonic() + timeout_s
+        while state_type(run := self.read_run(run_id)) not in FINAL:
+            assert time.monotonic() < deadline, (
+                f"flow run {run_id} not final after {timeout_s} s: {run.get('state')}\n{self.log_tails()}"
+            )
+            time.sleep(every_s)
+        return run
+
     def cancel_unfinished_runs(self) -> list[str]:
         """Cancel every flow run due by now and not in a final state (the nightly schedule's future
         runs stay): waiting ones at once, running ones through Cancelling (their worker stops the
@@ -246,17 +270,7 @@ class Cluster:
 
     def log_tails(self) -> str:
         """The end of every log, for an assertion message."""
-        return "\n".join(f"--- {p.name}\n{_tail(p, 2500)}" for p in sorted(self.logs.glob("*.log")))
-
-
-def s3_env(endpoint: str) -> dict[str, str]:
-    """The environment that points s3fs (and every process of the cluster) at a test S3 endpoint."""
-    return {
-        "AWS_ENDPOINT_URL": endpoint,
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }
+        return "\n".join(f"--- {p.name}\n{tail(p, 2500)}" for p in sorted(self.logs.glob("*.log")))
 
 
 def _base_env(prefect_home: Path, api: str, s3: str | None) -> dict[str, str]:
@@ -281,33 +295,13 @@ def run_sao_deploy(env: dict[str, str], *args: str) -> subprocess.CompletedProce
     )
 
 
-def _start(argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
-    with log.open("ab") as out:
-        return subprocess.Popen(
-            argv, env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
-        )
-
-
-def _wait_healthy(api: str, server: subprocess.Popen, log: Path, timeout_s: float = 180.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        assert server.poll() is None, f"prefect server exited ({server.returncode}):\n{_tail(log)}"
-        try:
-            if httpx.get(f"{api}/health", timeout=5).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise AssertionError(f"prefect server not healthy after {timeout_s} s:\n{_tail(log)}")
-
-
 def _wait_workers_online(cluster: Cluster, want: Mapping[str, set[str]], timeout_s: float = 120.0) -> None:
     """Each worker has sent a heartbeat to its pool (it polls from then on)."""
     deadline = time.monotonic() + timeout_s
     seen: dict[str, set[str]] = {}
     while time.monotonic() < deadline:
         for name, proc in cluster.workers.items():
-            assert proc.poll() is None, f"worker {name} exited:\n{_tail(cluster.logs / f'worker-{name}.log')}"
+            assert proc.poll() is None, f"worker {name} exited:\n{tail(cluster.logs / f'worker-{name}.log')}"
         seen = {
             pool: {w["name"] for w in cluster.post(f"/work_pools/{pool}/workers/filter")} for pool in want
         }
@@ -356,21 +350,14 @@ def local_cluster(
             server_env["PREFECT_API_DATABASE_CONNECTION_URL"] = pg.start().url
         server_env.pop("PREFECT_API_URL")
         server_log = logs / "server.log"
-        server = _start(
+        server = start(
             [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
             server_env,
             server_log,
+            new_session=False,
         )
-
-        def stop_server() -> None:
-            if server.poll() is None:
-                _kill(server.pid, signal.SIGINT)
-                if not _wait_exit(server, 20):
-                    _kill(server.pid, signal.SIGKILL)
-                    server.wait(timeout=10)
-
-        stack.callback(stop_server)
-        _wait_healthy(api, server, server_log)
+        stack.callback(stop, server)
+        wait_healthy(f"{api}/health", server, server_log, every_s=1.0, what="prefect server")
         t_server = time.monotonic() - started
 
         cluster = Cluster(api=api, bucket=bucket, env=env, logs=logs)
@@ -403,7 +390,7 @@ def local_cluster(
                 "--name",
                 name,
             ]
-            proc = _start([*argv, *extra], env_of_workers, logs / f"worker-{name}.log")
+            proc = start([*argv, *extra], env_of_workers, logs / f"worker-{name}.log", new_session=False)
             cluster.workers[name] = proc
             stack.callback(stop_worker, proc)
         _wait_workers_online(cluster, online)

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
@@ -37,7 +36,7 @@ import pytest
 
 from sao_core import storage
 from sao_core.config import load_config, round_url
-from sao_core.stages.layout import MODEL_STAGES, input_stage, num_shards, output_url, stage_url
+from sao_core.stages.layout import MODEL_STAGES, output_url, stage_url
 from sao_core.training import default_output_url
 from tests.cluster.harness import (
     CRON,
@@ -45,56 +44,26 @@ from tests.cluster.harness import (
     GPU_WORKERS,
     HEARTBEAT_GRACE_S,
     REPO,
+    ROUND_DEPLOYMENT,
     TIMEZONE,
     TRAIN_WORKER,
     Cluster,
     kill_process,
     run_sao_deploy,
+    state_type,
     worker_children,
 )
+from tests.round_checks import check_round_by_ids
 
 pytestmark = pytest.mark.tier1
 
 TINY = str(REPO / "configs" / "tiny.yaml")
-ROUND_DEPLOYMENT = "sao-round/round"
 TRAIN_DEPLOYMENT = "sao-train/train"  # prefect.yaml: flow sao-train, deployment train
 ROUND_TIMEOUT_S = 600.0
 AUTOMATION = "sao-crash-runs-without-heartbeats"
-ID_KEY = {"prompts": "persona_id", "responses": "prompt_id", "judgements": "prompt_id"}
 
 
 # --- the API --------------------------------------------------------------------------------------
-
-
-def trigger_round(cluster: Cluster, overrides: list[str]) -> str:
-    """A run of sao-round/round with these parameters, as the UI's custom run form creates it."""
-    deployment = cluster.get(f"/deployments/name/{ROUND_DEPLOYMENT}")
-    run = cluster.post(
-        f"/deployments/{deployment['id']}/create_flow_run",
-        {"parameters": {"config": TINY, "overrides": overrides}},
-    )
-    return str(run["id"])
-
-
-def read_run(cluster: Cluster, run_id: str) -> dict[str, Any]:
-    return cluster.get(f"/flow_runs/{run_id}")
-
-
-def state_type(run: dict[str, Any]) -> str:
-    return (run.get("state") or {}).get("type", "")
-
-
-def wait_final(cluster: Cluster, run_id: str, timeout_s: float = ROUND_TIMEOUT_S) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        run = read_run(cluster, run_id)
-        if state_type(run) in FINAL:
-            return run
-        if time.monotonic() > deadline:
-            raise AssertionError(
-                f"flow run {run_id} not final after {timeout_s} s: {run.get('state')}\n{cluster.log_tails()}"
-            )
-        time.sleep(2)
 
 
 def when(timestamp: str) -> datetime:
@@ -162,41 +131,10 @@ def batch_records(round_dir: str, stage: str) -> list[dict[str, Any]]:
 
 
 def check_shards_exactly_once(round_dir: str) -> dict[str, int]:
-    """Every model stage: one complete shard per input shard, no other shard file, every surviving
-    input row answered once (kept or dropped), no id twice. Returns the rows kept per stage."""
+    """The round in the bucket, id by id (tests/round_checks.py), its report and manifest written.
+    Returns the rows kept per stage."""
     fresh_fs()
-    kept_rows: dict[str, int] = {}
-    for stage in MODEL_STAGES:
-        count = num_shards(round_dir, stage)
-        in_url = stage_url(round_dir, input_stage(stage))
-        out_url = output_url(round_dir, stage)
-        names = sorted(
-            u.rsplit("/", 1)[-1] for u in storage.list_files(storage.join(out_url, "_shards"), "*.json")
-        )
-        assert names == [f"part-{i:05d}.json" for i in range(count)], (stage, names)
-        data_files = storage.list_files(out_url, "part-*")
-        assert len(data_files) == count, (stage, data_files)
-        key = ID_KEY[stage]
-        kept: list[str] = []
-        answered: list[str] = []
-        inputs: list[str] = []
-        for index in range(count):
-            in_rows, _ = storage.read_shard(in_url, index, "jsonl")
-            rows, entry = storage.read_shard(out_url, index, "jsonl")
-            assert entry.rows_in == len(in_rows), (stage, index)
-            dropped = []
-            if entry.dropped_file:
-                dropped = storage.decode_rows(
-                    storage.read_bytes(storage.join(out_url, entry.dropped_file)), "jsonl", entry.dropped_file
-                )
-            inputs += [r[key] for r in in_rows]
-            kept += [r[key] for r in rows]
-            answered += [r[key] for r in rows] + [r[key] for r in dropped if key in r]
-        assert not [i for i, n in Counter(kept).items() if n > 1], f"{stage}: an id was written twice"
-        assert sorted(answered) == sorted(inputs), f"{stage}: rows lost or invented"
-        manifest = storage.read_stage_manifest(stage_url(round_dir, stage))
-        assert manifest["num_shards"] == count
-        kept_rows[stage] = len(kept)
+    kept_rows = check_round_by_ids(round_dir)
     assert storage.exists(storage.join(round_dir, "report.md"))
     assert storage.exists(storage.join(round_dir, "manifest.json"))
     return kept_rows
@@ -275,14 +213,18 @@ def test_round_fans_model_stages_out_to_both_gpu_workers(cluster: Cluster):
     started = time.monotonic()
     overrides = overrides_for(cluster, "rounds-fanout")
     round_dir = round_dir_of(overrides)
-    run_id = trigger_round(cluster, overrides)
-    run = wait_final(cluster, run_id)
+    run_id = cluster.trigger_round(TINY, overrides)
+    run = cluster.wait_final(run_id, ROUND_TIMEOUT_S)
     assert state_type(run) == "COMPLETED", f"{run['state']}\n{cluster.log_tails()}"
 
     all_batch_ids = []
+    # tasks/fanout.py tags each batch run with its round folder (a round number repeats across campaigns).
+    round_tag = f"sao-round-dir:{round_dir.rstrip('/').rsplit('/', 1)[-1]}"
     for stage in MODEL_STAGES:
         runs = batch_runs(cluster, round_dir, stage)
         assert sorted(r["name"] for r in runs) == [f"{stage}-batch-00-try-1", f"{stage}-batch-01-try-1"]
+        tags = [set(r["tags"]) for r in runs]
+        assert all({round_tag, f"sao-stage:{stage}"} <= t for t in tags), tags
         assert all(state_type(r) == "COMPLETED" for r in runs), [(r["name"], r["state"]) for r in runs]
         all_batch_ids += [r["id"] for r in runs]
         assert check_workers_ran(cluster, runs) == set(GPU_WORKERS), f"{stage}: not on both workers"
@@ -321,8 +263,8 @@ def test_a_round_trains_on_the_train_deployment(cluster: Cluster):
     ]
     cfg = load_config(TINY, overrides)
     round_dir, model_url = round_url(cfg), default_output_url(cfg)
-    run_id = trigger_round(cluster, overrides)
-    run = wait_final(cluster, run_id)
+    run_id = cluster.trigger_round(TINY, overrides)
+    run = cluster.wait_final(run_id, ROUND_TIMEOUT_S)
     assert state_type(run) == "COMPLETED", f"{run['state']}\n{cluster.log_tails()}"
 
     # One flow run of the train deployment, for this round's model folder, completed, on sao-train.
@@ -405,7 +347,7 @@ def freeze_batch_mid_stage(
     process = next((p for n in GPU_WORKERS for p in worker_children(cluster, n) if p.pid == pid), None)
     if process is None:
         # Gone already (the batch finished), or not the process a worker started.
-        assert state_type(read_run(cluster, run["id"])) in FINAL, f"pid {pid} of {name} is no worker's child"
+        assert state_type(cluster.read_run(run["id"])) in FINAL, f"pid {pid} of {name} is no worker's child"
         return None
     shards = list(run["parameters"]["shards"])
     manifests = {i: storage.shard_manifest_url(output_url(round_dir, stage), i) for i in shards}
@@ -421,7 +363,7 @@ def freeze_batch_mid_stage(
             except psutil.NoSuchProcess:
                 return None  # the whole batch was done before it could be stopped
             break
-        if state_type(read_run(cluster, run["id"])) in FINAL:
+        if state_type(cluster.read_run(run["id"])) in FINAL:
             return None
         time.sleep(0.05)
     done = written()
@@ -444,14 +386,6 @@ def freeze_a_batch(cluster: Cluster, round_dir: str) -> Frozen:
             )
             return frozen
     raise AssertionError("no batch run could be caught between two shards")
-
-
-def wait_run_final(cluster: Cluster, run_id: str, timeout_s: float) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout_s
-    while state_type(run := read_run(cluster, run_id)) not in FINAL:
-        assert time.monotonic() < deadline, f"run {run_id} not final after {timeout_s} s: {run['state']}"
-        time.sleep(0.5)
-    return run
 
 
 def check_resubmitted(cluster: Cluster, round_dir: str, frozen: Frozen, total: int) -> list[int]:
@@ -490,13 +424,13 @@ def test_a_killed_batch_run_crashes_and_only_its_missing_shards_are_resubmitted(
     # 12 shards, 6 per batch: a batch runs long enough to be caught between two shards.
     overrides = overrides_for(cluster, "rounds-crash", "personas.n=24", "run.shard_size=2")
     round_dir = round_dir_of(overrides)
-    run_id = trigger_round(cluster, overrides)
+    run_id = cluster.trigger_round(TINY, overrides)
     frozen = freeze_a_batch(cluster, round_dir)
     try:
         frozen.kill()
         killed_at = time.monotonic()
         # The process worker sees its child die and reports the run: Crashed, no heartbeat timeout.
-        crashed = wait_run_final(cluster, frozen.run_id, 60)
+        crashed = cluster.wait_final(frozen.run_id, 60, every_s=0.5)
         assert state_type(crashed) == "CRASHED", crashed["state"]
         crash_s = time.monotonic() - killed_at
         message = crashed["state"]["message"] or ""
@@ -504,7 +438,7 @@ def test_a_killed_batch_run_crashes_and_only_its_missing_shards_are_resubmitted(
     finally:
         frozen.kill()
 
-    run = wait_final(cluster, run_id)
+    run = cluster.wait_final(run_id, ROUND_TIMEOUT_S)
     assert state_type(run) == "COMPLETED", f"{run['state']}\n{cluster.log_tails()}"
     resent = check_resubmitted(cluster, round_dir, frozen, total=12)
     kept = check_shards_exactly_once(round_dir)
@@ -522,19 +456,19 @@ def test_a_silent_batch_run_is_marked_crashed_by_the_heartbeat_automation(cluste
     started = time.monotonic()
     overrides = overrides_for(cluster, "rounds-silent", "personas.n=24", "run.shard_size=2")
     round_dir = round_dir_of(overrides)
-    run_id = trigger_round(cluster, overrides)
+    run_id = cluster.trigger_round(TINY, overrides)
     frozen = freeze_a_batch(cluster, round_dir)
     try:
         stopped_at = time.monotonic()
         # The last heartbeat came at most one period before the stop.
-        crashed = wait_run_final(cluster, frozen.run_id, HEARTBEAT_GRACE_S + 90)
+        crashed = cluster.wait_final(frozen.run_id, HEARTBEAT_GRACE_S + 90, every_s=0.5)
         silent_s = time.monotonic() - stopped_at
         assert state_type(crashed) == "CRASHED", crashed["state"]
         assert f"no heartbeat for {HEARTBEAT_GRACE_S} s" in crashed["state"]["message"], crashed["state"]
     finally:
         frozen.kill()  # the lost node's process, for good (its worker then reports it again)
 
-    run = wait_final(cluster, run_id)
+    run = cluster.wait_final(run_id, ROUND_TIMEOUT_S)
     assert state_type(run) == "COMPLETED", f"{run['state']}\n{cluster.log_tails()}"
     resent = check_resubmitted(cluster, round_dir, frozen, total=12)
     check_shards_exactly_once(round_dir)
@@ -549,12 +483,14 @@ def test_two_rounds_triggered_at_once_run_one_after_the_other(cluster: Cluster):
     started = time.monotonic()
     # Small rounds with the shards in the round's own process: the limit, not the fan-out, is tested.
     common = ["personas.n=4", "run.shard_size=2", "evaluation.enabled=false"]
-    ids = [trigger_round(cluster, [f"run.root={cluster.bucket}/rounds-queue-{k}", *common]) for k in (1, 2)]
+    ids = [
+        cluster.trigger_round(TINY, [f"run.root={cluster.bucket}/rounds-queue-{k}", *common]) for k in (1, 2)
+    ]
     # While one runs, the other waits for the deployment's slot.
     overlap_seen = []
     deadline = time.monotonic() + ROUND_TIMEOUT_S
     while True:
-        runs = [read_run(cluster, i) for i in ids]
+        runs = [cluster.read_run(i) for i in ids]
         types = [state_type(r) for r in runs]
         overlap_seen.append(types.count("RUNNING") > 1)
         if all(t in FINAL for t in types):

@@ -16,9 +16,7 @@ from sao_core.config import build_config
 from sao_core.errors import CampaignError, ModelNotFoundError, StorageConflict, StorageError
 from sao_core.stages.layout import prepare_round, stage_url
 from sao_core.storage import ShardManifest
-from sao_core.training.data import find_pair_files, pairs_sha256
-from sao_core.training.launch import default_output_url
-from sao_core.training.outputs import training_hash
+from tests.core.fake_training import fake_training_run
 
 CAMPAIGN = "camp"
 
@@ -46,35 +44,6 @@ def pair_row(k: int) -> dict:
         "round": k,
         "config_hash": "abc",
     }
-
-
-def fake_training_run(cfg, round_dir: str, full: bool = False, output: str | None = None) -> str:
-    """What sao_core.training writes for a finished run (training/run.py): the weights folder, then
-    manifest.json with the run's identity and pair files. The weights are bytes, not a model."""
-    out = output or default_output_url(cfg)
-    pairs = stage_url(round_dir, "pairs")
-    name = "full" if full else "adapter"
-    config_file = "config.json" if full else "adapter_config.json"
-    weights_file = "model.safetensors" if full else "adapter_model.safetensors"
-    storage.write_json(storage.join(out, name, config_file), {"round": cfg.run.round})
-    storage.write_bytes(storage.join(out, name, weights_file), f"weights of {out}".encode())
-    storage.write_json(
-        storage.join(out, "manifest.json"),
-        {
-            "stage": "train",
-            "complete": True,
-            "training_hash": training_hash(cfg),
-            "pairs_sha256": pairs_sha256(pairs),
-            "model": cfg.model.path,
-            "config_hash": "t" * 12,
-            "objective": "simpo",
-            "adapter": None if full else "adapter",
-            "full_model": "full" if full else None,
-            "steps": 2,
-            "pairs_files": find_pair_files(pairs),
-        },
-    )
-    return out
 
 
 def make_round(root: str, k: int, full: bool = False, **model) -> tuple[str, str]:

@@ -129,7 +129,9 @@ def test_a_served_engine_cannot_evaluate_the_policy_a_round_trains():
     with pytest.raises(ConfigError, match=r"set evaluation\.engine to an engine that loads models"):
         build_config(None, overrides=served)
     with pytest.raises(ConfigError, match=r"evaluation\.engine"):
-        build_config(None, overrides=[*served, "evaluation.engine={name: openai, base_urls: [http://h:1/v1]}"])
+        build_config(
+            None, overrides=[*served, "evaluation.engine={name: openai, base_urls: [http://h:1/v1]}"]
+        )
     cfg = build_config(None, overrides=[*served, "evaluation.engine={name: vllm}"])
     assert (cfg.engine.name, cfg.evaluation.engine.name) == ("openai", "vllm")
     assert build_config(None, overrides=[*served, "evaluation.enabled=false"]).evaluation.engine is None

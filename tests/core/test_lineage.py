@@ -14,9 +14,8 @@ from sao_core.errors import ModelNotFoundError, StorageError
 from sao_core.lineage import lineage, round_of, trace_pair, write_lineage
 from sao_core.pipeline import run_synth
 from sao_core.stages.layout import stage_url
-from sao_core.training.data import find_pair_files, pairs_sha256
 from sao_core.training.launch import default_output_url
-from sao_core.training.outputs import training_hash
+from tests.core.fake_training import fake_training_run
 
 ROOT = Path(__file__).parents[2]
 STAGES = ["personas", "prompts", "responses", "judgements", "pairs"]
@@ -33,31 +32,6 @@ def fake_cfg(root, k: int = 1, **model):
             "responses": {"max_tokens": 128},
         }
     )
-
-
-def fake_training_run(cfg, round_dir: str) -> str:
-    """What sao_core.training writes for a finished LoRA run (training/run.py): adapter/, then manifest.json
-    naming the pair files and their hash. The weights are bytes, not a model."""
-    out = default_output_url(cfg)
-    pairs = stage_url(round_dir, "pairs")
-    storage.write_json(storage.join(out, "adapter", "adapter_config.json"), {"r": 16})
-    storage.write_bytes(storage.join(out, "adapter", "adapter_model.safetensors"), out.encode())
-    storage.write_json(
-        storage.join(out, "manifest.json"),
-        {
-            "stage": "train",
-            "complete": True,
-            "training_hash": training_hash(cfg),
-            "pairs_sha256": pairs_sha256(pairs),
-            "model": cfg.model.path,
-            "objective": "simpo",
-            "adapter": "adapter",
-            "full_model": None,
-            "steps": 3,
-            "pairs_files": find_pair_files(pairs),
-        },
-    )
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +66,7 @@ def test_lineage_of_a_round_lists_every_stage_by_url_and_digest(trained_round):
         assert s.rows_out == manifest["rows_out"] and [x["sha256"] for x in s.shards] == shas
         assert all(Path(x["file"]).is_file() for x in s.shards)
     [m] = lin.models
-    assert (m.url, m.objective, m.steps, m.pairs_match) == (model, "simpo", 3, True)
+    assert (m.url, m.objective, m.steps, m.pairs_match) == (model, "simpo", 2, True)
     assert m.adapter == storage.join(model, "adapter") and m.promotions == []
     text = lin.to_markdown()
     for needle in (round_dir, lin.config_hash, "bundled:tiny-random-llama", model, "the round's pairs"):

@@ -7,10 +7,8 @@ Skipped without the vLLM environment unless SAO_REQUIRE_VLLM=1 (see test_vllm_en
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import signal
 import socket
 import subprocess
 import threading
@@ -18,7 +16,6 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 
 from sao_core import storage
@@ -29,6 +26,7 @@ from sao_core.models import resolve_model
 from sao_core.stages.layout import prepare_round
 from sao_core.stages.round import run_personas
 from sao_core.stages.runner import EngineProvider, run_shard
+from tests.procs import kill_group, start, wait_healthy
 
 REPO = Path(__file__).resolve().parents[2]
 VLLM_VENV = REPO / ".venv-vllm"
@@ -61,39 +59,18 @@ class VLLMServer:
             "--api-key", KEY, "--dtype", "float32", "--max-model-len", "2048", "--enforce-eager", "--seed", "0",
         ]  # fmt: skip
         env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "PYTHONUNBUFFERED": "1"}
-        with open(self.log_path, "a") as log:
-            self.proc = subprocess.Popen(
-                cmd,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                env=env,
-                start_new_session=True,
-            )
+        self.proc = start(cmd, env, self.log_path)
         self.starts += 1
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"vllm serve exited with {self.proc.returncode}:\n{self.log_tail()}")
-            try:
-                if httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.5)
-        raise RuntimeError(f"vllm serve not healthy after {timeout}s:\n{self.log_tail()}")
+        wait_healthy(
+            f"http://127.0.0.1:{self.port}/health", self.proc, self.log_path, timeout, what="vllm serve"
+        )
 
     def kill(self) -> None:
         if self.proc is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
+            kill_group(self.proc)
 
     def answered(self) -> int:
         return self.log_path.read_text(errors="replace").count(CHAT_OK)
-
-    def log_tail(self, lines: int = 30) -> str:
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
 
 @pytest.fixture(scope="module")

@@ -1,9 +1,12 @@
-"""Fixtures of the fault suite: an S3 endpoint behind a fault-injecting proxy, and a small disk.
+"""Fixtures of the fault suite: an S3 endpoint behind a fault-injecting proxy, a small disk, and the
+environment of a slowed-down `sao` child.
 
 `faulty_s3`: a fresh bucket on moto, reached through tests/reliability/faultproxy.py (AWS_ENDPOINT_URL
 is the proxy): `faulty_s3.root` is "s3://<bucket>", `faulty_s3.proxy.error_rate = 0.2` fails a share of
 requests, `faulty_s3.restart_store(after_s=8.0)` stops moto and starts it again.
 `small_disk`: a 4 MiB tmpfs (or a loop-mounted ext4 image) folder; `small_disk.fill()` leaves no space.
+`hook_env`: the environment of a `sao` child (or a worker and its flow runs) with the start-up hook
+SITECUSTOMIZE on PYTHONPATH, which slows the scripted engine and the trainer down as SAO_TEST_* say.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+from tests.procs import s3_env
 from tests.reliability.faultproxy import FaultProxy
 
 if TYPE_CHECKING:
@@ -99,15 +103,6 @@ class FaultyS3:
         timer.start()
 
 
-def s3_environment(endpoint: str) -> dict[str, str]:
-    return {
-        "AWS_ENDPOINT_URL": endpoint,
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }
-
-
 @pytest.fixture
 def faulty_s3(
     store_behind_proxy: tuple[StoreServer, FaultProxy], monkeypatch: pytest.MonkeyPatch
@@ -120,7 +115,7 @@ def faulty_s3(
     store.start()
     proxy.up()
     proxy.calm()
-    env = s3_environment(proxy.url)
+    env = s3_env(proxy.url)
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     for name in (
@@ -217,3 +212,57 @@ def small_disk(tmp_path: Path) -> Iterator[SmallDisk]:
         out = _run("umount", str(mount))
         if out.returncode and os.path.ismount(mount):
             _run("umount", "-l", str(mount))
+
+
+# --- a slowed-down `sao` child ----------------------------------------------------------------------------
+
+# Loaded at start-up by every Python process given this folder on PYTHONPATH (a `sao` command, a worker and
+# the flow runs it starts), so that a kill or a restart lands part-way through the work:
+# - SAO_TEST_GENERATE_DELAY_S: each call of the scripted engine (one per shard) sleeps this long first;
+# - SAO_TEST_GENERATE_HOLD_FILE: while this file exists, each call of the scripted engine waits before it
+#   starts (a stage cannot finish until the test removes it);
+# - SAO_TEST_TRAIN_STEP_DELAY_S: each training step sleeps this long first.
+SITECUSTOMIZE = """
+import os, time
+_delay = float(os.environ.get("SAO_TEST_GENERATE_DELAY_S") or 0)
+_hold = os.environ.get("SAO_TEST_GENERATE_HOLD_FILE") or ""
+if _delay or _hold:
+    from sao_core.engines import fake as _fake
+    _generate = _fake.FakeEngine.generate
+    def _slow_generate(self, requests, sampling):
+        while _hold and os.path.exists(_hold):
+            time.sleep(0.05)
+        time.sleep(_delay)
+        return _generate(self, requests, sampling)
+    _fake.FakeEngine.generate = _slow_generate
+_step = float(os.environ.get("SAO_TEST_TRAIN_STEP_DELAY_S") or 0)
+if _step:
+    from sao_core.training import arguments as _arguments
+    _trainer_class = _arguments.trainer_class
+    def _slow_trainer_class(objective):
+        base = _trainer_class(objective)
+        class Slow(base):
+            def training_step(self, *args, **kwargs):
+                time.sleep(_step)
+                return super().training_step(*args, **kwargs)
+        return Slow
+    _arguments.trainer_class = _slow_trainer_class
+"""
+
+
+@pytest.fixture
+def hook_env(tmp_path: Path) -> dict[str, str]:
+    """The environment of a `sao` child: this venv, the slowing hook on PYTHONPATH (idle until a SAO_TEST_*
+    variable is set), no Prefect settings of this process, its own Prefect home (so `sao run` starts a
+    temporary server whose database and result cache survive a kill for the re-run)."""
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "SAO_TEST_"))}
+    env.update(
+        PYTHONPATH=str(hooks),
+        PYTHONUNBUFFERED="1",
+        PREFECT_HOME=str(tmp_path / "prefect-home"),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+    )
+    return env

@@ -16,11 +16,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import textwrap
@@ -34,33 +32,13 @@ import pytest
 
 from sao_core import locks, storage
 from sao_core.config import load_config, round_url
-from sao_core.stages.layout import (
-    MODEL_STAGES,
-    input_stage,
-    num_shards,
-    output_url,
-    shard_claim_url,
-    stage_url,
-)
+from sao_core.stages.layout import MODEL_STAGES, output_url, shard_claim_url
+from tests.procs import kill_group, start, wait_exit, wait_for
+from tests.round_checks import check_round_by_ids, shard_lines
 
 REPO = Path(__file__).resolve().parents[2]
 SAO = str(Path(sys.executable).parent / "sao")
 TINY = str(REPO / "configs" / "tiny.yaml")
-ID_KEY = {"prompts": "persona_id", "responses": "prompt_id", "judgements": "prompt_id"}
-
-# Loaded at start-up by every Python process given this folder on PYTHONPATH: slows the scripted engine
-# down, so that a shard takes long enough for another process to meet it.
-SITECUSTOMIZE = """
-import os, time
-_delay = float(os.environ.get("SAO_TEST_GENERATE_DELAY_S") or 0)
-if _delay:
-    from sao_core.engines import fake as _fake
-    _generate = _fake.FakeEngine.generate
-    def _slow_generate(self, requests, sampling):
-        time.sleep(_delay)
-        return _generate(self, requests, sampling)
-    _fake.FakeEngine.generate = _slow_generate
-"""
 
 
 # --- the leases, in one process ------------------------------------------------------------------------
@@ -90,21 +68,27 @@ def test_one_holder_at_a_time_and_released_for_the_next(lease_url: str):
     second.release()
 
 
-def test_of_many_takers_at_once_one_gets_it(lease_url: str):
-    barrier = threading.Barrier(8)
+def take_at_once(url: str, takers: int) -> list[locks.Lease]:
+    """`takers` threads released together by a barrier, each trying once to take the lease: those that got it."""
+    barrier = threading.Barrier(takers)
     got: list[locks.Lease] = []
 
     def take() -> None:
         barrier.wait()
-        lease = locks.try_acquire(lease_url, "shard 0", ttl_s=5)
+        lease = locks.try_acquire(url, "shard 0", ttl_s=5)
         if lease is not None:
             got.append(lease)
 
-    threads = [threading.Thread(target=take) for _ in range(8)]
+    threads = [threading.Thread(target=take) for _ in range(takers)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+    return got
+
+
+def test_of_many_takers_at_once_one_gets_it(lease_url: str):
+    got = take_at_once(lease_url, 8)
     assert len(got) == 1
     got[0].release()
 
@@ -130,20 +114,7 @@ def stale_lease(url: str, **fields: Any) -> dict[str, Any]:
 
 def test_an_expired_lease_is_taken_over_by_exactly_one_of_its_takers(lease_url: str):
     stale_lease(lease_url)
-    barrier = threading.Barrier(6)
-    got: list[locks.Lease] = []
-
-    def take() -> None:
-        barrier.wait()
-        lease = locks.try_acquire(lease_url, "shard 0", ttl_s=5)
-        if lease is not None:
-            got.append(lease)
-
-    threads = [threading.Thread(target=take) for _ in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    got = take_at_once(lease_url, 6)
     assert len(got) == 1, got
     # Taken over, or created in the moment between the taker's removal of the stale lease and its own
     # create (the taker then finds it taken and steps back): one holder either way.
@@ -212,93 +183,6 @@ def test_a_wait_that_runs_out_names_the_holder(tmp_path: Path):
 # --- processes -----------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def hook_env(tmp_path: Path) -> dict[str, str]:
-    """The environment of a `sao` child: this venv, the slowing hook on PYTHONPATH, no Prefect server."""
-    hooks = tmp_path / "hooks"
-    hooks.mkdir()
-    (hooks / "sitecustomize.py").write_text(SITECUSTOMIZE)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "SAO_TEST_"))}
-    env.update(PYTHONPATH=str(hooks), PYTHONUNBUFFERED="1", PREFECT_HOME=str(tmp_path / "prefect-home"))
-    return env
-
-
-def start(argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
-    with log.open("wb") as out:
-        return subprocess.Popen(
-            argv, env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
-
-
-def kill_group(proc: subprocess.Popen) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=30)
-
-
-def wait_exit(proc: subprocess.Popen, log: Path, timeout_s: float = 240) -> str:
-    try:
-        proc.wait(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        kill_group(proc)
-        raise AssertionError(
-            f"{proc.args} still running after {timeout_s} s:\n{log.read_text()[-4000:]}"
-        ) from None
-    text = log.read_text()
-    assert proc.returncode == 0, f"{proc.args} exited {proc.returncode}:\n{text[-4000:]}"
-    return text
-
-
-def shard_lines(text: str) -> list[tuple[str, int]]:
-    """(stage, shard) of every shard a process generated and wrote (the runner's INFO line)."""
-    return [
-        (m[1], int(m[2])) for m in re.finditer(r"sao_core\.stages\.runner: (\w+) shard (\d+): \d+ in", text)
-    ]
-
-
-def check_round_by_ids(round_dir: str) -> dict[str, int]:
-    """Every model stage: one complete shard per input shard, every input row answered once (kept or
-    dropped), no id kept twice, the stage manifest's totals the sums of its shards; the pairs'
-    prompt ids all judged. Returns the rows kept per stage."""
-    kept_rows: dict[str, int] = {}
-    for stage in MODEL_STAGES:
-        count = num_shards(round_dir, stage)
-        in_url, out_url = stage_url(round_dir, input_stage(stage)), output_url(round_dir, stage)
-        names = sorted(
-            u.rsplit("/", 1)[-1] for u in storage.list_files(storage.join(out_url, "_shards"), "*.json")
-        )
-        assert names == [f"part-{i:05d}.json" for i in range(count)], (stage, names)
-        assert len(storage.list_files(out_url, "part-*")) == count
-        key = ID_KEY[stage]
-        inputs: list[str] = []
-        kept: list[str] = []
-        answered: list[str] = []
-        for index in range(count):
-            in_rows, _ = storage.read_shard(in_url, index, "jsonl")
-            rows, entry = storage.read_shard(out_url, index, "jsonl")
-            assert entry.rows_in == len(in_rows), (stage, index)
-            dropped = []
-            if entry.dropped_file:
-                data = storage.read_bytes(storage.join(out_url, entry.dropped_file))
-                dropped = storage.decode_rows(data, "jsonl", entry.dropped_file)
-            assert sum(entry.drops.values()) == len(dropped), (stage, index)
-            inputs += [r[key] for r in in_rows]
-            kept += [r[key] for r in rows]
-            answered += [r[key] for r in rows] + [r[key] for r in dropped if key in r]
-        assert not [i for i, n in Counter(kept).items() if n > 1], f"{stage}: an id written twice"
-        assert sorted(answered) == sorted(inputs), f"{stage}: rows lost or invented"
-        manifest = storage.read_stage_manifest(stage_url(round_dir, stage))
-        assert manifest["num_shards"] == count
-        if stage != "prompts":  # prompts' stage manifest counts after the round-wide duplicate pass
-            assert (manifest["rows_in"], manifest["rows_out"]) == (len(inputs), len(kept)), stage
-        kept_rows[stage] = len(kept)
-    pairs = storage.read_stage_rows(stage_url(round_dir, "pairs"), "jsonl")
-    judged = {r["prompt_id"] for r in storage.read_stage_rows(stage_url(round_dir, "judgements"), "jsonl")}
-    assert len({p["prompt_id"] for p in pairs}) == len(pairs) and {p["prompt_id"] for p in pairs} <= judged
-    kept_rows["pairs"] = len(pairs)
-    return kept_rows
-
-
 @pytest.mark.tier1
 def test_two_sao_synth_of_one_round_at_once_write_each_shard_once(tmp_path: Path, hook_env: dict[str, str]):
     root = tmp_path / "root"
@@ -307,7 +191,7 @@ def test_two_sao_synth_of_one_round_at_once_write_each_shard_once(tmp_path: Path
     env = {**hook_env, "SAO_TEST_GENERATE_DELAY_S": "0.4"}
     logs = [tmp_path / "synth-a.log", tmp_path / "synth-b.log"]
     procs = [start(argv, env, log) for log in logs]
-    texts = [wait_exit(p, log) for p, log in zip(procs, logs, strict=True)]
+    texts = [wait_exit(p, log, timeout_s=240) for p, log in zip(procs, logs, strict=True)]
 
     # Each shard of each stage was generated and written by exactly one of the two.
     written = Counter(s for text in texts for s in shard_lines(text))
@@ -341,12 +225,8 @@ def test_a_claim_of_a_killed_synth_elsewhere_is_taken_over_once_it_expires(
     log = tmp_path / "killed.log"
     proc = start(argv, {**hook_env, "SAO_TEST_GENERATE_DELAY_S": "1.5"}, log)
     claim = shard_claim_url(round_dir, "responses", 1)
-    deadline = time.monotonic() + 120
     try:
-        while not storage.exists(claim):  # the second responses shard is being generated
-            assert proc.poll() is None, log.read_text()[-3000:]
-            assert time.monotonic() < deadline, log.read_text()[-3000:]
-            time.sleep(0.05)
+        wait_for("a claim of the second responses shard", lambda: storage.exists(claim), proc, log, 120)
     finally:
         kill_group(proc)
     left = locks.read_lease(claim)
@@ -357,7 +237,7 @@ def test_a_claim_of_a_killed_synth_elsewhere_is_taken_over_once_it_expires(
     assert not (locks.stale_reason(locks.read_lease(claim)) or "").startswith("its process")
 
     rerun = tmp_path / "rerun.log"
-    text = wait_exit(start(argv, hook_env, rerun), rerun)
+    text = wait_exit(start(argv, hook_env, rerun), rerun, timeout_s=240)
     assert re.search(r"responses shard 1: took over .* from .*gpu-node-7.*: expired", text), text[-3000:]
     assert ("responses", 1) in shard_lines(text) and ("responses", 0) not in shard_lines(text)
     kept = check_round_by_ids(round_dir)
@@ -413,11 +293,10 @@ def test_a_killed_rounds_campaign_lock_is_taken_over(tmp_path: Path, hook_env: d
         hook_env,
         log,
     )
-    deadline = time.monotonic() + 60
-    while "holding" not in log.read_text():
-        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
-        time.sleep(0.05)
-    kill_group(proc)
+    try:
+        wait_for("the campaign lock held", lambda: "holding" in log.read_text(), proc, log, 60)
+    finally:
+        kill_group(proc)
     started = time.monotonic()
     with locks.campaign_lock(root, "nightly", holder="round 2", ttl_s=1.0, wait_s=30) as lease:
         assert lease.taken_from == f"its process {proc.pid} is gone"

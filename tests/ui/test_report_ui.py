@@ -18,12 +18,10 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +32,7 @@ import pytest
 from sao_core import storage
 from sao_core.campaign_report import campaign_rows, data_url
 from tests.cluster.harness import free_port
+from tests.procs import start, stop, wait_healthy
 
 pytestmark = pytest.mark.tier1
 
@@ -70,10 +69,6 @@ class Reports:
     campaign: dict[str, Any]
     round: dict[str, Any]
     root: Path
-
-
-def _tail(path: Path, chars: int = 3000) -> str:
-    return path.read_text(errors="replace")[-chars:] if path.exists() else ""
 
 
 @pytest.fixture(scope="module")
@@ -117,33 +112,13 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]
         PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_UI_API_URL=server.api
     )
     log = home / "server.log"
-    with log.open("ab") as out:
-        proc = subprocess.Popen(
-            [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-            env=env,
-            cwd=REPO,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-        )
+    argv = [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+    proc = start(argv, env, log, new_session=False)
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert proc.poll() is None, f"prefect server exited ({proc.returncode}):\n{_tail(log)}"
-            with suppress(httpx.HTTPError):
-                if httpx.get(f"{server.api}/health", timeout=5).status_code == 200:
-                    break
-            assert time.monotonic() < deadline, f"prefect server not healthy after 180 s:\n{_tail(log)}"
-            time.sleep(0.5)
+        wait_healthy(f"{server.api}/health", proc, log, what="prefect server")
         yield server
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
+        stop(proc)
 
 
 def _latest_artifact(api: str, key: str) -> dict[str, Any]:
