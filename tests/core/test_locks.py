@@ -1,6 +1,7 @@
-"""Leases (sao_core.locks) on a local folder: a lease whose release failed (the store down at that moment)
-is taken back at once by the process that released it, while another holder's live lease is still
-waited for; the one wait loop behind acquire and wait_until_free; where the lease errors live.
+"""Leases (sao_core.locks) in a local folder and in memory://: a lease whose release failed (the store
+down at that moment) is taken back at once by the process that released it, while another holder's live
+lease is still waited for; the one wait loop behind acquire and wait_until_free; where the lease errors
+live.
 
     .venv/bin/python -m pytest -q tests/core/test_locks.py
 """
@@ -18,6 +19,14 @@ import pytest
 
 from sao_core import errors, locks, storage
 from sao_core.errors import LeaseLost, LeaseTimeout, StorageConflict, StorageError, TransientStorageError
+
+
+@pytest.fixture(params=["file", "memory"])
+def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A lease's URL in a local folder and in memory:// (a create-only write under a lock)."""
+    if request.param == "file":
+        return str(tmp_path / "lease.json")
+    return f"memory://locks-{tmp_path.name}/lease.json"
 
 
 def other_holder(url: str) -> dict[str, Any]:
@@ -64,9 +73,8 @@ def markers(url: str) -> list[str]:
     ids=["transient", "storage"],
 )
 def test_a_lease_whose_release_failed_is_taken_back_at_once_by_its_process(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, error: Exception
+    url: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, error: Exception
 ):
-    url = str(tmp_path / "lease.json")
     with caplog.at_level(logging.WARNING, logger="sao_core.locks"):
         calls = release_left_behind(monkeypatch, url, error)
     assert calls == [url]
@@ -87,10 +95,7 @@ def test_a_lease_whose_release_failed_is_taken_back_at_once_by_its_process(
     assert markers(url) == []
 
 
-def test_wait_until_free_removes_a_lease_whose_release_failed(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-):
-    url = str(tmp_path / "lease.json")
+def test_wait_until_free_removes_a_lease_whose_release_failed(url: str, monkeypatch: pytest.MonkeyPatch):
     release_left_behind(monkeypatch, url, TransientStorageError("cannot remove lease.json"))
     assert locks.read_lease(url) is not None
 
@@ -100,8 +105,7 @@ def test_wait_until_free_removes_a_lease_whose_release_failed(
     assert locks.try_acquire(url, "shard 0", ttl_s=60) is not None
 
 
-def test_a_live_lease_of_another_holder_is_still_waited_for(tmp_path: Path):
-    url = str(tmp_path / "lease.json")
+def test_a_live_lease_of_another_holder_is_still_waited_for(url: str):
     other_holder(url)
     assert locks.try_acquire(url, "shard 0", ttl_s=60) is None
     with pytest.raises(LeaseTimeout, match=r"still held by a runner elsewhere \(pid 4242 on elsewhere"):
@@ -111,10 +115,7 @@ def test_a_live_lease_of_another_holder_is_still_waited_for(tmp_path: Path):
     assert locks.read_lease(url)["token"] == "t-other"
 
 
-def test_a_failed_release_does_not_free_the_next_holders_lease(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-):
-    url = str(tmp_path / "lease.json")
+def test_a_failed_release_does_not_free_the_next_holders_lease(url: str, monkeypatch: pytest.MonkeyPatch):
     release_left_behind(monkeypatch, url, StorageError("cannot remove lease.json"))
     assert locks.released_here(url, locks.read_lease(url))
     # Our record expired and another runner took the lease since: it is theirs, not ours to take back.
@@ -126,8 +127,7 @@ def test_a_failed_release_does_not_free_the_next_holders_lease(
     assert locks.read_lease(url)["token"] == "t-other"
 
 
-def test_a_lease_released_cleanly_leaves_nothing_to_take_back(tmp_path: Path):
-    url = str(tmp_path / "lease.json")
+def test_a_lease_released_cleanly_leaves_nothing_to_take_back(url: str):
     lease = locks.acquire(url, "shard 0", ttl_s=60, wait_s=0.01)
     lease.release()
     assert locks.read_lease(url) is None
@@ -136,10 +136,7 @@ def test_a_lease_released_cleanly_leaves_nothing_to_take_back(tmp_path: Path):
     again.release()
 
 
-def test_the_first_wait_is_announced_once_in_words_of_its_caller(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-):
-    url = str(tmp_path / "lease.json")
+def test_the_first_wait_is_announced_once_in_words_of_its_caller(url: str, caplog: pytest.LogCaptureFixture):
     other_holder(url)
     with caplog.at_level(logging.WARNING, logger="sao_core.locks"), pytest.raises(LeaseTimeout):
         locks.acquire(url, "shard 0", ttl_s=0.4, wait_s=0.3)
