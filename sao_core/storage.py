@@ -559,6 +559,20 @@ def shard_is_done(stage_url: str, index: int, input_sha256: str, settings_hash: 
     return entry
 
 
+def stage_is_done(stage_url: str, inputs: list[tuple[str, str]]) -> dict[str, Any] | None:
+    """The stage manifest when it has one shard per input and every shard is done (shard_is_done) from
+    its (input sha256, settings hash); else None: a stage whose output is made whole in one pass."""
+    try:
+        manifest = read_stage_manifest(stage_url)
+    except (StorageError, FileNotFoundError):
+        return None
+    if int(manifest.get("num_shards", -1)) != len(inputs):
+        return None
+    if any(shard_is_done(stage_url, i, sha, settings) is None for i, (sha, settings) in enumerate(inputs)):
+        return None
+    return manifest
+
+
 def write_stage_manifest(stage_url: str, stage: str, entries: list[ShardManifest], **extra: Any) -> dict:
     """The stage-level manifest: its shards plus totals (rows in/out, drops by reason, tokens, seconds)."""
     drops: dict[str, int] = {}

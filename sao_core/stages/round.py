@@ -17,7 +17,7 @@ from typing import Any
 
 from sao_core import locks, storage
 from sao_core.config import RoundConfig, hash_config
-from sao_core.errors import PersonaSourceError, StorageError
+from sao_core.errors import PersonaSourceError
 from sao_core.stages.layout import (
     claim_ttl,
     claim_wait,
@@ -119,19 +119,6 @@ def run_pairs(cfg: RoundConfig, round_dir: str) -> dict[str, Any]:
         return _write_pairs(cfg, round_dir)
 
 
-def _pairs_done(out_url: str, inputs: list[str], chash: str) -> dict[str, Any] | None:
-    """The pairs manifest when every shard is there, verifies and came from these inputs; else None."""
-    try:
-        manifest = storage.read_stage_manifest(out_url)
-    except (StorageError, FileNotFoundError):
-        return None
-    if int(manifest.get("num_shards", -1)) != len(inputs):
-        return None
-    if any(storage.shard_is_done(out_url, i, sha, chash) is None for i, sha in enumerate(inputs)):
-        return None
-    return manifest
-
-
 def _write_pairs(cfg: RoundConfig, round_dir: str) -> dict[str, Any]:
     from sao_core.pairing import select_pairs
 
@@ -147,7 +134,7 @@ def _write_pairs(cfg: RoundConfig, round_dir: str) -> dict[str, Any]:
         if j is not None and r is not None
     ]
     if len(inputs) == count:
-        done = _pairs_done(out_url, inputs, chash)
+        done = storage.stage_is_done(out_url, [(sha, chash) for sha in inputs])
         if done is not None:
             return done
     entries = []

@@ -330,28 +330,15 @@ class EvalOverlap:
         }
 
 
-def _deduped_earlier(out_url: str, candidates: list[ShardManifest]) -> dict[str, Any] | None:
-    """The prompts manifest when every deduped shard is there, verifies and was made from these candidate
-    shards (the pass is deterministic, so it would write the same files again); else None."""
-    try:
-        manifest = storage.read_stage_manifest(out_url)
-    except (StorageError, FileNotFoundError):
-        return None
-    if int(manifest.get("num_shards", -1)) != len(candidates):
-        return None
-    for cand in candidates:
-        if storage.shard_is_done(out_url, cand.shard, digest(cand.sha256), cand.settings_hash) is None:
-            return None
-    return manifest
-
-
 def _dedupe_prompts(cfg: RoundConfig, round_dir: str, candidates: list[ShardManifest]) -> dict[str, Any]:
     """Drop exact and normalised duplicates across the whole round, first occurrence kept, shards kept."""
     from sao_core.prompts import PromptDeduper
 
     cand_url = output_url(round_dir, "prompts")
     out_url = stage_url(round_dir, "prompts")
-    earlier = _deduped_earlier(out_url, candidates)
+    # The pass is deterministic: deduped shards made from these candidates would be written the same again.
+    # (candidates[i] is shard i: finalize_stage reads them in order.)
+    earlier = storage.stage_is_done(out_url, [(digest(c.sha256), c.settings_hash) for c in candidates])
     if earlier is not None:
         return earlier
     deduper = PromptDeduper()
