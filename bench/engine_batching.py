@@ -15,8 +15,8 @@ import time
 from bench.common import machine, write_report
 from sao_core.config import build_config
 from sao_core.engines import ChatRequest, Sampling, make_engine
-from sao_core.personas import sample_personas
-from sao_core.prompts import build_prompt_requests
+from sao_core.method.prompts import build_prompt_requests
+from sao_core.stages.persona_sources import sample_personas
 
 
 def requests_for(n: int) -> list[ChatRequest]:

@@ -71,7 +71,7 @@ def batch_overheads(cluster: Any, records: list[dict[str, Any]]) -> list[float]:
 def run_arm(
     cluster: Any, flow: Any, workers: int, root: Path, extra: list[str], personas: int, shard_size: int
 ) -> dict[str, Any]:
-    from sao_core import storage
+    from sao_core.store import shards, storage
 
     overrides = [
         f"run.root={root}",
@@ -93,7 +93,7 @@ def run_arm(
             storage.read_json(url)
             for url in storage.list_files(storage.join(round_dir, "_batches", stage), "*.json")
         ]
-        manifest = storage.read_stage_manifest(storage.join(round_dir, stage))
+        manifest = shards.read_stage_manifest(storage.join(round_dir, stage))
         stages[stage] = {
             "shards": manifest["num_shards"],
             "rows_out": manifest["rows_out"],

@@ -43,9 +43,9 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import machine, write_report
-from sao_core import storage
-from sao_core.config import load_config
-from sao_core.models import resolve_model
+from sao_core.store import shards, storage
+from sao_core.store.layout import load_config
+from sao_core.store.models import resolve_model
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ("personas", "prompts", "responses", "judgements", "pairs")
@@ -70,7 +70,7 @@ def loads_inside(engine_name: str) -> dict[str, list[str]]:
 def manifest_seconds(round_dir: str, model_url: str) -> dict[str, float]:
     """Each stage's seconds as its manifest records them (see the module docstring for what they span)."""
     parts = {
-        stage: float(storage.read_stage_manifest(storage.join(round_dir, stage)).get("seconds", 0.0))
+        stage: float(shards.read_stage_manifest(storage.join(round_dir, stage)).get("seconds", 0.0))
         for stage in STAGES
     }
     parts["train"] = float(storage.read_json(storage.join(model_url, "manifest.json")).get("seconds", 0.0))

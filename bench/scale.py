@@ -50,8 +50,8 @@ def child() -> None:
     """One size in this process: run the data stages and print what the parent needs as one JSON line."""
     import resource
 
-    from sao_core.config import load_config
-    from sao_core.pipeline import run_synth
+    from sao_core.stages.synth import run_synth
+    from sao_core.store.layout import load_config
 
     root, n, shard_size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     cfg = load_config(

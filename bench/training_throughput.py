@@ -37,7 +37,7 @@ from typing import Any
 
 from bench.common import machine, write_report
 from sao_core.config import RoundConfig, build_config
-from sao_core.models import resolve_model
+from sao_core.store.models import resolve_model
 from sao_core.training import run_training, train
 from sao_core.training.plots import plot_curves, read_train_log
 

@@ -45,9 +45,9 @@ from sao_core.engines import ChatRequest, Sampling, make_engine
 from sao_core.engines.child import ChildProcess
 from sao_core.engines.vllm import conversation, llm_kwargs, sampling_kwargs
 from sao_core.errors import EngineError
-from sao_core.models import resolve_model
-from sao_core.personas import sample_personas
-from sao_core.prompts import build_prompt_requests
+from sao_core.method.prompts import build_prompt_requests
+from sao_core.stages.persona_sources import sample_personas
+from sao_core.store.models import resolve_model
 
 REPO = Path(__file__).resolve().parents[1]
 WARMUP = 2  # chats in the warm-up call of every arm: first-call allocations are in no figure

@@ -24,7 +24,9 @@ import os
 import sys
 from typing import Any
 
+from sao_core.campaign import ledger, planning
 from sao_core.errors import SAOError
+from sao_core.store import storage
 
 LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"
 
@@ -47,8 +49,8 @@ def add_overrides_arg(p: argparse.ArgumentParser, example: str) -> None:
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
-    from sao_core.config import load_config
-    from sao_core.pipeline import format_diagnostics, format_stage_line, run_synth
+    from sao_core.stages.synth import format_diagnostics, format_stage_line, run_synth
+    from sao_core.store.layout import load_config
 
     cfg = load_config(args.config, args.overrides)
     print(
@@ -107,7 +109,7 @@ def cmd_campaign(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from sao_core.config import load_config
+    from sao_core.store.layout import load_config
     from sao_core.training import train
 
     cfg = load_config(args.config, args.overrides)
@@ -146,7 +148,7 @@ def campaign_from_args(args: argparse.Namespace) -> tuple[str, str]:
 
     root, name = args.campaign_root, args.campaign
     if args.config:
-        from sao_core.config import load_config
+        from sao_core.store.layout import load_config
 
         cfg = load_config(args.config, args.overrides)
         root, name = root or cfg.run.root, name or cfg.run.campaign
@@ -165,46 +167,43 @@ def _print_record(verb: str, record: Any) -> None:
 
 
 def cmd_promote(args: argparse.Namespace) -> int:
-    from sao_core import campaign
 
-    round_dir = campaign.normalise_url(args.round_dir)
-    root, name = campaign.campaign_of_round(round_dir)
-    model = args.model or campaign.round_model(round_dir)
-    before = campaign.current(root, name)
-    record = campaign.promote(root, name, round_dir, model, who=args.who, why=args.why)
+    round_dir = storage.normalise_url(args.round_dir)
+    root, name = planning.campaign_of_round(round_dir)
+    model = args.model or planning.round_model(round_dir)
+    before = ledger.current(root, name)
+    record = ledger.promote(root, name, round_dir, model, who=args.who, why=args.why)
     _print_record("already current" if before == record else "promoted", record)
     return 0
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
-    from sao_core import campaign
 
     root, name = campaign_from_args(args)
-    record = campaign.rollback(root, name, who=args.who, why=args.why, to_seq=args.to)
+    record = ledger.rollback(root, name, who=args.who, why=args.why, to_seq=args.to)
     _print_record(f"rolled back to record {record.to_seq}", record)
     return 0
 
 
 def cmd_campaign_status(args: argparse.Namespace) -> int:
-    from sao_core import campaign
 
     root, name = campaign_from_args(args)
-    latest = campaign.current(root, name)
-    records = campaign.history(root, name)
+    latest = ledger.current(root, name)
+    records = ledger.history(root, name)
     if args.json:
         out = {
-            "campaign": campaign.campaign_url(root, name),
+            "campaign": ledger.campaign_url(root, name),
             "current": latest.to_dict() if latest else None,
             "history": [r.to_dict() for r in records],
         }
         print(json.dumps(out, indent=2))
     else:
-        print(campaign.format_history(latest, records, name), end="")
+        print(ledger.format_history(latest, records, name), end="")
     return 0
 
 
 def cmd_lineage(args: argparse.Namespace) -> int:
-    from sao_core.lineage import lineage, round_of, trace_pair
+    from sao_core.campaign.lineage import lineage, round_of, trace_pair
 
     if args.pair:
         round_dir, _ = round_of(args.ref)

@@ -23,10 +23,10 @@ from prefect.input import RunInput
 from prefect.runtime import flow_run
 from prefect.states import Running
 
-from sao_core.config import load_config
-from sao_core.locks import campaign_lock
+from sao_core.store.layout import load_config
+from sao_core.store.locks import campaign_lock
+from tasks.artifacts import result_storage, with_result_storage
 from tasks.campaign import campaign_report_task, plan_round, promotion_gate, record_outcome
-from tasks.common import result_storage, with_result_storage
 from tasks.config import resolve_config
 from tasks.downstream import downstream as downstream_task
 from tasks.evaluation import evaluate

@@ -52,7 +52,7 @@ class CampaignError(SAOError, ValueError):
 class TransientStorageError(SAOError, ConnectionError):
     """The artifact store did not answer after every try (refused or cut connections, 5xx answers).
 
-    Deliberately not a StorageError: tasks.common.retry_unless_permanent treats StorageError as permanent,
+    Deliberately not a StorageError: tasks.cache.retry_unless_permanent treats StorageError as permanent,
     and this one may pass on a later try. A ConnectionError, so code that expects I/O errors from the
     store (OSError) still catches it.
     """

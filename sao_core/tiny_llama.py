@@ -22,8 +22,8 @@ SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 
 def _corpus() -> list[str]:
-    from sao_core.judging import JUDGE_TEMPLATE
-    from sao_core.prompts import PROMPT_TEMPLATE
+    from sao_core.method.judging import JUDGE_TEMPLATE
+    from sao_core.method.prompts import PROMPT_TEMPLATE
 
     words = (
         "the a of to and in is for on with as you your prompt user response answer rank best worst "

@@ -11,7 +11,7 @@ What it does, each step checked, then prints its figures (a table and one JSON l
  2. model: the bundled SmolLM2 when it resolves offline, else the tiny random Llama built on the spot;
  3. the same greedy prompt-synthesis chats through the transformers engine (bf16, batched) and through
     the vllm engine (a worker child holding vllm.LLM on the GPU): tokens/s each, and their ratio;
- 4. one real stage shard through `python -m sao_core.stages.prompts` as the vllm engine's child.
+ 4. one real stage shard through `python -m sao_core.stages prompts` as the vllm engine's child.
 Exit 0 when every check passes, 1 when one fails, 2 when the machine cannot run the check at all.
 A watchdog stops it at --deadline-s (default 450 s), so it never runs past 8 minutes.
 
@@ -87,13 +87,14 @@ def main() -> None:
 
         from sao_core.config import build_config
         from sao_core.engines import Sampling, make_engine
+        from sao_core.engines.provider import EngineProvider
         from sao_core.errors import ModelNotFoundError
-        from sao_core.models import resolve_model
-        from sao_core.personas import sample_personas
-        from sao_core.prompts import build_prompt_requests
-        from sao_core.stages.layout import prepare_round
-        from sao_core.stages.round import run_personas
-        from sao_core.stages.runner import EngineProvider, run_shard
+        from sao_core.method.prompts import build_prompt_requests
+        from sao_core.stages.no_model import run_personas
+        from sao_core.stages.persona_sources import sample_personas
+        from sao_core.stages.runner import run_shard
+        from sao_core.store.layout import prepare_round
+        from sao_core.store.models import resolve_model
     except ImportError as e:
         fail(2, f"cannot import the project or torch here: {e}")
     on_gpu = torch.cuda.is_available()

@@ -62,6 +62,6 @@ if __name__ == "__main__":  # vLLM's engine processes are spawned and re-import 
     sys.exit(main())
 LAUNCHER
 chmod +x "$venv/bin/vllm"
-"$py" -c "import vllm, sao_core.engines.vllm_worker, sao_core.stages.cli; print('vllm', vllm.__version__)"
+"$py" -c "import vllm, sao_core.engines.vllm_worker, sao_core.stages.command; print('vllm', vllm.__version__)"
 echo "$want" > "$stamp"
 echo "setup_vllm_env: $venv ready in $((SECONDS - start)) s"

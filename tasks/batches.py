@@ -10,8 +10,10 @@ from prefect import task
 from prefect.artifacts import create_table_artifact
 from prefect.runtime import flow_run
 
-from sao_core import storage
-from tasks.common import artifact_key, close_engines, retry_unless_permanent
+from sao_core.store import storage
+from tasks.artifacts import artifact_key
+from tasks.cache import retry_unless_permanent
+from tasks.engines import close_engines
 
 
 @task(

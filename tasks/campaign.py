@@ -16,8 +16,8 @@ from typing import Any
 from prefect import task
 from prefect.artifacts import create_markdown_artifact
 
-from sao_core import campaign, storage
-from sao_core.campaign_report import (
+from sao_core.campaign import ledger, planning
+from sao_core.campaign.campaign_report import (
     campaign_markdown,
     campaign_rows,
     data_url,
@@ -26,10 +26,12 @@ from sao_core.campaign_report import (
     round_record,
     write_round_record,
 )
-from sao_core.config import load_config
-from sao_core.downstream import compare_downstream
-from sao_core.promotion import decide
-from tasks.common import artifact_key, load_round_config, retry_unless_permanent
+from sao_core.campaign.promotion import decide
+from sao_core.evaluation.downstream import compare_downstream
+from sao_core.store import storage
+from sao_core.store.layout import load_config
+from tasks.artifacts import artifact_key
+from tasks.cache import load_round_config, retry_unless_permanent
 
 
 @task(name="plan-round", retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=retry_unless_permanent)
@@ -46,7 +48,7 @@ def plan_round(config: str, overrides: list[str]) -> dict[str, Any]:
     done = decided_rounds(cfg.run.root, cfg.run.campaign)
     number = max(done, default=0) + 1
     planned = cfg.model_copy(update={"run": cfg.run.model_copy(update={"round": number})})
-    path, adapter = campaign.start_model(planned)
+    path, adapter = planning.start_model(planned)
     extra = [f"run.round={number}"]
     if path != cfg.model.path or adapter != cfg.model.adapter:
         extra += [
@@ -95,9 +97,7 @@ def record_outcome(
     seq = None
     if decision and decision["promote"]:
         why = f"round {cfg.run.round}: " + "; ".join(c["detail"] for c in decision["checks"] if c["passed"])
-        record = campaign.promote(
-            cfg.run.root, cfg.run.campaign, round_ref["round_dir"], model["url"], why=why
-        )
+        record = ledger.promote(cfg.run.root, cfg.run.campaign, round_ref["round_dir"], model["url"], why=why)
         seq = record.seq
     outcome = round_record(
         cfg,

@@ -6,11 +6,10 @@ from typing import Any
 
 from prefect import task
 
-from sao_core.config import hash_config, load_config
-from sao_core.stages.layout import prepare_round, stage_settings_hash
-from sao_core.storage import join
+from sao_core.store.layout import hash_config, load_config, prepare_round, stage_settings_hash
+from sao_core.store.storage import join
 from sao_core.training import training_hash
-from tasks.common import retry_unless_permanent
+from tasks.cache import retry_unless_permanent
 
 
 # A wrong key or value fails at once (retry_unless_permanent): only a flaky artifact store is retried.

@@ -7,11 +7,12 @@ from typing import Any
 from prefect import task
 from prefect.artifacts import create_table_artifact
 
-from sao_core import storage
 from sao_core.config import ModelConfig
-from sao_core.downstream import run_downstream
-from sao_core.models import resolve_adapter, resolve_model
-from tasks.common import artifact_key, load_round_config, make_cache_key, retry_unless_permanent
+from sao_core.evaluation.downstream import run_downstream
+from sao_core.store import storage
+from sao_core.store.models import resolve_adapter, resolve_model
+from tasks.artifacts import artifact_key
+from tasks.cache import load_round_config, make_cache_key, retry_unless_permanent
 from tasks.evaluation import policy_config
 
 

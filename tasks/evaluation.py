@@ -1,5 +1,5 @@
 """Evaluation: the trained policy against the campaign's current model (and the original), judged in both
-orders, and the judge rated on labelled pairs (sao_core.evaluation)."""
+orders, and the judge rated on labelled pairs (sao_core.evaluation.compare)."""
 
 from __future__ import annotations
 
@@ -8,17 +8,12 @@ from typing import Any
 from prefect import task
 from prefect.artifacts import create_table_artifact
 
-from sao_core import storage
 from sao_core.config import ModelConfig, RoundConfig
-from sao_core.evaluation import Contender, evaluate_candidate, headline
-from tasks.common import (
-    artifact_key,
-    engine_for,
-    load_round_config,
-    make_cache_key,
-    release_engine,
-    retry_unless_permanent,
-)
+from sao_core.evaluation.compare import Contender, evaluate_candidate, headline
+from sao_core.store import storage
+from tasks.artifacts import artifact_key
+from tasks.cache import load_round_config, make_cache_key, retry_unless_permanent
+from tasks.engines import engine_for, release_engine
 
 
 def _evaluation_output(parameters: dict[str, Any]) -> str | None:

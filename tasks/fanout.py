@@ -24,10 +24,10 @@ from prefect.context import TaskRunContext
 from prefect.deployments import run_deployment
 from prefect.states import Cancelled, Cancelling
 
-from sao_core import storage
 from sao_core.config import RoundConfig
 from sao_core.errors import FanoutError
-from sao_core.stages.layout import shard_target
+from sao_core.store import shards
+from sao_core.store.layout import shard_target
 
 
 def split_batches(indices: list[int], workers: int) -> list[list[int]]:
@@ -49,7 +49,7 @@ def missing_shards(stage: str, cfg: RoundConfig, round_dir: str, indices: list[i
     missing = []
     for index in indices:
         target = shard_target(stage, cfg, round_dir, index)
-        if storage.shard_is_done(target.out_url, index, target.input_sha256, target.settings_hash) is None:
+        if shards.shard_is_done(target.out_url, index, target.input_sha256, target.settings_hash) is None:
             missing.append(index)
     return missing
 
@@ -116,14 +116,14 @@ def run_on_deployment(
             break
         batches = split_batches(pending, fan.workers)
         runs = []
-        for b, shards in enumerate(batches):
+        for b, batch_shards in enumerate(batches):
             run = run_deployment(
                 fan.deployment,
                 parameters={
                     "config_url": round_ref["config_url"],
                     "round_dir": round_dir,
                     "stage": stage,
-                    "shards": shards,
+                    "shards": batch_shards,
                     "settings_hash": settings_hash,
                     "result_storage": round_ref.get("result_storage"),
                     "shard_timeout_s": round_ref["shard_timeout_s"],
@@ -140,7 +140,7 @@ def run_on_deployment(
                     f"sao-round-dir:{round_dir.rstrip('/').rsplit('/', 1)[-1]}",
                 ],
             )
-            runs.append({"batch": b, "shards": shards, "flow_run_id": run.id})
+            runs.append({"batch": b, "shards": batch_shards, "flow_run_id": run.id})
             logger.info("%s: batch %d (shards %s) submitted as flow run %s", stage, b, shards, run.id)
 
         def poll(sent: list[int] = pending) -> None:

@@ -6,7 +6,7 @@ from typing import Any
 
 from prefect import task
 
-from sao_core.quality import check_quality
+from sao_core.method.quality import check_quality
 
 
 @task(name="quality-gate", task_run_name="quality-gate-round-{round_ref[round]}")
@@ -14,7 +14,7 @@ def quality_gate(
     round_ref: dict[str, Any], pairs: dict[str, Any], judgements: dict[str, Any]
 ) -> dict[str, Any]:
     """Raise RoundQualityError (the round fails, training never starts) or return the figures checked."""
-    from tasks.common import load_round_config
+    from tasks.cache import load_round_config
 
     cfg = load_round_config(round_ref["config_url"])
     return check_quality(cfg, pairs["summary"], judgements["summary"])

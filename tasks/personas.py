@@ -6,11 +6,12 @@ from typing import Any
 
 from prefect import task
 
-from sao_core.pipeline import stage_summary
-from sao_core.report import format_chains, sample_chains
-from sao_core.stages.layout import stage_url
-from sao_core.stages.round import run_personas
-from tasks.common import load_round_config, make_cache_key, publish_stage, retry_unless_permanent
+from sao_core.campaign.round_report import format_chains, sample_chains
+from sao_core.stages.no_model import run_personas
+from sao_core.stages.synth import stage_summary
+from sao_core.store.layout import stage_url
+from tasks.artifacts import publish_stage
+from tasks.cache import load_round_config, make_cache_key, retry_unless_permanent
 
 
 @task(

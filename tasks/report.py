@@ -7,12 +7,13 @@ from typing import Any
 from prefect import task
 from prefect.artifacts import create_markdown_artifact
 
-from sao_core import storage
-from sao_core.campaign_report import data_url
-from sao_core.evaluation import headline
-from sao_core.pipeline import write_round_manifest
-from sao_core.report import format_chains, format_round_report, markdown_table, sample_chains
-from tasks.common import artifact_key, link_for, load_round_config, retry_unless_permanent
+from sao_core.campaign.campaign_report import data_url
+from sao_core.campaign.round_report import format_chains, format_round_report, markdown_table, sample_chains
+from sao_core.evaluation.compare import headline
+from sao_core.stages.synth import write_round_manifest
+from sao_core.store import storage
+from tasks.artifacts import artifact_key, link_for
+from tasks.cache import load_round_config, retry_unless_permanent
 
 
 @task(

@@ -20,20 +20,13 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.futures import PrefectFuture, as_completed
 from prefect.tasks import exponential_backoff
 
-from sao_core.pipeline import stage_summary
-from sao_core.report import format_chains, sample_chains
-from sao_core.stages.layout import num_shards, stage_url
+from sao_core.campaign.round_report import format_chains, sample_chains
 from sao_core.stages.runner import finalize_stage, run_shard
-from tasks.common import (
-    artifact_key,
-    engine_for,
-    load_round_config,
-    make_cache_key,
-    publish_stage,
-    retry_unless_permanent,
-    shard_cache_key,
-    with_result_storage,
-)
+from sao_core.stages.synth import stage_summary
+from sao_core.store.layout import num_shards, stage_url
+from tasks.artifacts import artifact_key, publish_stage, with_result_storage
+from tasks.cache import load_round_config, make_cache_key, retry_unless_permanent, shard_cache_key
+from tasks.engines import engine_for
 
 
 @task(

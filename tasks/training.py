@@ -14,29 +14,21 @@ from prefect.artifacts import create_link_artifact, create_table_artifact
 from prefect.client.schemas.objects import FlowRun
 from prefect.deployments import run_deployment
 
-from sao_core import storage
-from sao_core.errors import TrainingError
+from sao_core.errors import ModelNotFoundError, TrainingError
+from sao_core.store import storage, trained
 from sao_core.training import default_output_url, train
-from tasks.common import artifact_key, link_for, load_round_config, make_cache_key, retry_unless_permanent
+from tasks.artifacts import artifact_key, link_for
+from tasks.cache import load_round_config, make_cache_key, retry_unless_permanent
 
 
 def _model_output(parameters: dict[str, Any]) -> str | None:
     """What is wrong with the model folder the train task writes, or None when the run finished and its
-    weights are there (training records no file hashes, so their presence is what is checked)."""
+    weights are there (store.trained.trained_model, the one check of a trained model folder)."""
     out = default_output_url(load_round_config(parameters["round_ref"]["config_url"]))
-    manifest_url = storage.join(out, "manifest.json")
-    if not storage.exists(manifest_url):
-        return f"{manifest_url} is missing"
-    manifest = storage.read_json(manifest_url)
-    if not isinstance(manifest, dict) or not manifest.get("complete"):
-        return f"{manifest_url} does not say the run finished"
-    for key, config_file in (("adapter", "adapter_config.json"), ("full_model", "config.json")):
-        if not manifest.get(key):
-            continue
-        folder = storage.join(out, str(manifest[key]))
-        weights = storage.list_files(folder, "*.safetensors") + storage.list_files(folder, "*.bin")
-        if not storage.exists(storage.join(folder, config_file)) or not weights:
-            return f"{folder} is missing or has no weights"
+    try:
+        trained.trained_model(out)
+    except ModelNotFoundError as e:
+        return str(e)
     return None
 
 

@@ -16,8 +16,8 @@ import re
 from collections import Counter
 from pathlib import Path
 
-from sao_core import storage
-from sao_core.stages.layout import MODEL_STAGES, input_stage, num_shards, output_url, stage_url
+from sao_core.store import shards, storage
+from sao_core.store.layout import MODEL_STAGES, input_stage, num_shards, output_url, stage_url
 
 ID_KEY = {"prompts": "persona_id", "responses": "prompt_id", "judgements": "prompt_id"}
 
@@ -41,26 +41,26 @@ def check_round_by_ids(round_dir: str) -> dict[str, int]:
         kept: list[str] = []
         answered: list[str] = []
         for index in range(count):
-            in_rows, _ = storage.read_shard(in_url, index, "jsonl")
-            rows, entry = storage.read_shard(out_url, index, "jsonl")
+            in_rows, _ = shards.read_shard(in_url, index, "jsonl")
+            rows, entry = shards.read_shard(out_url, index, "jsonl")
             assert entry.rows_in == len(in_rows), (stage, index)
             dropped = []
             if entry.dropped_file:
                 data = storage.read_bytes(storage.join(out_url, entry.dropped_file))
-                dropped = storage.decode_rows(data, "jsonl", entry.dropped_file)
+                dropped = shards.decode_rows(data, "jsonl", entry.dropped_file)
             assert sum(entry.drops.values()) == len(dropped), (stage, index)
             inputs += [r[key] for r in in_rows]
             kept += [r[key] for r in rows]
             answered += [r[key] for r in rows] + [r[key] for r in dropped if key in r]
         assert not [i for i, n in Counter(kept).items() if n > 1], f"{stage}: an id written twice"
         assert sorted(answered) == sorted(inputs), f"{stage}: rows lost or invented"
-        manifest = storage.read_stage_manifest(stage_url(round_dir, stage))
+        manifest = shards.read_stage_manifest(stage_url(round_dir, stage))
         assert manifest["num_shards"] == count
         if stage != "prompts":  # prompts' stage manifest counts after the round-wide duplicate pass
             assert (manifest["rows_in"], manifest["rows_out"]) == (len(inputs), len(kept)), stage
         kept_rows[stage] = len(kept)
-    pairs = storage.read_stage_rows(stage_url(round_dir, "pairs"), "jsonl")
-    judged = {r["prompt_id"] for r in storage.read_stage_rows(stage_url(round_dir, "judgements"), "jsonl")}
+    pairs = shards.read_stage_rows(stage_url(round_dir, "pairs"), "jsonl")
+    judged = {r["prompt_id"] for r in shards.read_stage_rows(stage_url(round_dir, "judgements"), "jsonl")}
     assert len({p["prompt_id"] for p in pairs}) == len(pairs) and {p["prompt_id"] for p in pairs} <= judged
     kept_rows["pairs"] = len(pairs)
     return kept_rows

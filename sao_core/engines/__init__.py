@@ -42,11 +42,11 @@ def make_engine(engine: EngineConfig, model: ModelConfig, seed: int = 0) -> Engi
 
         return TransformersEngine(engine, model, seed=seed)
     if engine.name == "vllm":
-        from sao_core.engines.vllm import VLLMEngine  # type: ignore[import-not-found,unused-ignore]
+        from sao_core.engines.vllm import VLLMEngine
 
         return VLLMEngine(engine, model, seed=seed)  # type: ignore[no-any-return,unused-ignore]
     if engine.name == "openai":
-        from sao_core.engines.openai import OpenAIEngine  # type: ignore[import-not-found,unused-ignore]
+        from sao_core.engines.openai import OpenAIEngine
 
         return OpenAIEngine(engine, model, seed=seed)  # type: ignore[no-any-return,unused-ignore]
     raise ValueError(f"unknown engine.name {engine.name!r}; allowed: transformers, fake, vllm, openai")

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from sao_core.config import FakeEngineConfig
 from sao_core.engines import ChatRequest, Completion, Sampling
 from sao_core.errors import EngineError
-from sao_core.models import model_revision, resolve_adapter
+from sao_core.store.models import model_revision, resolve_adapter
 
 _MALFORMED_VERDICTS = (
     "Both answers are fine.",

@@ -40,7 +40,7 @@ from sao_core.config import EngineConfig, ModelConfig
 from sao_core.engines import ChatRequest, Completion, Sampling
 from sao_core.engines.vllm import FINISH_REASONS, conversation, request_seed
 from sao_core.errors import ConfigError, EngineError, ModelNotFoundError
-from sao_core.models import model_revision, resolve_adapter
+from sao_core.store.models import model_revision, resolve_adapter
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from typing import Any
 from sao_core.config import EngineConfig, ModelConfig
 from sao_core.engines import ChatRequest, Completion, Sampling
 from sao_core.errors import ModelNotFoundError
-from sao_core.models import load_kwargs, model_revision, resolve_adapter, resolve_model
+from sao_core.store.models import load_kwargs, model_revision, resolve_adapter, resolve_model
 
 log = logging.getLogger(__name__)
 

@@ -39,7 +39,7 @@ from sao_core.config import EngineConfig, ModelConfig
 from sao_core.engines import ChatRequest, Completion, Sampling
 from sao_core.engines.child import ChildProcess, interpreter
 from sao_core.errors import ConfigError, EngineError, ModelNotFoundError
-from sao_core.models import model_revision, resolve_adapter, resolve_model
+from sao_core.store.models import model_revision, resolve_adapter, resolve_model
 
 log = logging.getLogger(__name__)
 

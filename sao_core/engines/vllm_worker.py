@@ -1,7 +1,7 @@
 """vllm.LLM in this process: the engine inside a vLLM child. The one sao_core module that imports vllm.
 
 It runs under the vLLM environment's interpreter (scripts/setup_vllm_env.sh builds one for CPU), either
-as a stage shard child, built by sao_core.stages.cli, or as the worker behind VLLMEngine:
+as a stage shard child, built by sao_core.stages.command, or as the worker behind VLLMEngine:
 
     python -m sao_core.engines.vllm_worker --commands-fd 5 --replies-fd 8
 
@@ -34,7 +34,7 @@ from sao_core.engines.vllm import (
     to_completion,
 )
 from sao_core.errors import ConfigError, EngineError
-from sao_core.models import model_revision, resolve_adapter, resolve_model
+from sao_core.store.models import model_revision, resolve_adapter, resolve_model
 
 log = logging.getLogger(__name__)
 

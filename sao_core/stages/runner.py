@@ -13,7 +13,7 @@ is dropped, so the shard's retry starts a fresh one.
 
 Two runners of the same round (two `sao synth` at once, a batch run and the resubmission of it) never
 write one shard together: a shard is generated and written under its claim (layout.shard_claim_url, a
-lease of sao_core.locks); a runner that finds it claimed waits, or with try_run_shard leaves it for
+lease of sao_core.store.locks); a runner that finds it claimed waits, or with try_run_shard leaves it for
 later, and then finds it done. A stage's manifest is written under the stage's claim, once no shard of
 the stage is claimed any more.
 """
@@ -21,18 +21,18 @@ the stage is claimed any more.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
-from sao_core import locks, storage
 from sao_core.config import JudgingConfig, PromptsConfig, ResponsesConfig, RoundConfig
-from sao_core.engines import ChatRequest, Completion, Engine, Sampling, make_engine
+from sao_core.engines import ChatRequest, Completion, Engine, Sampling
+from sao_core.engines.provider import EngineProvider
 from sao_core.errors import EngineError, StorageError
-from sao_core.stages.layout import (
+from sao_core.store import locks, shards
+from sao_core.store.layout import (
     MODEL_STAGES,
     claim_ttl,
     claim_wait,
@@ -45,44 +45,11 @@ from sao_core.stages.layout import (
     stage_settings_hash,
     stage_url,
 )
-from sao_core.storage import ShardManifest
+from sao_core.store.shards import ShardManifest
 
 log = logging.getLogger(__name__)
 
 ParseFn = Callable[[list[list[Completion]]], tuple[list[dict], list[dict], dict]]
-
-
-class EngineProvider:
-    """Builds the engine on first use, so a fully resumed stage never loads the model."""
-
-    def __init__(self, cfg: RoundConfig, factory: Callable[[], Engine] | None = None) -> None:
-        self.cfg = cfg
-        self._factory = factory or (lambda: make_engine(cfg.engine, cfg.model, seed=cfg.run.seed))
-        self._engine: Engine | None = None
-        self.builds = 0  # model loads so far: a batch of shards should cost one
-        self.ready_at: list[float] = []  # when each build was ready to generate (epoch seconds)
-        self._lock = threading.Lock()
-
-    def get(self) -> Engine:
-        # Shard tasks running concurrently (fanout.mode replicas) share one provider: one build between them.
-        with self._lock:
-            if self._engine is not None and not getattr(self._engine, "alive", True):
-                log.warning("%s engine: its worker died; starting a new one", self._engine.name)
-                self._close()
-            if self._engine is None:
-                self._engine = self._factory()
-                self.builds += 1
-                self.ready_at.append(time.time())
-            return self._engine
-
-    def _close(self) -> None:
-        if self._engine is not None:
-            self._engine.close()
-            self._engine = None
-
-    def close(self) -> None:
-        with self._lock:
-            self._close()
 
 
 def _sampling(cfg: RoundConfig, stage: str, shard: int) -> Sampling:
@@ -105,7 +72,7 @@ def _build_and_parse(
 ) -> tuple[list[ChatRequest], ParseFn]:
     """The stage's pure halves: requests for the engine, and a parser of its completions."""
     if stage == "prompts":
-        from sao_core.prompts import build_prompt_requests, parse_prompt_completions
+        from sao_core.method.prompts import build_prompt_requests, parse_prompt_completions
 
         def parse_prompts(outs: list[list[Completion]]) -> tuple[list[dict], list[dict], dict]:
             kept, dropped = parse_prompt_completions(rows, outs, cfg.run.round, cfg.prompts.prefill)
@@ -113,7 +80,7 @@ def _build_and_parse(
 
         return build_prompt_requests(rows, cfg.prompts.prefill), parse_prompts
     if stage == "responses":
-        from sao_core.responses import build_response_requests, parse_response_completions
+        from sao_core.method.responses import build_response_requests, parse_response_completions
 
         def parse_responses(outs: list[list[Completion]]) -> tuple[list[dict], list[dict], dict]:
             kept, dropped = parse_response_completions(rows, outs)
@@ -121,7 +88,7 @@ def _build_and_parse(
 
         return build_response_requests(rows, cfg.responses.k), parse_responses
     if stage == "judgements":
-        from sao_core.judging import build_judge_requests, count_judgements, parse_judge_completions
+        from sao_core.method.judging import build_judge_requests, count_judgements, parse_judge_completions
 
         def parse_judgements(outs: list[list[Completion]]) -> tuple[list[dict], list[dict], dict]:
             judged = parse_judge_completions(rows, outs, cfg.judging.swap, cfg.judging.lenient)
@@ -154,11 +121,11 @@ def _run_shard(
     if stage not in MODEL_STAGES:
         raise ValueError(f"unknown model stage {stage!r}; allowed: {', '.join(MODEL_STAGES)}")
     in_url = stage_url(round_dir, input_stage(stage))
-    in_rows, in_entry = storage.read_shard(in_url, index, cfg.run.format)
+    in_rows, in_entry = shards.read_shard(in_url, index, cfg.run.format)
     out_url = output_url(round_dir, stage)
     settings = stage_settings_hash(cfg, stage)
     input_sha = digest(in_entry.sha256)
-    done = storage.shard_is_done(out_url, index, input_sha, settings)
+    done = shards.shard_is_done(out_url, index, input_sha, settings)
     if done is not None:
         log.info("%s shard %d: done earlier, skipped", stage, index)
         return done
@@ -173,7 +140,7 @@ def _run_shard(
         log.warning("%s: claimed by %s; left for later", what, locks.describe(locks.read_lease(url)))
         return None
     try:
-        done = storage.shard_is_done(out_url, index, input_sha, settings)
+        done = shards.shard_is_done(out_url, index, input_sha, settings)
         if done is not None:  # written by the runner whose claim we waited for
             log.info("%s: written by another runner meanwhile, skipped", what)
             return done
@@ -226,7 +193,7 @@ def _generate_shard(
         stats=stats,
     )
     claim.check()  # taken over while we generated (we froze past its ttl): the new holder writes it
-    written = storage.write_shard(out_url, index, kept, dropped, cfg.run.format, entry)
+    written = shards.write_shard(out_url, index, kept, dropped, cfg.run.format, entry)
     log.info("%s shard %d: %d in, %d out, %.1fs", stage, index, len(in_rows), len(kept), seconds)
     return written
 
@@ -234,7 +201,7 @@ def _generate_shard(
 def _read_entries(url: str, count: int) -> list[ShardManifest]:
     entries = []
     for i in range(count):
-        entry = storage.read_shard_manifest(url, i)
+        entry = shards.read_shard_manifest(url, i)
         if entry is None or not entry.complete:
             raise StorageError(f"{url}: shard {i} of {count} has not finished; run it before finalising")
         entries.append(entry)
@@ -264,7 +231,7 @@ def finalize_stage(stage: str, cfg: RoundConfig, round_dir: str) -> dict[str, An
 def _finalised_earlier(url: str, entries: list[ShardManifest]) -> dict[str, Any] | None:
     """The stage manifest already at `url` when it lists exactly these shard entries, else None."""
     try:
-        manifest = storage.read_stage_manifest(url)
+        manifest = shards.read_stage_manifest(url)
     except (StorageError, FileNotFoundError):
         return None
     return manifest if manifest.get("shards") == [asdict(e) for e in entries] else None
@@ -275,7 +242,7 @@ def _write_stage_manifest(
 ) -> dict[str, Any]:
     extra: dict[str, Any] = {"format": cfg.run.format}
     if stage == "judgements":
-        from sao_core.judging import judge_diagnostics
+        from sao_core.method.judging import judge_diagnostics
 
         counts: Counter[str] = Counter()
         for e in entries:
@@ -283,11 +250,11 @@ def _write_stage_manifest(
         extra["judge_counts"] = dict(counts)
         extra["diagnostics"] = judge_diagnostics(dict(counts))
         extra["swap"] = cfg.judging.swap
-    return storage.write_stage_manifest(out_url, stage, entries, **extra)
+    return shards.write_stage_manifest(out_url, stage, entries, **extra)
 
 
 class EvalOverlap:
-    """Drops synthetic prompts that share a word n-gram with the evaluation set (sao_core.decontaminate),
+    """Drops synthetic prompts that share a word n-gram with the evaluation set (sao_core.method.decontaminate),
     so a round never trains on what it is evaluated on; counted in the prompts manifest."""
 
     def __init__(self, cfg: RoundConfig) -> None:
@@ -298,8 +265,8 @@ class EvalOverlap:
         self.eval_ids_hit: set[str] = set()
         self.index = None
         if cfg.evaluation.enabled and self.n > 0:
-            from sao_core.decontaminate import build_ngram_index
-            from sao_core.evalsets import load_eval_prompts
+            from sao_core.method.decontaminate import build_ngram_index
+            from sao_core.store.evalsets import load_eval_prompts
 
             self.index = build_ngram_index(
                 ((p.id, p.instruction) for p in load_eval_prompts(self.source)), self.n
@@ -332,20 +299,20 @@ class EvalOverlap:
 
 def _dedupe_prompts(cfg: RoundConfig, round_dir: str, candidates: list[ShardManifest]) -> dict[str, Any]:
     """Drop exact and normalised duplicates across the whole round, first occurrence kept, shards kept."""
-    from sao_core.prompts import PromptDeduper
+    from sao_core.method.prompts import PromptDeduper
 
     cand_url = output_url(round_dir, "prompts")
     out_url = stage_url(round_dir, "prompts")
     # The pass is deterministic: deduped shards made from these candidates would be written the same again.
     # (candidates[i] is shard i: finalize_stage reads them in order.)
-    earlier = storage.stage_is_done(out_url, [(digest(c.sha256), c.settings_hash) for c in candidates])
+    earlier = shards.stage_is_done(out_url, [(digest(c.sha256), c.settings_hash) for c in candidates])
     if earlier is not None:
         return earlier
     deduper = PromptDeduper()
     overlap = EvalOverlap(cfg)
     entries = []
     for cand in candidates:
-        rows, _ = storage.read_shard(cand_url, cand.shard, cfg.run.format)
+        rows, _ = shards.read_shard(cand_url, cand.shard, cfg.run.format)
         kept: list[dict[str, Any]] = []
         dropped: list[dict[str, Any]] = []
         for row in rows:
@@ -359,8 +326,8 @@ def _dedupe_prompts(cfg: RoundConfig, round_dir: str, candidates: list[ShardMani
             **{**cand.__dict__, "drops": dict(drops), "dropped_file": None, "dropped_sha256": None}
         )
         entry.input_sha256 = digest(cand.sha256)
-        entries.append(storage.write_shard(out_url, cand.shard, kept, dropped, cfg.run.format, entry))
-    return storage.write_stage_manifest(
+        entries.append(shards.write_shard(out_url, cand.shard, kept, dropped, cfg.run.format, entry))
+    return shards.write_stage_manifest(
         out_url,
         "prompts",
         entries,

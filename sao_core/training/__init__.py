@@ -1,7 +1,7 @@
 """Preference training (SAO.md step 6): SimPO by default, DPO or ORPO, over TRL with LoRA or full weights.
 
     sao train --config configs/cpu-smollm2.yaml --pairs artifacts/smollm2-cpu/round_001-.../pairs
-    python -m sao_core.stages.train --config CFG --pairs URL --output URL    # one rank (torchrun, accelerate)
+    python -m sao_core.training.rank --config CFG --pairs URL --output URL    # one rank (torchrun, accelerate)
 
 `train` validates everything it can before any process starts (objective, model path, pairs, lengths),
 then trains in this process (`training.launcher: inprocess`) or under `accelerate launch` / `torchrun`

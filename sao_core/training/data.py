@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sao_core import storage
 from sao_core.config import TrainingConfig
 from sao_core.errors import StorageError, TrainingError
+from sao_core.store import shards, storage
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -66,7 +66,7 @@ def find_pair_files(url: str) -> list[str]:
         raise TrainingError(f"pairs {url} not found")
     if storage.exists(storage.join(url, "manifest.json")):
         try:
-            manifest = storage.read_stage_manifest(url)
+            manifest = shards.read_stage_manifest(url)
         except StorageError as e:
             raise TrainingError(f"pairs {url}: {e}") from e
         files = [storage.join(url, entry["file"]) for entry in manifest["shards"]]
@@ -119,7 +119,7 @@ def _locate_row(files: list[str], index: int) -> str:
     for url in files:
         fmt = "parquet" if url.endswith(".parquet") else "jsonl"
         try:
-            count = len(storage.decode_rows(storage.read_bytes(url), fmt, url))
+            count = len(shards.decode_rows(storage.read_bytes(url), fmt, url))
         except (StorageError, OSError):
             return url
         if index < seen + count:
@@ -134,7 +134,7 @@ def _diagnose_load_failure(files: list[str], error: Exception) -> TrainingError:
     for url in files:
         fmt = "parquet" if url.endswith(".parquet") else "jsonl"
         try:
-            rows = storage.decode_rows(storage.read_bytes(url), fmt, url)
+            rows = shards.decode_rows(storage.read_bytes(url), fmt, url)
         except StorageError as e:
             return TrainingError(f"malformed pairs: {e}")
         for line, row in enumerate(rows, 1):

@@ -12,10 +12,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from sao_core import locks, storage
-from sao_core.config import RoundConfig, TrainingConfig, config_to_yaml, round_url
+from sao_core.config import RoundConfig, TrainingConfig, config_to_yaml
 from sao_core.errors import ConfigError, TrainingError
-from sao_core.models import resolve_model
+from sao_core.store import locks, storage
+from sao_core.store.layout import round_url
+from sao_core.store.models import resolve_model
 from sao_core.training.arguments import REPO_ROOT, check_objective, deploy_path, gradient_accumulation_steps
 from sao_core.training.data import Pairs, prepare_pairs
 from sao_core.training.outputs import finished_manifest, run_identity, train_claim_url, training_hash
@@ -54,7 +55,7 @@ def _free_port() -> int:
 
 
 def build_launch_command(tcfg: TrainingConfig, stage_args: list[str], port: int) -> list[str]:
-    """The accelerate or torchrun command that starts num_processes ranks of sao_core.stages.train."""
+    """The accelerate or torchrun command that starts num_processes ranks of sao_core.training.rank."""
     n = str(tcfg.num_processes)
     if tcfg.launcher == "torchrun":
         launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", n]
@@ -69,7 +70,7 @@ def build_launch_command(tcfg: TrainingConfig, stage_args: list[str], port: int)
         launcher += ["--num_processes", n, "--num_machines", "1", "--main_process_port", str(port)]
     else:
         raise ConfigError(f"training.launcher {tcfg.launcher!r} starts no processes")
-    return [*launcher, "-m", "sao_core.stages.train", *stage_args]
+    return [*launcher, "-m", "sao_core.training.rank", *stage_args]
 
 
 def stream_command(

@@ -9,9 +9,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from sao_core import storage
 from sao_core.config import RoundConfig, TrainingConfig
 from sao_core.errors import TrainingError
+from sao_core.store import storage
 from sao_core.training.plots import plot_curves
 
 # Settings that change how a run is launched or kept, not what it learns: a resumed run may change them,
@@ -92,7 +92,7 @@ def check_run_identity(output_url: str, identity: dict[str, str], write: bool) -
 # --- checkpoints and staging --------------------------------------------------------------------------
 
 ROWS_SEEN = "rows_seen.json"  # in each checkpoint: the pair rows every rank trained on up to its step
-CLAIM = "_claims/train.json"  # the lease of the process training into the folder (sao_core.locks)
+CLAIM = "_claims/train.json"  # the lease of the process training into the folder (sao_core.store.locks)
 
 
 def train_claim_url(output_url: str) -> str:
@@ -192,7 +192,7 @@ def staging_dir(output_url: str) -> Path:
     """Where the run trains: the output itself when local, else a folder under the cache keyed by URL."""
     if storage.is_local(output_url):
         return Path(storage.url_to_fs(output_url)[1])
-    from sao_core.models import cache_dir
+    from sao_core.store.models import cache_dir
 
     key = hashlib.sha256(output_url.rstrip("/").encode()).hexdigest()[:16]
     return cache_dir() / "train-staging" / key

@@ -1,7 +1,7 @@
 """One training rank: load the tokenizer and model, build the TRL trainer, train, write the outputs.
 
 `run_training` is the whole run when there is one process; under `accelerate launch` / `torchrun` every
-rank runs it (sao_core.stages.train) and rank 0 writes the outputs.
+rank runs it (sao_core.training.rank) and rank 0 writes the outputs.
 """
 
 from __future__ import annotations
@@ -14,11 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sao_core import storage
-from sao_core.config import RoundConfig, TrainingConfig, hash_config
+from sao_core.config import RoundConfig, TrainingConfig
 from sao_core.errors import ModelNotFoundError, TrainingError
-from sao_core.locks import process_gone
-from sao_core.models import load_kwargs, model_revision, resolve_adapter, resolve_model
+from sao_core.store import storage
+from sao_core.store.layout import hash_config
+from sao_core.store.locks import process_gone
+from sao_core.store.models import load_kwargs, model_revision, resolve_adapter, resolve_model
 from sao_core.training.arguments import build_peft_config, build_trl_config, check_objective, trainer_class
 from sao_core.training.data import ROW_COLUMN, Pairs, pairs_sha256, prepare_pairs, repeated_rows
 from sao_core.training.outputs import (

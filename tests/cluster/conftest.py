@@ -29,7 +29,7 @@ def cluster(s3_endpoint: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
     print(f"\ncluster logs: {logs}", flush=True)
     bucket = f"sao-cluster-{uuid.uuid4().hex[:10]}"
     with pytest.MonkeyPatch.context() as mp:
-        # This process reads the bucket too (sao_core.storage through s3fs).
+        # This process reads the bucket too (sao_core.store.storage through s3fs).
         for key, value in s3_env(s3_endpoint).items():
             mp.setenv(key, value)
         for key in ("AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_ENDPOINT_URL_S3"):

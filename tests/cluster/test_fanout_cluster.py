@@ -34,9 +34,8 @@ from typing import Any
 import psutil
 import pytest
 
-from sao_core import storage
-from sao_core.config import load_config, round_url
-from sao_core.stages.layout import MODEL_STAGES, output_url, stage_url
+from sao_core.store import shards, storage
+from sao_core.store.layout import MODEL_STAGES, load_config, output_url, round_url, stage_url
 from sao_core.training import default_output_url
 from tests.cluster.harness import (
     CRON,
@@ -350,7 +349,7 @@ def freeze_batch_mid_stage(
         assert state_type(cluster.read_run(run["id"])) in FINAL, f"pid {pid} of {name} is no worker's child"
         return None
     shards = list(run["parameters"]["shards"])
-    manifests = {i: storage.shard_manifest_url(output_url(round_dir, stage), i) for i in shards}
+    manifests = {i: shards.shard_manifest_url(output_url(round_dir, stage), i) for i in shards}
 
     def written() -> list[int]:
         fs = fresh_fs()
@@ -411,7 +410,7 @@ def check_resubmitted(cluster: Cluster, round_dir: str, frozen: Frozen, total: i
     fs = fresh_fs()
     out_url = output_url(round_dir, frozen.stage)
     for index, (content, modified) in frozen.done_before.items():
-        url = storage.shard_manifest_url(out_url, index)
+        url = shards.shard_manifest_url(out_url, index)
         assert fs.cat_file(url) == content and fs.info(url)["LastModified"] == modified, index
     retried_tasks = set(task_run_names(cluster, [r["id"] for r in retries]))
     assert not {f"{frozen.stage}-shard-{i:05d}" for i in frozen.done_before} & retried_tasks, retried_tasks

@@ -3,9 +3,9 @@ tests of what reads one: tests/core/test_campaign.py and tests/core/test_lineage
 
 from __future__ import annotations
 
-from sao_core import storage
 from sao_core.config import RoundConfig
-from sao_core.stages.layout import stage_url
+from sao_core.store import storage
+from sao_core.store.layout import stage_url
 from sao_core.training.data import find_pair_files, pairs_sha256
 from sao_core.training.launch import default_output_url
 from sao_core.training.outputs import training_hash

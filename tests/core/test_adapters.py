@@ -14,13 +14,13 @@ from typing import Any
 
 import pytest
 
-from sao_core import storage
 from sao_core.config import EngineConfig, FakeEngineConfig, ModelConfig
 from sao_core.engines import ChatRequest, Sampling, make_engine
 from sao_core.engines.fake import FakeEngine
 from sao_core.engines.openai import OpenAIEngine
 from sao_core.errors import ConfigError, EngineError, ModelNotFoundError
-from sao_core.models import model_revision, resolve_adapter
+from sao_core.store import storage
+from sao_core.store.models import model_revision, resolve_adapter
 from tests.stub_openai import StubServer
 
 GREEDY = Sampling(temperature=0.0, top_p=1.0, max_tokens=64, seed=0)

@@ -1,4 +1,4 @@
-"""Campaign state (sao_core/campaign.py): promotion records, CURRENT, rollback, and the model a round starts
+"""Campaign state (sao_core/campaign/ledger.py): promotion records, CURRENT, rollback, and the model a round starts
 from, on a local folder and on a real S3 endpoint, with promotions that really race (threads and processes
 released together by a barrier)."""
 
@@ -10,12 +10,13 @@ import threading
 
 import pytest
 
-from sao_core import campaign, storage
-from sao_core.campaign import Promotion
+from sao_core.campaign import ledger, planning
+from sao_core.campaign.ledger import Promotion
 from sao_core.config import build_config
 from sao_core.errors import CampaignError, ModelNotFoundError, StorageConflict, StorageError
-from sao_core.stages.layout import prepare_round, stage_url
-from sao_core.storage import ShardManifest
+from sao_core.store import shards, storage, trained
+from sao_core.store.layout import prepare_round, stage_url
+from sao_core.store.shards import ShardManifest
 from tests.core.fake_training import fake_training_run
 
 CAMPAIGN = "camp"
@@ -51,8 +52,8 @@ def make_round(root: str, k: int, full: bool = False, **model) -> tuple[str, str
     cfg = round_config(root, k, **model)
     round_dir = prepare_round(cfg)
     pairs = stage_url(round_dir, "pairs")
-    entry = storage.write_shard(pairs, 0, [pair_row(k)], [], "jsonl", ShardManifest("pairs", 0, 1))
-    storage.write_stage_manifest(pairs, "pairs", [entry], format="jsonl")
+    entry = shards.write_shard(pairs, 0, [pair_row(k)], [], "jsonl", ShardManifest("pairs", 0, 1))
+    shards.write_stage_manifest(pairs, "pairs", [entry], format="jsonl")
     return round_dir, fake_training_run(cfg, round_dir, full=full)
 
 
@@ -66,9 +67,9 @@ def root(request, tmp_path):
 
 def test_promote_writes_a_record_current_and_history(root):
     round_dir, model = make_round(root, 1)
-    assert campaign.current(root, CAMPAIGN) is None and campaign.history(root, CAMPAIGN) == []
+    assert ledger.current(root, CAMPAIGN) is None and ledger.history(root, CAMPAIGN) == []
 
-    record = campaign.promote(root, CAMPAIGN, round_dir, model, who="ana", why="won the gate: 61%")
+    record = ledger.promote(root, CAMPAIGN, round_dir, model, who="ana", why="won the gate: 61%")
     assert (record.seq, record.action, record.round, record.who, record.why) == (
         1,
         "promote",
@@ -76,36 +77,36 @@ def test_promote_writes_a_record_current_and_history(root):
         "ana",
         "won the gate: 61%",
     )
-    assert record.model == campaign.normalise_url(model) and record.round_dir == round_dir
+    assert record.model == storage.normalise_url(model) and record.round_dir == round_dir
     assert record.model_path == "bundled:tiny-random-llama"  # LoRA: the next round loads base + adapter
     assert record.model_adapter == storage.join(record.model, "adapter")
     assert record.parent is None and record.parent_seq is None and len(record.model_sha) == 64
-    curl = campaign.campaign_url(root, CAMPAIGN)
+    curl = ledger.campaign_url(root, CAMPAIGN)
     assert storage.read_json(storage.join(curl, "promotions", "000001.json")) == record.to_dict()
     assert storage.read_json(storage.join(curl, "CURRENT")) == record.to_dict()
-    assert campaign.current(root, CAMPAIGN) == record
+    assert ledger.current(root, CAMPAIGN) == record
 
     round2, model2 = make_round(root, 2)
-    second = campaign.promote(root, CAMPAIGN, round2, model2, who="bo", why="round 2 won")
+    second = ledger.promote(root, CAMPAIGN, round2, model2, who="bo", why="round 2 won")
     assert (second.seq, second.parent, second.parent_seq) == (2, record.model, 1)
-    assert campaign.history(root, CAMPAIGN) == [record, second]
+    assert ledger.history(root, CAMPAIGN) == [record, second]
     lines = storage.read_text(storage.join(curl, "history.jsonl")).splitlines()
     assert [json.loads(line)["seq"] for line in lines] == [1, 2]
-    assert "won the gate: 61%" in campaign.format_history(second, [record, second], CAMPAIGN)
+    assert "won the gate: 61%" in ledger.format_history(second, [record, second], CAMPAIGN)
 
 
 def test_promoting_the_current_model_again_writes_nothing(tmp_path):
     root = str(tmp_path)
     round_dir, model = make_round(root, 1)
-    first = campaign.promote(root, CAMPAIGN, round_dir, model, why="first")
-    again = campaign.promote(root, CAMPAIGN, round_dir, model + "/", why="a retried promotion step")
-    assert again == first and len(campaign.history(root, CAMPAIGN)) == 1
+    first = ledger.promote(root, CAMPAIGN, round_dir, model, why="first")
+    again = ledger.promote(root, CAMPAIGN, round_dir, model + "/", why="a retried promotion step")
+    assert again == first and len(ledger.history(root, CAMPAIGN)) == 1
 
 
 def test_a_full_model_is_loaded_as_model_path(tmp_path):
     root = str(tmp_path)
     round_dir, model = make_round(root, 1, full=True)
-    record = campaign.promote(root, CAMPAIGN, round_dir, storage.join(model, "full"), why="full fine-tune")
+    record = ledger.promote(root, CAMPAIGN, round_dir, storage.join(model, "full"), why="full fine-tune")
     assert record.model == model  # the weights folder given resolves to its run
     assert (record.model_path, record.model_adapter) == (storage.join(model, "full"), None)
 
@@ -114,49 +115,49 @@ def test_an_adapter_trained_on_top_of_an_adapter_is_refused(tmp_path):
     root = str(tmp_path)
     round_dir, model = make_round(root, 2, adapter=str(tmp_path / "earlier-adapter"))
     with pytest.raises(CampaignError, match=r"merged in.*training\.merge: true"):
-        campaign.promote(root, CAMPAIGN, round_dir, model, why="x")
+        ledger.promote(root, CAMPAIGN, round_dir, model, why="x")
     round_dir, model = make_round(root, 3, full=True, adapter=str(tmp_path / "earlier-adapter"))
-    assert campaign.promote(root, CAMPAIGN, round_dir, model, why="merged").model_adapter is None
+    assert ledger.promote(root, CAMPAIGN, round_dir, model, why="merged").model_adapter is None
 
 
 def test_a_missing_or_unfinished_model_is_refused(tmp_path):
     root = str(tmp_path)
     round_dir, model = make_round(root, 1)
     with pytest.raises(ModelNotFoundError, match=r"no manifest\.json"):
-        campaign.promote(root, CAMPAIGN, round_dir, str(tmp_path / "nowhere"), why="x")
+        ledger.promote(root, CAMPAIGN, round_dir, str(tmp_path / "nowhere"), why="x")
     unfinished = storage.read_json(storage.join(model, "manifest.json"))
     storage.write_json(storage.join(model, "manifest.json"), {**unfinished, "complete": False})
     with pytest.raises(ModelNotFoundError, match="does not say a training run finished"):
-        campaign.promote(root, CAMPAIGN, round_dir, model, why="x")
+        ledger.promote(root, CAMPAIGN, round_dir, model, why="x")
     storage.write_json(storage.join(model, "manifest.json"), unfinished)
     storage.remove(storage.join(model, "adapter", "adapter_model.safetensors"))
     with pytest.raises(ModelNotFoundError, match=r"adapter is missing or incomplete"):
-        campaign.promote(root, CAMPAIGN, round_dir, model, why="x")
+        ledger.promote(root, CAMPAIGN, round_dir, model, why="x")
     other_round, other_model = make_round(root, 2)
     with pytest.raises(CampaignError, match="was trained on the pairs of"):
-        campaign.promote(root, CAMPAIGN, round_dir, other_model, why="x")
+        ledger.promote(root, CAMPAIGN, round_dir, other_model, why="x")
     with pytest.raises(CampaignError, match="needs a reason"):
-        campaign.promote(root, CAMPAIGN, other_round, other_model, why="  ")
-    assert campaign.history(root, CAMPAIGN) == []  # nothing was recorded
+        ledger.promote(root, CAMPAIGN, other_round, other_model, why="  ")
+    assert ledger.history(root, CAMPAIGN) == []  # nothing was recorded
 
 
 def test_round_model_finds_the_rounds_finished_run(tmp_path):
     root = str(tmp_path)
     round_dir, model = make_round(root, 1)
-    assert campaign.round_model(round_dir) == model
+    assert planning.round_model(round_dir) == model
     storage.remove(storage.join(model, "manifest.json"))
     with pytest.raises(ModelNotFoundError, match="no finished training run"):
-        campaign.round_model(round_dir)
+        planning.round_model(round_dir)
 
 
 def test_rollback_restores_the_previous_model_and_can_go_further(root):
     records = []
     for k in (1, 2, 3):
         round_dir, model = make_round(root, k)
-        records.append(campaign.promote(root, CAMPAIGN, round_dir, model, why=f"round {k}"))
+        records.append(ledger.promote(root, CAMPAIGN, round_dir, model, why=f"round {k}"))
     a, b, c = records
 
-    back = campaign.rollback(root, CAMPAIGN, who="ana", why="round 3 regressed")
+    back = ledger.rollback(root, CAMPAIGN, who="ana", why="round 3 regressed")
     assert (back.seq, back.action, back.to_seq, back.parent_seq) == (4, "rollback", 2, 3)
     assert (back.model, back.model_path, back.model_adapter, back.round) == (
         b.model,
@@ -164,52 +165,52 @@ def test_rollback_restores_the_previous_model_and_can_go_further(root):
         b.model_adapter,
         2,
     )
-    assert campaign.current(root, CAMPAIGN) == back
+    assert ledger.current(root, CAMPAIGN) == back
 
-    further = campaign.rollback(root, CAMPAIGN, why="round 2 too")
+    further = ledger.rollback(root, CAMPAIGN, why="round 2 too")
     assert (further.to_seq, further.model) == (1, a.model)
     with pytest.raises(CampaignError, match="nothing to roll back to"):
-        campaign.rollback(root, CAMPAIGN, why="and round 1")
+        ledger.rollback(root, CAMPAIGN, why="and round 1")
 
-    forward = campaign.rollback(root, CAMPAIGN, why="round 3 was fine after all", to_seq=3)
+    forward = ledger.rollback(root, CAMPAIGN, why="round 3 was fine after all", to_seq=3)
     assert (forward.model, forward.to_seq) == (c.model, 3)
     with pytest.raises(CampaignError, match="already current"):
-        campaign.rollback(root, CAMPAIGN, why="x", to_seq=3)
+        ledger.rollback(root, CAMPAIGN, why="x", to_seq=3)
     with pytest.raises(CampaignError, match="has no record 42"):
-        campaign.rollback(root, CAMPAIGN, why="x", to_seq=42)
-    assert [r.seq for r in campaign.history(root, CAMPAIGN)] == [1, 2, 3, 4, 5, 6]
+        ledger.rollback(root, CAMPAIGN, why="x", to_seq=42)
+    assert [r.seq for r in ledger.history(root, CAMPAIGN)] == [1, 2, 3, 4, 5, 6]
 
 
 def test_rollback_refuses_a_model_rewritten_since_it_was_promoted(tmp_path):
     root = str(tmp_path)
     r1, m1 = make_round(root, 1)
-    campaign.promote(root, CAMPAIGN, r1, m1, why="1")
+    ledger.promote(root, CAMPAIGN, r1, m1, why="1")
     r2, m2 = make_round(root, 2)
-    campaign.promote(root, CAMPAIGN, r2, m2, why="2")
+    ledger.promote(root, CAMPAIGN, r2, m2, why="2")
     storage.write_bytes(storage.join(m1, "adapter", "adapter_model.safetensors"), b"retrained in place")
     with pytest.raises(CampaignError, match="changed since record 1 promoted it"):
-        campaign.rollback(root, CAMPAIGN, why="back")
+        ledger.rollback(root, CAMPAIGN, why="back")
     with pytest.raises(CampaignError, match="no promotion to roll back"):
-        campaign.rollback(root, "empty", why="back")
+        ledger.rollback(root, "empty", why="back")
 
 
 def test_a_rollback_stops_when_someone_promotes_meanwhile(tmp_path, monkeypatch):
     root = str(tmp_path)
     for k in (1, 2):
         round_dir, model = make_round(root, k)
-        campaign.promote(root, CAMPAIGN, round_dir, model, why=f"round {k}")
+        ledger.promote(root, CAMPAIGN, round_dir, model, why=f"round {k}")
     r3, m3 = make_round(root, 3)
-    real = campaign.weights_key
+    real = trained.weights_key
 
     def promote_meanwhile(url):  # runs after the rollback chose its target, before it writes
-        monkeypatch.setattr(campaign, "weights_key", real)
-        campaign.promote(root, CAMPAIGN, r3, m3, why="round 3, promoted by the nightly flow")
+        monkeypatch.setattr(trained, "weights_key", real)
+        ledger.promote(root, CAMPAIGN, r3, m3, why="round 3, promoted by the nightly flow")
         return real(url)
 
-    monkeypatch.setattr(campaign, "weights_key", promote_meanwhile)
+    monkeypatch.setattr(trained, "weights_key", promote_meanwhile)
     with pytest.raises(StorageConflict, match="moved on to record 3"):
-        campaign.rollback(root, CAMPAIGN, why="round 2 regressed")
-    assert [r.action for r in campaign.history(root, CAMPAIGN)] == ["promote"] * 3
+        ledger.rollback(root, CAMPAIGN, why="round 2 regressed")
+    assert [r.action for r in ledger.history(root, CAMPAIGN)] == ["promote"] * 3
 
 
 @pytest.mark.parametrize(
@@ -219,41 +220,41 @@ def test_a_rollback_stops_when_someone_promotes_meanwhile(tmp_path, monkeypatch)
 def test_a_damaged_current_is_detected_and_repaired_from_the_records(root, damage, caplog):
     for k in (1, 2):
         round_dir, model = make_round(root, k)
-        latest = campaign.promote(root, CAMPAIGN, round_dir, model, why=f"round {k}")
-    current_url = storage.join(campaign.campaign_url(root, CAMPAIGN), "CURRENT")
+        latest = ledger.promote(root, CAMPAIGN, round_dir, model, why=f"round {k}")
+    current_url = storage.join(ledger.campaign_url(root, CAMPAIGN), "CURRENT")
     text = storage.read_text(current_url)
     if damage == "garbage":
         storage.write_text(current_url, "\x00 not a promotion")
     elif damage == "truncated":
         storage.write_text(current_url, text[: len(text) // 2])
     elif damage == "older record":
-        storage.write_json(current_url, campaign.history(root, CAMPAIGN)[0].to_dict())
+        storage.write_json(current_url, ledger.history(root, CAMPAIGN)[0].to_dict())
     else:
         storage.remove(current_url)
 
-    assert campaign.current(root, CAMPAIGN, repair=False) == latest  # the records win
-    assert campaign.current(root, CAMPAIGN) == latest
+    assert ledger.current(root, CAMPAIGN, repair=False) == latest  # the records win
+    assert ledger.current(root, CAMPAIGN) == latest
     assert "rewritten from record 2" in caplog.text
     assert Promotion.from_dict(storage.read_json(current_url), current_url) == latest
 
 
 def test_current_without_records_is_an_error_not_a_silent_base_model(tmp_path):
     root = str(tmp_path)
-    storage.write_text(storage.join(campaign.campaign_url(root, CAMPAIGN), "CURRENT"), "{}")
+    storage.write_text(storage.join(ledger.campaign_url(root, CAMPAIGN), "CURRENT"), "{}")
     with pytest.raises(StorageError, match="holds no promotion record"):
-        campaign.current(root, CAMPAIGN)
+        ledger.current(root, CAMPAIGN)
     with pytest.raises(CampaignError, match="campaign name"):
-        campaign.current(root, "../elsewhere")
+        ledger.current(root, "../elsewhere")
 
 
 def test_start_model_round_one_from_the_config_later_rounds_from_current(tmp_path):
     root = str(tmp_path)
-    assert campaign.start_model(round_config(root, 1)) == ("bundled:tiny-random-llama", None)
-    assert campaign.start_model(round_config(root, 2)) == ("bundled:tiny-random-llama", None)  # none promoted
+    assert planning.start_model(round_config(root, 1)) == ("bundled:tiny-random-llama", None)
+    assert planning.start_model(round_config(root, 2)) == ("bundled:tiny-random-llama", None)  # none promoted
     round_dir, model = make_round(root, 1)
-    record = campaign.promote(root, CAMPAIGN, round_dir, model, why="round 1 won")
-    assert campaign.start_model(round_config(root, 1)) == ("bundled:tiny-random-llama", None)
-    assert campaign.start_model(round_config(root, 2)) == (record.model_path, record.model_adapter)
+    record = ledger.promote(root, CAMPAIGN, round_dir, model, why="round 1 won")
+    assert planning.start_model(round_config(root, 1)) == ("bundled:tiny-random-llama", None)
+    assert planning.start_model(round_config(root, 2)) == (record.model_path, record.model_adapter)
     assert record.model_adapter == storage.join(model, "adapter")
 
 
@@ -280,14 +281,14 @@ def _wait_at_first_write(barrier, conflicts: list[str]):
 
 
 def _check_both_recorded(root: str, models: list[str]) -> None:
-    records = campaign.history(root, CAMPAIGN)
+    records = ledger.history(root, CAMPAIGN)
     assert [r.seq for r in records] == [1, 2]
-    assert sorted(r.model for r in records) == sorted(campaign.normalise_url(m) for m in models)
+    assert sorted(r.model for r in records) == sorted(storage.normalise_url(m) for m in models)
     assert (
         records[1].parent == records[0].model and records[1].parent_seq == 1
     )  # the loser built on the winner
-    assert campaign.current(root, CAMPAIGN) == records[1]
-    current_url = storage.join(campaign.campaign_url(root, CAMPAIGN), "CURRENT")
+    assert ledger.current(root, CAMPAIGN) == records[1]
+    current_url = storage.join(ledger.campaign_url(root, CAMPAIGN), "CURRENT")
     assert storage.read_json(current_url) == records[1].to_dict()
 
 
@@ -299,7 +300,7 @@ def test_two_promotions_racing_in_threads_are_both_recorded_in_order(root, monke
 
     def run(round_dir: str, model: str) -> None:
         try:
-            results.append(campaign.promote(root, CAMPAIGN, round_dir, model, why="race"))
+            results.append(ledger.promote(root, CAMPAIGN, round_dir, model, why="race"))
         except BaseException as e:
             results.append(e)
 
@@ -318,7 +319,7 @@ def _promote_in_child(root, round_dir, model, barrier, queue) -> None:
     conflicts: list[str] = []
     storage.write_bytes_exclusive = _wait_at_first_write(barrier, conflicts)
     try:
-        record = campaign.promote(root, CAMPAIGN, round_dir, model, why="race between processes")
+        record = ledger.promote(root, CAMPAIGN, round_dir, model, why="race between processes")
         queue.put(("ok", record.seq, conflicts))
     except BaseException as e:
         queue.put(("error", repr(e), conflicts))
@@ -350,7 +351,7 @@ def test_a_writer_that_keeps_losing_gives_up_clearly(tmp_path, monkeypatch):
 
     monkeypatch.setattr(storage, "write_bytes_exclusive", always_taken)
     with pytest.raises(StorageConflict, match="gave up after 3 tries"):
-        campaign.promote(root, CAMPAIGN, round_dir, model, why="x", attempts=3)
+        ledger.promote(root, CAMPAIGN, round_dir, model, why="x", attempts=3)
 
 
 @pytest.mark.tier1
@@ -367,4 +368,4 @@ def test_a_model_finished_by_another_process_is_found_despite_cached_listings(s3
     s3fs.S3FileSystem(skip_instance_cache=True).pipe_file(
         storage.join(model.removeprefix("s3://"), "manifest.json"), manifest
     )
-    assert campaign.promote(root, CAMPAIGN, round_dir, model, why="trained elsewhere").seq == 1
+    assert ledger.promote(root, CAMPAIGN, round_dir, model, why="trained elsewhere").seq == 1

@@ -116,7 +116,7 @@ def test_verbose_logs_every_shard(tmp_path):
 
 def test_sao_synth_and_train_start_without_prefect_or_torch():
     code = (
-        "import sys, sao_core, sao_core.config, sao_core.stages.runner, sao_core.pipeline, sao_core.personas,"
+        "import sys, sao_core, sao_core.config, sao_core.stages.runner, sao_core.stages.synth, sao_core.method.personas,"
         " flows.cli;"
         "heavy = [m for m in ('torch', 'transformers', 'datasets', 'prefect', 'vllm', 'trl') if m in sys.modules];"
         "print(','.join(heavy))"
@@ -138,8 +138,8 @@ def test_no_module_in_sao_core_imports_prefect():
 
 def _fake_training_run(overrides: list[str], round_dir: str) -> str:
     """A finished LoRA run as sao_core.training leaves it (adapter/, then manifest.json); bytes for weights."""
-    from sao_core import storage
-    from sao_core.config import load_config
+    from sao_core.store import storage
+    from sao_core.store.layout import load_config
     from sao_core.training.data import find_pair_files, pairs_sha256
     from sao_core.training.launch import default_output_url
     from sao_core.training.outputs import training_hash

@@ -4,8 +4,9 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from sao_core.config import RoundConfig, build_config, config_to_yaml, hash_config, load_config, round_url
+from sao_core.config import RoundConfig, build_config, config_to_yaml
 from sao_core.errors import ConfigError
+from sao_core.store.layout import hash_config, load_config, round_url
 
 CONFIGS = sorted((Path(__file__).parents[2] / "configs").rglob("*.yaml"))
 

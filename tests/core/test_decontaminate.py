@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from sao_core.decontaminate import (
+from sao_core.method.decontaminate import (
     DEFAULT_N,
     build_ngram_index,
     check_prompts,

@@ -1,4 +1,4 @@
-"""The pure parts of sao_core.downstream: the bundled task files, data-file resolution, lm-eval result
+"""The pure parts of sao_core.evaluation.downstream: the bundled task files, data-file resolution, lm-eval result
 parsing, and the "no task down more than X points" comparison. No model, no lm-eval import.
 
     .venv/bin/python -m pytest -q tests/core/test_downstream.py
@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sao_core.downstream import (
+from sao_core.evaluation.downstream import (
     BUNDLED_TASKS,
     DownstreamError,
     compare_downstream,
@@ -29,7 +29,7 @@ BUNDLED_NAMES = ("sao_arith", "sao_capitals")
 
 def test_import_is_cheap():
     """lm_eval (and with it torch, datasets) is imported inside the functions, not by the module."""
-    code = "import sys, sao_core.downstream; print(sorted(m for m in ('lm_eval', 'torch', 'datasets') if m in sys.modules))"
+    code = "import sys, sao_core.evaluation.downstream; print(sorted(m for m in ('lm_eval', 'torch', 'datasets') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
     assert out.stdout.strip() == "[]"
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from sao_core.evalsets import (
+from sao_core.store.evalsets import (
     CATEGORIES,
     TRUST_KINDS,
     EvalSetError,
@@ -20,7 +20,7 @@ from sao_core.evalsets import (
     parse_instructions,
     parse_trust_items,
 )
-from sao_core.storage import write_text
+from sao_core.store.storage import write_text
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -160,7 +160,7 @@ def test_judge_agreement_counts_by_hand() -> None:
 
 def test_hf_instructions_load_through_datasets_from_a_local_folder(tmp_path, monkeypatch) -> None:
     # The loading code the hub path uses, exercised offline on a folder laid out as a dataset repo.
-    from sao_core.evalsets import load_eval_prompts
+    from sao_core.store.evalsets import load_eval_prompts
 
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     repo = tmp_path / "alpaca_like"

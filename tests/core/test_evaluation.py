@@ -1,7 +1,7 @@
 """The evaluation against the current model and the original, the judge-trust rating, and decontamination.
 
 The fake engine's judge prefers the longer answer and, on equal lengths, Response 1: every expected
-verdict below is computed from the answers' lengths, independently of sao_core.winrate.
+verdict below is computed from the answers' lengths, independently of sao_core.evaluation.winrate.
 """
 
 from __future__ import annotations
@@ -11,15 +11,16 @@ from typing import Any
 
 import pytest
 
-from sao_core import storage
 from sao_core.chat import ChatRequest, Completion, Sampling
 from sao_core.config import build_config
 from sao_core.engines.fake import FakeEngine
-from sao_core.evalsets import load_eval_prompts, load_judge_trust
-from sao_core.evaluation import Contender, evaluate_candidate, headline
-from sao_core.stages.layout import prepare_round
-from sao_core.stages.round import run_personas
-from sao_core.stages.runner import EngineProvider, run_model_stage
+from sao_core.engines.provider import EngineProvider
+from sao_core.evaluation.compare import Contender, evaluate_candidate, headline
+from sao_core.stages.no_model import run_personas
+from sao_core.stages.runner import run_model_stage
+from sao_core.store import storage
+from sao_core.store.evalsets import load_eval_prompts, load_judge_trust
+from sao_core.store.layout import prepare_round
 
 
 def _fake(cfg: Any, seed: int) -> EngineProvider:

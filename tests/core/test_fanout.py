@@ -12,12 +12,20 @@ from types import SimpleNamespace
 
 import pytest
 
-from sao_core import storage
-from sao_core.config import build_config, hash_config, load_config, round_url
+from sao_core.config import build_config
+from sao_core.engines.provider import EngineProvider
 from sao_core.errors import ConfigError, FanoutError, StorageError
-from sao_core.stages.layout import output_url, prepare_round, stage_settings_hash
-from sao_core.stages.round import run_personas
-from sao_core.stages.runner import EngineProvider, run_shard
+from sao_core.stages.no_model import run_personas
+from sao_core.stages.runner import run_shard
+from sao_core.store import shards, storage
+from sao_core.store.layout import (
+    hash_config,
+    load_config,
+    output_url,
+    prepare_round,
+    round_url,
+    stage_settings_hash,
+)
 from tasks.fanout import missing_shards, split_batches
 
 TINY = str(Path(__file__).parents[2] / "configs" / "tiny.yaml")
@@ -65,7 +73,7 @@ def test_missing_shards_are_those_without_a_finished_manifest(half_done_round):
 def test_a_shard_that_does_not_verify_counts_as_missing(half_done_round):
     cfg, round_dir = half_done_round
     out = output_url(round_dir, "prompts")
-    entry = storage.read_shard_manifest(out, 2)
+    entry = shards.read_shard_manifest(out, 2)
     storage.write_text(storage.join(out, entry.file), "{}\n")  # the data no longer matches its sha256
     assert missing_shards("prompts", cfg, round_dir, [0, 1, 2, 3]) == [1, 2, 3]
 

@@ -5,8 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from sao_core.config import hash_config, load_config, round_url
-from sao_core.stages.layout import stage_settings_hash
+from sao_core.store.layout import hash_config, load_config, round_url, stage_settings_hash
 from sao_core.training import training_hash
 
 TINY = str(Path(__file__).parents[2] / "configs" / "tiny.yaml")

@@ -4,7 +4,7 @@ import hashlib
 import pytest
 
 from sao_core.engines import Completion
-from sao_core.judging import (
+from sao_core.method.judging import (
     JUDGE_TEMPLATE,
     build_judge_requests,
     comparison_orders,

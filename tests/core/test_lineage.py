@@ -1,4 +1,4 @@
-"""Lineage (sao_core/lineage.py) on rounds made by the data stages with the scripted engine: every stage by URL
+"""Lineage (sao_core/campaign/lineage.py) on rounds made by the data stages with the scripted engine: every stage by URL
 and digest, the parent model and its promotion, and any pair traced back to the persona that asked for it."""
 
 from __future__ import annotations
@@ -8,12 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from sao_core import campaign, storage
-from sao_core.config import build_config, load_config
+from sao_core.campaign import ledger, planning
+from sao_core.campaign.lineage import lineage, round_of, trace_pair, write_lineage
+from sao_core.config import build_config
 from sao_core.errors import ModelNotFoundError, StorageError
-from sao_core.lineage import lineage, round_of, trace_pair, write_lineage
-from sao_core.pipeline import run_synth
-from sao_core.stages.layout import stage_url
+from sao_core.stages.synth import run_synth
+from sao_core.store import shards, storage
+from sao_core.store.layout import load_config, stage_url
 from sao_core.training.launch import default_output_url
 from tests.core.fake_training import fake_training_run
 
@@ -43,7 +44,7 @@ def trained_round(tmp_path_factory):
 
 
 def rows_by(round_dir: str, stage: str, key: str) -> dict[str, dict]:
-    return {r[key]: r for r in storage.read_stage_rows(stage_url(round_dir, stage), "jsonl")}
+    return {r[key]: r for r in shards.read_stage_rows(stage_url(round_dir, stage), "jsonl")}
 
 
 def test_lineage_of_a_round_lists_every_stage_by_url_and_digest(trained_round):
@@ -59,7 +60,7 @@ def test_lineage_of_a_round_lists_every_stage_by_url_and_digest(trained_round):
     assert lin.parent_promotion is None
     assert [s.stage for s in lin.stages] == STAGES
     for s in lin.stages:
-        manifest = storage.read_stage_manifest(s.url)
+        manifest = shards.read_stage_manifest(s.url)
         shas = [e["sha256"] for e in manifest["shards"]]
         assert s.url == stage_url(round_dir, s.stage) and s.problem is None
         assert s.digest == hashlib.sha256("\x1f".join(shas).encode()).hexdigest()
@@ -78,7 +79,7 @@ def test_lineage_of_a_model_names_its_round_and_promotions_and_the_next_round_na
     round_dir = run_synth(cfg).round_url
     model = fake_training_run(cfg, round_dir)
     assert round_of(storage.join(model, "adapter")) == (round_dir, model)
-    record = campaign.promote(str(tmp_path), "c", round_dir, model, who="ana", why="round 1 won")
+    record = ledger.promote(str(tmp_path), "c", round_dir, model, who="ana", why="round 1 won")
 
     lin = lineage(model)
     assert lin.round_dir == round_dir
@@ -86,7 +87,7 @@ def test_lineage_of_a_model_names_its_round_and_promotions_and_the_next_round_na
     assert [r["seq"] for r in m.promotions] == [1] and m.promotions[0]["why"] == "round 1 won"
 
     # Round 2 starts from the promoted model (SAO.md step 7): its lineage names it and the record.
-    path, adapter = campaign.start_model(fake_cfg(tmp_path, 2))
+    path, adapter = planning.start_model(fake_cfg(tmp_path, 2))
     round2 = run_synth(fake_cfg(tmp_path, 2, path=path, adapter=adapter)).round_url
     lin2 = lineage(round2)
     assert lin2.round == 2 and lin2.parent_model["adapter"] == storage.join(model, "adapter")
@@ -101,7 +102,7 @@ def test_lineage_of_a_model_names_its_round_and_promotions_and_the_next_round_na
 
 def test_every_pair_traces_back_to_the_persona_that_asked_for_it(trained_round):
     _, round_dir, _ = trained_round
-    pairs = storage.read_stage_rows(stage_url(round_dir, "pairs"), "jsonl")
+    pairs = shards.read_stage_rows(stage_url(round_dir, "pairs"), "jsonl")
     personas = rows_by(round_dir, "personas", "persona_id")
     prompts = rows_by(round_dir, "prompts", "prompt_id")
     assert pairs
@@ -131,10 +132,10 @@ def test_a_link_that_does_not_hold_is_reported(tmp_path):
     cfg = fake_cfg(tmp_path)
     round_dir = run_synth(cfg).round_url
     pairs_url = stage_url(round_dir, "pairs")
-    rows, entry = storage.read_shard(pairs_url, 0, "jsonl")
+    rows, entry = shards.read_shard(pairs_url, 0, "jsonl")
     rows[0]["chosen"] = [{"role": "assistant", "content": "an answer nobody gave"}]
     rows[0]["persona_id"] = "pe-someone-else"
-    storage.write_shard(pairs_url, 0, rows, [], "jsonl", entry)  # a consistent manifest, wrong content
+    shards.write_shard(pairs_url, 0, rows, [], "jsonl", entry)  # a consistent manifest, wrong content
     trace = trace_pair(round_dir, rows[0]["prompt_id"])
     assert any("chosen text of the pair differs" in p for p in trace.problems)
     assert any("persona_id" in p for p in trace.problems)
@@ -161,7 +162,7 @@ def test_neither_a_round_nor_a_model_is_named(tmp_path):
 @pytest.mark.tier1
 def test_lineage_and_promotion_of_a_really_trained_tiny_model(tmp_path):
     """The tiny config end to end: data stages, real LoRA training, promotion, lineage, round 2's start."""
-    from sao_core.models import resolve_adapter
+    from sao_core.store.models import resolve_adapter
     from sao_core.training import train
 
     tiny = str(ROOT / "configs/tiny.yaml")
@@ -169,15 +170,15 @@ def test_lineage_and_promotion_of_a_really_trained_tiny_model(tmp_path):
     round_dir = run_synth(cfg).round_url
     manifest = train(cfg, stage_url(round_dir, "pairs"))
     model = default_output_url(cfg)
-    assert manifest["complete"] and campaign.round_model(round_dir) == model
+    assert manifest["complete"] and planning.round_model(round_dir) == model
 
-    record = campaign.promote(str(tmp_path), "tiny", round_dir, model, why="tiny round 1")
+    record = ledger.promote(str(tmp_path), "tiny", round_dir, model, why="tiny round 1")
     [m] = lineage(model).models
     assert m.pairs_match is True and m.steps == manifest["steps"] and m.promotions[0]["seq"] == record.seq
-    pair = storage.read_stage_rows(stage_url(round_dir, "pairs"), "jsonl")[0]
+    pair = shards.read_stage_rows(stage_url(round_dir, "pairs"), "jsonl")[0]
     assert trace_pair(round_dir, pair["prompt_id"]).problems == []
 
-    path, adapter = campaign.start_model(load_config(tiny, [f"run.root={tmp_path}", "run.round=2"]))
+    path, adapter = planning.start_model(load_config(tiny, [f"run.root={tmp_path}", "run.round=2"]))
     assert (path, adapter) == ("bundled:tiny-random-llama", storage.join(model, "adapter"))
     assert adapter is not None and Path(resolve_adapter(adapter), "adapter_config.json").is_file()
 
@@ -191,6 +192,6 @@ def test_lineage_and_a_trace_on_real_s3(s3_env):
     assert lin.round_dir == round_dir and round_dir.startswith("s3://")
     assert all(s.digest and s.problem is None for s in lineage(round_dir, verify=True).stages)
     assert lin.models[0].pairs_match is True
-    pair = storage.read_stage_rows(stage_url(round_dir, "pairs"), "jsonl")[0]
+    pair = shards.read_stage_rows(stage_url(round_dir, "pairs"), "jsonl")[0]
     trace = trace_pair(round_dir, pair["prompt_id"])
     assert trace.problems == [] and trace.step("personas").url.startswith(f"{round_dir}/personas/part-")

@@ -1,4 +1,4 @@
-"""Leases (sao_core.locks) in a local folder and in memory://: a lease whose release failed (the store
+"""Leases (sao_core.store.locks) in a local folder and in memory://: a lease whose release failed (the store
 down at that moment) is taken back at once by the process that released it, while another holder's live
 lease is still waited for; the one wait loop behind acquire and wait_until_free; where the lease errors
 live.
@@ -17,8 +17,9 @@ from typing import Any
 
 import pytest
 
-from sao_core import errors, locks, storage
+from sao_core import errors
 from sao_core.errors import LeaseLost, LeaseTimeout, StorageConflict, StorageError, TransientStorageError
+from sao_core.store import locks, storage
 
 
 @pytest.fixture(params=["file", "memory"])
@@ -75,7 +76,7 @@ def markers(url: str) -> list[str]:
 def test_a_lease_whose_release_failed_is_taken_back_at_once_by_its_process(
     url: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, error: Exception
 ):
-    with caplog.at_level(logging.WARNING, logger="sao_core.locks"):
+    with caplog.at_level(logging.WARNING, logger="sao_core.store.locks"):
         calls = release_left_behind(monkeypatch, url, error)
     assert calls == [url]
     assert any("could not release" in r.getMessage() and url in r.getMessage() for r in caplog.records)
@@ -138,14 +139,14 @@ def test_a_lease_released_cleanly_leaves_nothing_to_take_back(url: str):
 
 def test_the_first_wait_is_announced_once_in_words_of_its_caller(url: str, caplog: pytest.LogCaptureFixture):
     other_holder(url)
-    with caplog.at_level(logging.WARNING, logger="sao_core.locks"), pytest.raises(LeaseTimeout):
+    with caplog.at_level(logging.WARNING, logger="sao_core.store.locks"), pytest.raises(LeaseTimeout):
         locks.acquire(url, "shard 0", ttl_s=0.4, wait_s=0.3)
     said = [r.getMessage() for r in caplog.records]
     assert [m for m in said if "is held by" in m] == [
         f"shard 0: {url} is held by {locks.describe(locks.read_lease(url))}; waiting"
     ]
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="sao_core.locks"), pytest.raises(LeaseTimeout):
+    with caplog.at_level(logging.WARNING, logger="sao_core.store.locks"), pytest.raises(LeaseTimeout):
         locks.wait_until_free([url], "responses manifest", ttl_s=0.4, wait_s=0.3)
     said = [r.getMessage() for r in caplog.records]
     assert [m for m in said if "is held by" in m] == [

@@ -9,15 +9,9 @@ from pathlib import Path
 import fsspec
 import pytest
 
-from sao_core import storage
 from sao_core.errors import ModelNotFoundError
-from sao_core.models import (
-    FETCHED,
-    model_revision,
-    pretrained_kwargs,
-    resolve_adapter,
-    resolve_model,
-)
+from sao_core.store import storage
+from sao_core.store.models import FETCHED, model_revision, pretrained_kwargs, resolve_adapter, resolve_model
 from sao_core.testing import build_tiny_llama
 
 MODEL_FILES = {

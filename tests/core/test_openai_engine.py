@@ -15,15 +15,16 @@ from typing import Any, TypeVar
 
 import pytest
 
-from sao_core import storage
-from sao_core.config import EngineConfig, ModelConfig, load_config
+from sao_core.config import EngineConfig, ModelConfig
 from sao_core.engines import ChatRequest, Sampling, make_engine
 from sao_core.engines import openai as openai_engine
 from sao_core.engines.openai import OpenAIEngine, backoff_seconds
+from sao_core.engines.provider import EngineProvider
 from sao_core.errors import ConfigError, EngineError
-from sao_core.stages.layout import prepare_round
-from sao_core.stages.round import run_personas
-from sao_core.stages.runner import EngineProvider, run_shard
+from sao_core.stages.no_model import run_personas
+from sao_core.stages.runner import run_shard
+from sao_core.store import shards, storage
+from sao_core.store.layout import load_config, prepare_round
 from tests.stub_openai import HANG_GUARD_S, StubServer, in_background
 
 REPO = Path(__file__).resolve().parents[2]
@@ -154,7 +155,7 @@ def test_retries_running_out_fail_the_shard_and_write_nothing(stub: StubServer, 
     with pytest.raises(EngineError, match=r"failed after 3 tries; last error: .*HTTP 503"):
         run_shard("prompts", cfg, round_dir, 0, EngineProvider(cfg))
     out = storage.join(round_dir, "prompts", "_candidates")
-    assert storage.read_shard_manifest(out, 0) is None
+    assert shards.read_shard_manifest(out, 0) is None
     assert not storage.list_files(out, "part-*")
     stub.faults = []
     entry = run_shard("prompts", cfg, round_dir, 0, EngineProvider(cfg))  # the re-run finishes it

@@ -13,19 +13,18 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sao_core import personas
 from sao_core.config import PersonasConfig
 from sao_core.errors import PersonaSourceError
-from sao_core.personas import (
+from sao_core.method import personas
+from sao_core.method.personas import (
     builtin_attributes,
     builtin_lists,
     builtin_persona,
     builtin_size,
     persona_id,
-    read_persona_file,
-    sample_personas,
 )
-from sao_core.storage import remove, write_bytes
+from sao_core.stages.persona_sources import read_persona_file, sample_personas
+from sao_core.store.storage import remove, write_bytes
 
 # Persona Hub's persona.jsonl shape: one {"persona": ...} object per line. Texts written for these tests.
 PERSONAS = [
@@ -144,7 +143,7 @@ def _digest(obj: object) -> str:
 
 
 # sha256 of the sorted-key JSON of what the builtin source gave, taken from the code before the attribute
-# lists moved out of sao_core/personas.py into sao_core/data/personas/builtin.yaml. An entry added,
+# lists moved out of sao_core/method/personas.py into sao_core/data/personas/builtin.yaml. An entry added,
 # removed, edited or moved, or a change to the index maths or the sampling, changes them: update them
 # only on purpose, since the seeds of earlier rounds then name other personas.
 BUILTIN_SAMPLE_DIGESTS = [

@@ -6,8 +6,8 @@ from typing import Any
 
 import pytest
 
+from sao_core.campaign.promotion import decide
 from sao_core.config import PromotionConfig
-from sao_core.promotion import decide
 
 
 def _evaluation(low: float | None, agreement: float | None, win: float = 0.6) -> dict[str, Any]:

@@ -4,7 +4,7 @@ import hashlib
 import pytest
 
 from sao_core.engines import Completion
-from sao_core.prompts import (
+from sao_core.method.prompts import (
     PROMPT_TEMPLATE,
     PromptDeduper,
     build_prompt_requests,

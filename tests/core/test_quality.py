@@ -5,9 +5,9 @@ import pytest
 from sao_core.config import build_config
 from sao_core.engines import Completion
 from sao_core.errors import RoundQualityError
-from sao_core.judging import count_judgements, judge_diagnostics, parse_judge_completions
-from sao_core.pipeline import run_synth
-from sao_core.quality import check_quality, judge_valid_rate
+from sao_core.method.judging import count_judgements, judge_diagnostics, parse_judge_completions
+from sao_core.method.quality import check_quality, judge_valid_rate
+from sao_core.stages.synth import run_synth
 
 
 def cfg_with(*overrides):

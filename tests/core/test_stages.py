@@ -4,13 +4,13 @@ from collections import Counter
 
 import pytest
 
-from sao_core import storage
 from sao_core.config import build_config
 from sao_core.engines.fake import FakeEngine
+from sao_core.engines.provider import EngineProvider
 from sao_core.errors import EngineError, PersonaSourceError
-from sao_core.pipeline import run_synth
-from sao_core.stages.layout import stage_url
-from sao_core.stages.runner import EngineProvider
+from sao_core.stages.synth import run_synth
+from sao_core.store import shards, storage
+from sao_core.store.layout import stage_url
 
 
 def fake_cfg(root, *overrides):
@@ -82,9 +82,7 @@ def test_pairs_load_with_datasets_in_trl_format(tmp_path):
     import datasets
 
     result = run_synth(fake_cfg(tmp_path))
-    ds = datasets.load_dataset(
-        "json", data_files=storage.data_files(result.pairs_url, "jsonl"), split="train"
-    )
+    ds = datasets.load_dataset("json", data_files=shards.data_files(result.pairs_url, "jsonl"), split="train")
     assert ds.num_rows == result.summary["pairs"]["rows_out"] > 0
     row = ds[0]
     assert row["prompt"][0]["role"] == "user" and row["chosen"][0]["role"] == "assistant"
@@ -103,7 +101,7 @@ def test_pairs_load_with_datasets_in_trl_format(tmp_path):
 
 def test_parquet_rounds(tmp_path):
     result = run_synth(fake_cfg(tmp_path, "run.format=parquet"))
-    assert storage.data_files(result.pairs_url, "parquet")[0].endswith(".parquet")
+    assert shards.data_files(result.pairs_url, "parquet")[0].endswith(".parquet")
     assert result.summary["pairs"]["rows_out"] > 0
 
 
@@ -122,19 +120,19 @@ def test_crash_mid_stage_keeps_finished_shards_and_resumes(tmp_path):
     crashing = CountingEngine(cfg, fail_on_call=("response", 3))
     with pytest.raises(EngineError, match="worker lost"):
         run_synth(cfg, EngineProvider(cfg, lambda: crashing))
-    from sao_core.config import round_url
+    from sao_core.store.layout import round_url
 
     responses = stage_url(round_url(cfg), "responses")
-    done = [storage.read_shard_manifest(responses, i) for i in range(4)]
+    done = [shards.read_shard_manifest(responses, i) for i in range(4)]
     assert [d is not None for d in done] == [True, True, False, False]
     assert not storage.exists(storage.join(responses, "manifest.json"))  # the stage does not look finished
-    kept = [storage.read_shard(responses, i, "jsonl")[0] for i in (0, 1)]
+    kept = [shards.read_shard(responses, i, "jsonl")[0] for i in (0, 1)]
 
     again = CountingEngine(cfg)
     result = run_synth(cfg, EngineProvider(cfg, lambda: again))
     assert again.calls_by_kind["prompt"] == 0  # prompts were finished: not redone
     assert again.calls_by_kind["response"] == 2  # only the two unfinished shards
-    assert [storage.read_shard(responses, i, "jsonl")[0] for i in (0, 1)] == kept  # finished shards intact
+    assert [shards.read_shard(responses, i, "jsonl")[0] for i in (0, 1)] == kept  # finished shards intact
     assert result.summary["responses"]["rows_in"] == result.summary["prompts"]["rows_out"]
 
 
@@ -182,7 +180,7 @@ def test_changed_judging_redoes_only_judging(tmp_path):
     b = fake_cfg(tmp_path, "run.root=" + str(tmp_path / "a"), "judging.swap=true")
     import shutil
 
-    from sao_core.config import round_url
+    from sao_core.store.layout import round_url
 
     shutil.copytree(round_url(a), round_url(b))
     engine = CountingEngine(b)
@@ -195,7 +193,7 @@ def test_personas_are_disjoint_across_rounds_of_a_campaign(tmp_path):
     r1 = run_synth(fake_cfg(tmp_path, "run.round=1"))
     r2 = run_synth(fake_cfg(tmp_path, "run.round=2"))
     ids = [
-        {r["persona_id"] for r in storage.read_stage_rows(stage_url(r.round_url, "personas"), "jsonl")}
+        {r["persona_id"] for r in shards.read_stage_rows(stage_url(r.round_url, "personas"), "jsonl")}
         for r in (r1, r2)
     ]
     assert len(ids[0]) == len(ids[1]) == 20 and not ids[0] & ids[1]

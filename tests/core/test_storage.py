@@ -4,9 +4,9 @@ import threading
 
 import pytest
 
-from sao_core import storage
 from sao_core.errors import ManifestError, StorageConflict, StorageError
-from sao_core.storage import ShardManifest
+from sao_core.store import shards, storage
+from sao_core.store.shards import ShardManifest
 
 ROWS = [
     {
@@ -33,13 +33,13 @@ def fmt(request):
 
 def roundtrip(base, fmt):
     url = storage.join(base, "pairs")
-    entry = storage.write_shard(url, 0, ROWS, [{"drop_reason": "x"}], fmt, _entry())
+    entry = shards.write_shard(url, 0, ROWS, [{"drop_reason": "x"}], fmt, _entry())
     assert entry.sha256 and entry.rows_out == 2 and entry.dropped_file == "_dropped/dropped-00000.jsonl"
-    rows, back = storage.read_shard(url, 0, fmt)
+    rows, back = shards.read_shard(url, 0, fmt)
     assert rows == ROWS and back.sha256 == entry.sha256
-    storage.write_stage_manifest(url, "pairs", [entry], format=fmt)
-    assert storage.read_stage_rows(url, fmt) == ROWS
-    assert storage.data_files(url, fmt) == [storage.join(url, f"part-00000.{fmt}")]
+    shards.write_stage_manifest(url, "pairs", [entry], format=fmt)
+    assert shards.read_stage_rows(url, fmt) == ROWS
+    assert shards.data_files(url, fmt) == [storage.join(url, f"part-00000.{fmt}")]
     return url
 
 
@@ -52,7 +52,7 @@ def test_roundtrip_local_and_datasets_reads_it(tmp_path, fmt):
 
     url = roundtrip(str(tmp_path), fmt)
     ds = datasets.load_dataset(
-        "json" if fmt == "jsonl" else "parquet", data_files=storage.data_files(url, fmt)
+        "json" if fmt == "jsonl" else "parquet", data_files=shards.data_files(url, fmt)
     )
     assert ds["train"][0]["prompt"][0]["content"] == "héllo"
     assert not list(tmp_path.rglob("*.tmp-*"))  # atomic writes leave no temporaries
@@ -62,74 +62,74 @@ def test_tampered_shard_fails_its_hash(tmp_path):
     url = roundtrip(str(tmp_path), "jsonl")
     (tmp_path / "pairs" / "part-00000.jsonl").write_text(json.dumps(ROWS[0]) + "\n")
     with pytest.raises(ManifestError, match=r"part-00000\.jsonl does not match its manifest: sha256"):
-        storage.read_shard(url, 0, "jsonl")
-    assert storage.shard_is_done(url, 0, "", "") is None
+        shards.read_shard(url, 0, "jsonl")
+    assert shards.shard_is_done(url, 0, "", "") is None
 
 
 def test_missing_shard_and_unfinished_stage(tmp_path):
     url = roundtrip(str(tmp_path), "jsonl")
     (tmp_path / "pairs" / "part-00000.jsonl").unlink()
     with pytest.raises(ManifestError, match="listed in its manifest but missing"):
-        storage.read_shard(url, 0, "jsonl")
+        shards.read_shard(url, 0, "jsonl")
     with pytest.raises(StorageError, match=r"has no manifest\.json"):
-        storage.read_stage_manifest(str(tmp_path / "prompts"))
+        shards.read_stage_manifest(str(tmp_path / "prompts"))
     with pytest.raises(StorageError, match="not finished"):
-        storage.read_shard(str(tmp_path / "prompts"), 0, "jsonl")
+        shards.read_shard(str(tmp_path / "prompts"), 0, "jsonl")
 
 
 def test_unreadable_shard_names_the_file():
     with pytest.raises(StorageError, match=r"unreadable shard memory://x/part-00000\.jsonl: line 2"):
-        storage.decode_rows(b'{"a": 1}\n{not json\n', "jsonl", "memory://x/part-00000.jsonl")
+        shards.decode_rows(b'{"a": 1}\n{not json\n', "jsonl", "memory://x/part-00000.jsonl")
     with pytest.raises(StorageError, match=r"unreadable shard p\.parquet"):
-        storage.decode_rows(b"PAR1 torn", "parquet", "p.parquet")
+        shards.decode_rows(b"PAR1 torn", "parquet", "p.parquet")
 
 
 def test_malformed_manifest(tmp_path):
     url = roundtrip(str(tmp_path), "jsonl")
-    storage.write_json(storage.shard_manifest_url(url, 0), {"stage": "pairs", "bogus": 1})
+    storage.write_json(shards.shard_manifest_url(url, 0), {"stage": "pairs", "bogus": 1})
     with pytest.raises(ManifestError, match="malformed shard manifest"):
-        storage.read_shard(url, 0, "jsonl")
+        shards.read_shard(url, 0, "jsonl")
     storage.write_text(storage.join(url, "manifest.json"), "{")
     with pytest.raises(StorageError, match="not valid JSON"):
-        storage.read_stage_manifest(url)
+        shards.read_stage_manifest(url)
 
 
 def test_row_count_mismatch(tmp_path):
     url = roundtrip(str(tmp_path), "jsonl")
-    entry = storage.read_shard_manifest(url, 0)
+    entry = shards.read_shard_manifest(url, 0)
     entry.rows_out = 5
-    storage.write_json(storage.shard_manifest_url(url, 0), entry.__dict__)
+    storage.write_json(shards.shard_manifest_url(url, 0), entry.__dict__)
     with pytest.raises(ManifestError, match="has 2 rows, its manifest says 5"):
-        storage.read_shard(url, 0, "jsonl")
+        shards.read_shard(url, 0, "jsonl")
 
 
 def test_shard_is_done_checks_inputs_and_settings(tmp_path):
     url = storage.join(str(tmp_path), "s")
     e = _entry()
     e.input_sha256, e.settings_hash = "in1", "p1"
-    storage.write_shard(url, 0, ROWS, [], "jsonl", e)
-    assert storage.shard_is_done(url, 0, "in1", "p1") is not None
-    assert storage.shard_is_done(url, 0, "in2", "p1") is None
-    assert storage.shard_is_done(url, 0, "in1", "p2") is None
-    assert storage.shard_is_done(url, 1, "in1", "p1") is None
+    shards.write_shard(url, 0, ROWS, [], "jsonl", e)
+    assert shards.shard_is_done(url, 0, "in1", "p1") is not None
+    assert shards.shard_is_done(url, 0, "in2", "p1") is None
+    assert shards.shard_is_done(url, 0, "in1", "p2") is None
+    assert shards.shard_is_done(url, 1, "in1", "p1") is None
 
 
 def test_a_shard_manifest_written_before_the_settings_hash_rename_still_counts_as_done(tmp_path):
     url = storage.join(str(tmp_path), "s")
     e = _entry()
     e.input_sha256, e.settings_hash = "in1", "p1"
-    storage.write_shard(url, 0, ROWS, [], "jsonl", e)
-    old = storage.read_json(storage.shard_manifest_url(url, 0))
+    shards.write_shard(url, 0, ROWS, [], "jsonl", e)
+    old = storage.read_json(shards.shard_manifest_url(url, 0))
     old["params_hash"] = old.pop("settings_hash")
-    storage.write_json(storage.shard_manifest_url(url, 0), old)
-    assert storage.read_shard_manifest(url, 0).settings_hash == "p1"
-    assert storage.shard_is_done(url, 0, "in1", "p1") is not None
-    assert storage.shard_is_done(url, 0, "in1", "p2") is None
+    storage.write_json(shards.shard_manifest_url(url, 0), old)
+    assert shards.read_shard_manifest(url, 0).settings_hash == "p1"
+    assert shards.shard_is_done(url, 0, "in1", "p1") is not None
+    assert shards.shard_is_done(url, 0, "in1", "p2") is None
 
 
 def test_unknown_format():
     with pytest.raises(ValueError, match="allowed: jsonl, parquet"):
-        storage.encode_rows([], "csv")
+        shards.encode_rows([], "csv")
 
 
 def test_list_files_memory_and_local(tmp_path):
@@ -147,7 +147,7 @@ def test_roundtrip_on_real_s3(s3_env, fmt):
 
     url = roundtrip(f"{s3_env}/round", fmt)
     assert storage.exists(storage.join(url, "manifest.json"))
-    files = storage.data_files(url, fmt)
+    files = shards.data_files(url, fmt)
     assert files[0].startswith("s3://")
     ds = datasets.load_dataset(
         "json" if fmt == "jsonl" else "parquet",
@@ -200,9 +200,9 @@ def test_write_bytes_exclusive_lets_one_of_many_racing_writers_win(tmp_path, whe
 
 def test_manifest_digest_is_the_sha256_over_the_shard_hashes(tmp_path):
     url = roundtrip(str(tmp_path), "jsonl")
-    manifest = storage.read_stage_manifest(url)
+    manifest = shards.read_stage_manifest(url)
     shas = [e["sha256"] for e in manifest["shards"]]
-    assert storage.manifest_digest(manifest) == hashlib.sha256("\x1f".join(shas).encode()).hexdigest()
+    assert shards.manifest_digest(manifest) == hashlib.sha256("\x1f".join(shas).encode()).hexdigest()
 
 
 @pytest.mark.tier1

@@ -14,10 +14,10 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from sao_core import storage
 from sao_core.config import TrainingConfig, build_config
 from sao_core.errors import ConfigError, ModelNotFoundError, TrainingError
-from sao_core.storage import ShardManifest
+from sao_core.store import shards, storage
+from sao_core.store.shards import ShardManifest
 from sao_core.testing import build_tiny_tokenizer
 from sao_core.training import training_hash
 from sao_core.training.arguments import (
@@ -199,11 +199,11 @@ def test_pairs_folder_with_a_manifest_uses_its_shards(tmp_path):
     stage = str(tmp_path / "pairs")
     for index in range(2):
         manifest = ShardManifest(stage="pairs", shard=index, file="", sha256="", rows_out=0, rows_in=2)
-        storage.write_shard(
+        shards.write_shard(
             stage, index, [pair_row(2 * index), pair_row(2 * index + 1)], [], "jsonl", manifest
         )
-        entries = [storage.read_shard_manifest(stage, i) for i in range(index + 1)]
-    storage.write_stage_manifest(stage, "pairs", [e for e in entries if e])
+        entries = [shards.read_shard_manifest(stage, i) for i in range(index + 1)]
+    shards.write_stage_manifest(stage, "pairs", [e for e in entries if e])
     (tmp_path / "pairs" / "part-00099.jsonl").write_text("not listed in the manifest\n")
     assert [Path(f).name for f in find_pair_files(stage)] == ["part-00000.jsonl", "part-00001.jsonl"]
     ds, _, sha = load_pairs(stage)
@@ -222,14 +222,14 @@ def test_pairs_folder_without_manifest_globs_and_a_single_file_works(tmp_path):
 def test_parquet_pairs_are_read(tmp_path):
     path = tmp_path / "p" / "part-00000.parquet"
     path.parent.mkdir()
-    path.write_bytes(storage.encode_rows([pair_row(0), pair_row(1)], "parquet"))
+    path.write_bytes(shards.encode_rows([pair_row(0), pair_row(1)], "parquet"))
     ds, _, _ = load_pairs(str(tmp_path / "p"))
     assert ds[0]["chosen"] == [{"role": "assistant", "content": "Write a plan for the budget."}]
 
 
 def test_pairs_from_an_object_store_url(tmp_path):
     url = "memory://sao-training-test/pairs/part-00000.jsonl"
-    storage.write_bytes(url, storage.encode_rows([pair_row(0), pair_row(1)], "jsonl"))
+    storage.write_bytes(url, shards.encode_rows([pair_row(0), pair_row(1)], "jsonl"))
     assert len(load_pairs(url)[0]) == 2
 
 
@@ -457,7 +457,7 @@ def test_launch_commands_start_the_stage_module():
     torchrun = build_launch_command(TrainingConfig(launcher="torchrun", num_processes=2), stage, 29501)
     assert torchrun[1:3] == ["-m", "torch.distributed.run"] and "--nproc_per_node" in torchrun
     assert torchrun[torchrun.index("--master_port") + 1] == "29501"
-    assert torchrun[-8:] == ["-m", "sao_core.stages.train", *stage]
+    assert torchrun[-8:] == ["-m", "sao_core.training.rank", *stage]
     acc = build_launch_command(TrainingConfig(launcher="accelerate", num_processes=2), stage, 29502)
     assert acc[1:3] == ["-m", "accelerate.commands.launch"]
     assert acc[acc.index("--config_file") + 1] == str(ROOT / "deployments/accelerate/ddp.yaml")
@@ -501,12 +501,12 @@ def test_importing_the_training_modules_is_light():
         print(",".join(sorted(names)))
         upward = ("sao_core.stages", "sao_core.cli", "sao_core.testing", "prefect", "flows", "tasks")
         print(",".join(m for m in upward if m in sys.modules))
-        import sao_core.stages.train
+        import sao_core.training.rank
         heavy = ("torch", "transformers", "trl", "peft", "datasets", "matplotlib")
         print(",".join(m for m in heavy if m in sys.modules))
         """
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     submodules, upward, heavy = out.stdout.split("\n")[:3]
-    assert submodules == "arguments,data,launch,outputs,plots,run"
+    assert submodules == "arguments,data,launch,outputs,plots,rank,run"
     assert upward == "" and heavy == ""

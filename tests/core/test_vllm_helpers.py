@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sao_core import storage
-from sao_core.config import EngineConfig, load_config
+from sao_core.config import EngineConfig
 from sao_core.engines import ChatRequest, Sampling, make_engine
 from sao_core.engines.child import interpreter
+from sao_core.engines.provider import EngineProvider
 from sao_core.engines.vllm import (
     LORA_RANKS,
     llm_kwargs,
@@ -30,9 +30,10 @@ from sao_core.engines.vllm import (
     to_completion,
 )
 from sao_core.errors import ConfigError, EngineError, ModelNotFoundError
-from sao_core.stages.layout import prepare_round, shard_target
-from sao_core.stages.round import run_personas
-from sao_core.stages.runner import EngineProvider, run_model_stage, run_shard
+from sao_core.stages.no_model import run_personas
+from sao_core.stages.runner import run_model_stage, run_shard
+from sao_core.store import shards, storage
+from sao_core.store.layout import load_config, prepare_round, shard_target
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -133,8 +134,8 @@ def _commands(log: Path, op: str) -> list[dict]:
 
 def _no_shard_written(round_dir: str, index: int) -> bool:
     out = storage.join(round_dir, "prompts", "_candidates")
-    return storage.read_shard_manifest(out, index) is None and not storage.exists(
-        storage.join(out, storage.shard_name(index, "jsonl"))
+    return shards.read_shard_manifest(out, index) is None and not storage.exists(
+        storage.join(out, shards.shard_name(index, "jsonl"))
     )
 
 
@@ -191,7 +192,7 @@ def test_a_killed_worker_fails_only_its_shard_and_the_retry_starts_a_new_one(
     assert len({c["pid"] for c in _commands(log, "start")} - died) == 1  # a fresh worker
     assert retried.rows_in == 2 and retried.shard == 1
     out = storage.join(round_dir, "prompts", "_candidates")
-    assert storage.read_shard_manifest(out, 0) == first  # the finished shard is untouched
+    assert shards.read_shard_manifest(out, 0) == first  # the finished shard is untouched
 
 
 def test_a_call_past_the_shard_timeout_ends_the_worker(
@@ -262,7 +263,7 @@ def test_vllm_engine_worker_start_failure_is_an_engine_error(tmp_path: Path) -> 
 def _stage_command(stage: str, round_dir: str, *extra: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     return subprocess.run(
-        [sys.executable, "-m", f"sao_core.stages.{stage}", "--round", round_dir, *extra],
+        [sys.executable, "-m", "sao_core.stages", stage, "--round", round_dir, *extra],
         capture_output=True, text=True, env=env, cwd=REPO, timeout=300,
     )  # fmt: skip
 
@@ -274,7 +275,7 @@ def test_shard_command_runs_by_hand_with_the_fake_engine(tmp_path: Path) -> None
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     assert summary["stage"] == "prompts" and summary["shard"] == 1 and summary["rows_in"] == 2
     target = shard_target("prompts", cfg, round_dir, 1)
-    entry = storage.shard_is_done(target.out_url, 1, target.input_sha256, target.settings_hash)
+    entry = shards.shard_is_done(target.out_url, 1, target.input_sha256, target.settings_hash)
     assert entry is not None and entry.engine == "fake"
     again = _stage_command("prompts", round_dir, "--shard", "1", "-q")
     assert again.returncode == 0 and json.loads(again.stdout.strip().splitlines()[-1]) == summary
@@ -348,7 +349,7 @@ def test_the_parent_resolves_the_adapter_and_names_it_in_the_revision(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from sao_core.config import ModelConfig
-    from sao_core.models import model_revision, resolve_adapter, resolve_model
+    from sao_core.store.models import model_revision, resolve_adapter, resolve_model
 
     monkeypatch.setenv("SAO_CACHE", str(tmp_path / "cache"))
     python, log = _scripted_worker(tmp_path, monkeypatch)

@@ -9,11 +9,10 @@ import statistics
 import numpy as np
 import pytest
 
-from sao_core.winrate import (
+from sao_core.evaluation.winrate import (
     DEFAULT_L2,
     JudgedPrompt,
     compute_win_rate,
-    estimate_difficulty,
     fit_length_controlled,
     winner_from_position,
 )
@@ -47,7 +46,7 @@ def test_counts_and_shares_of_a_hand_table() -> None:
     assert (r.wins, r.losses, r.ties) == (3, 1, 3)  # p1 p2 p5 / p4 / p3 p6 p8
     # (1 + 1 + 0.5 + 0 + 0.75 + 0.5 + 0.5) / 7
     assert r.win_rate == pytest.approx(4.25 / 7)
-    assert r.tie_share == pytest.approx(3 / 7)
+    assert r.ties / r.complete == pytest.approx(3 / 7)
     assert r.order_inconsistent_share == pytest.approx(3 / 7)  # p3 p5 p8; p6's two ties agree
     # Decisive verdicts, p7's one valid verdict included: 2+2+2+2+1+0+1+2 = 12. For the answer shown
     # first: p1 1, p2 1, p3 2, p4 1 (baseline first, baseline won), p5 1, p7 0, p8 2 = 8.
@@ -181,23 +180,6 @@ def test_lc_rises_above_the_raw_win_rate_when_the_candidate_is_shorter() -> None
     assert fit.win_rate > 0.25
 
 
-def test_estimate_difficulty_is_the_smoothed_log_odds_of_the_baseline() -> None:
-    run_1 = [
-        JudgedPrompt("a", 1, 1, "candidate", "candidate"),
-        JudgedPrompt("b", 1, 1, "baseline", "baseline"),
-    ]
-    run_2 = [
-        JudgedPrompt("a", 1, 1, "candidate", "baseline"),
-        JudgedPrompt("b", 1, 1, None, "baseline"),  # incomplete: not counted
-    ]
-    d = estimate_difficulty([run_1, run_2])
-    # a: candidate 1 + 0.5 = 1.5, baseline 0 + 0.5 = 0.5 -> log((0.5 + 0.5) / (1.5 + 0.5)) = -ln 2
-    # b: candidate 0, baseline 1 -> log(1.5 / 0.5) = ln 3
-    assert d == pytest.approx({"a": -math.log(2), "b": math.log(3)})
-    r = compute_win_rate([*run_1, JudgedPrompt("c", 5, 1, "candidate", "tie")], {**d, "c": 0.0})
-    assert r.lc_coef_difficulty is not None and r.lc_win_rate is not None
-
-
 def test_winner_from_position() -> None:
     assert winner_from_position(1, candidate_shown_first=True) == "candidate"
     assert winner_from_position(2, candidate_shown_first=True) == "baseline"
@@ -212,7 +194,7 @@ def test_nothing_valid_gives_none_not_a_crash() -> None:
     r = compute_win_rate([JudgedPrompt("x", 3, 4, None, None), JudgedPrompt("y", 3, 4, None, "tie")])
     assert (r.complete, r.invalid) == (0, 2)
     assert r.win_rate is None and r.win_rate_ci is None and r.lc_win_rate is None
-    assert r.first_position_share is None and r.longer_wins_share is None and r.tie_share is None
+    assert r.first_position_share is None and r.longer_wins_share is None
     json.dumps(r.to_dict())
 
 

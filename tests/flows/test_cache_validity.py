@@ -25,11 +25,10 @@ def _round(root: Path, *overrides: str):
 
 
 def test_stage_problem_names_a_missing_or_corrupted_stage(tmp_path):
-    from sao_core import storage
-    from sao_core.config import load_config
-    from sao_core.stages.layout import prepare_round, stage_url
-    from sao_core.stages.round import run_personas
-    from tasks.common import stage_problem
+    from sao_core.stages.no_model import run_personas
+    from sao_core.store import storage
+    from sao_core.store.layout import load_config, prepare_round, stage_url
+    from sao_core.store.shards import stage_problem
 
     cfg = load_config(TINY, [f"run.root={tmp_path}"])
     round_dir = prepare_round(cfg)

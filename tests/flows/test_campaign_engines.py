@@ -15,8 +15,9 @@ from typing import Any
 
 import pytest
 
-from sao_core import campaign, storage
-from sao_core.models import model_revision, resolve_model
+from sao_core.campaign import ledger
+from sao_core.store import shards
+from sao_core.store.models import model_revision, resolve_model
 from tests.integration.conftest import vllm_python  # noqa: F401  (a fixture)
 
 ROOT = Path(__file__).parents[2]
@@ -40,7 +41,7 @@ def _campaign_round(root: Path, *overrides: str) -> Any:
 def _round_two_on(engine: list[str], root: Path) -> None:
     first = _campaign_round(root, *PROMOTE_ALWAYS)
     assert first.is_completed(), first
-    (promoted,) = campaign.history(str(root), "tiny")
+    (promoted,) = ledger.history(str(root), "tiny")
     assert promoted.round == 1 and promoted.model_adapter is None  # merged: one loadable folder
     base_revision = model_revision(BASE, resolve_model(BASE))
     promoted_revision = model_revision(promoted.model_path, resolve_model(promoted.model_path))
@@ -51,13 +52,13 @@ def _round_two_on(engine: list[str], root: Path) -> None:
     # and the round stops at the quality gate; what matters here is the stage that generated.
     assert second.is_failed() and "quality gate" in str(second.message), second
     (round_two,) = [p for p in (root / "tiny").iterdir() if p.name.startswith("round_002-")]
-    prompts = storage.read_stage_manifest(str(round_two / "prompts"))
+    prompts = shards.read_stage_manifest(str(round_two / "prompts"))
     assert prompts["rows_in"] == 8 and prompts["completion_tokens"] > 0, prompts
     assert prompts["engine"] == engine[0].split("=", 1)[1]
     assert prompts["model"] == promoted.model_path
     assert prompts["model_revision"] == promoted_revision
     assert {s["model_revision"] for s in prompts["shards"]} == {promoted_revision}
-    assert campaign.current(str(root), "tiny").round == 1  # the failed round promoted nothing
+    assert ledger.current(str(root), "tiny").round == 1  # the failed round promoted nothing
 
 
 def test_round_two_generates_with_round_one_on_transformers(tmp_path: Path, prefect_api: None) -> None:

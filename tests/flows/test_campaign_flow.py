@@ -16,7 +16,8 @@ from typing import Any
 import pytest
 import yaml
 
-from sao_core import campaign, storage
+from sao_core.campaign import ledger
+from sao_core.store import shards, storage
 
 ROOT = Path(__file__).parents[2]
 TINY = str(ROOT / "configs" / "tiny.yaml")
@@ -50,7 +51,7 @@ def test_round_two_starts_from_round_one_and_is_judged_against_both(
         "promoted",
     )
 
-    promoted = campaign.history(str(tmp_path), "tiny")
+    promoted = ledger.history(str(tmp_path), "tiny")
     assert [p.round for p in promoted] == [1, 2]
     one = promoted[0]
     assert one.model_path.endswith("/full") and one.model_adapter is None  # merged: one loadable folder
@@ -62,7 +63,7 @@ def test_round_two_starts_from_round_one_and_is_judged_against_both(
     assert settings["training"]["merge"] is True
     assert settings["evaluation"]["original"] == "bundled:tiny-random-llama"
     for stage in ("prompts", "responses", "judgements"):
-        manifest = storage.read_stage_manifest(storage.join(second["round_dir"], stage))
+        manifest = shards.read_stage_manifest(storage.join(second["round_dir"], stage))
         assert manifest["model"] == one.model_path, stage
     evaluation = storage.read_json(storage.join(promoted[1].model, "eval", "manifest.json"))
     assert set(evaluation["comparisons"]) == {"current", "original"}
@@ -73,7 +74,7 @@ def test_round_two_starts_from_round_one_and_is_judged_against_both(
     assert _resolved(first["round_dir"])["model"]["path"] == "bundled:tiny-random-llama"
     # Personas of round 2 are new ones.
     ids = [
-        {r["persona_id"] for r in storage.read_stage_rows(storage.join(r["round_dir"], "personas"), "jsonl")}
+        {r["persona_id"] for r in shards.read_stage_rows(storage.join(r["round_dir"], "personas"), "jsonl")}
         for r in (first, second)
     ]
     assert ids[0] and ids[1] and not ids[0] & ids[1]
@@ -89,7 +90,7 @@ def test_a_rejected_round_leaves_current_and_says_which_rule(tmp_path: Path, pre
     (only,) = result["rounds"]
     assert only["status"] == "rejected" and "judge agreement" in only["why"] and "0.99" not in only["why"]
     assert "promotion.min_judge_agreement=99.0%" in only["why"]
-    assert campaign.current(str(tmp_path), "tiny") is None
+    assert ledger.current(str(tmp_path), "tiny") is None
     outcome = storage.read_json(storage.join(only["round_dir"], "outcome.json"))
     assert outcome["status"] == "rejected" and outcome["promotion_seq"] is None
     failed = [c["rule"] for c in outcome["checks"] if not c["passed"]]
@@ -171,7 +172,7 @@ def test_a_person_approves_or_rejects_in_the_ui(
     outcome = state.result()["outcome"]
     assert outcome["status"] == status
     assert f"{'approved' if approve else 'rejected'} by a person: checked the samples" in outcome["why"]
-    promoted = campaign.current(str(tmp_path), "tiny")
+    promoted = ledger.current(str(tmp_path), "tiny")
     assert (promoted is not None) is approve
 
 
@@ -182,4 +183,4 @@ def test_no_answer_before_the_timeout_is_a_rejection(tmp_path: Path, prefect_api
     assert state.is_completed(), state
     outcome = state.result()["outcome"]
     assert outcome["status"] == "rejected" and "no answer within 4 s" in outcome["why"]
-    assert campaign.current(str(tmp_path), "tiny") is None
+    assert ledger.current(str(tmp_path), "tiny") is None

@@ -22,13 +22,21 @@ from typing import Any, TypeVar
 
 import pytest
 
-from sao_core import storage
-from sao_core.config import RoundConfig, load_config, round_url
+from sao_core.config import RoundConfig
+from sao_core.engines.provider import EngineProvider
 from sao_core.engines.vllm import conversation, request_seed
 from sao_core.errors import StorageError
 from sao_core.stages import runner
-from sao_core.stages.layout import MODEL_STAGES, input_stage, num_shards, output_url, stage_url
-from sao_core.stages.runner import EngineProvider
+from sao_core.store import shards, storage
+from sao_core.store.layout import (
+    MODEL_STAGES,
+    input_stage,
+    load_config,
+    num_shards,
+    output_url,
+    round_url,
+    stage_url,
+)
 from tests.flows.conftest import task_runs
 from tests.stub_openai import HANG_GUARD_S, StubServer, echo, in_background
 
@@ -85,7 +93,7 @@ class ShardCalls:
                 continue  # its input stage has not finished: none of its calls can have come yet
             calls = []
             for index in range(count):
-                rows, _ = storage.read_shard(
+                rows, _ = shards.read_shard(
                     stage_url(self.round_dir, input_stage(stage)), index, self.cfg.run.format
                 )
                 requests, _ = runner._build_and_parse(stage, self.cfg, rows)
@@ -246,15 +254,15 @@ def check_stage_shards(cfg: RoundConfig, round_dir: str, stage: str, shards: int
     key = ID_KEY[stage]
     inputs, kept = [], []
     for index in range(shards):
-        in_rows, _ = storage.read_shard(stage_url(round_dir, input_stage(stage)), index, cfg.run.format)
-        out_rows, entry = storage.read_shard(out_url, index, cfg.run.format)
+        in_rows, _ = shards.read_shard(stage_url(round_dir, input_stage(stage)), index, cfg.run.format)
+        out_rows, entry = shards.read_shard(out_url, index, cfg.run.format)
         assert (entry.rows_in, entry.rows_out, entry.drops) == (len(in_rows), len(in_rows), {}), entry
         assert (entry.engine, entry.model_revision) == ("openai", "served:stub-model"), entry
         inputs += [r[key] for r in in_rows]
         kept += [r[key] for r in out_rows]
     assert sorted(kept) == sorted(inputs) and len(set(kept)) == len(kept) == rows, stage
     completions = {"prompts": 1, "responses": cfg.responses.k, "judgements": 1}[stage]
-    manifest = storage.read_stage_manifest(stage_url(round_dir, stage))
+    manifest = shards.read_stage_manifest(stage_url(round_dir, stage))
     assert [s["shard"] for s in manifest["shards"]] == list(range(shards))
     assert {k: manifest[k] for k in ("num_shards", "rows_in", "rows_out", "drops")} == {
         "num_shards": shards,
@@ -270,7 +278,7 @@ def test_a_round_over_two_replicas_runs_each_stages_shards_concurrently(
     tmp_path: Path, prefect_api: None, replicas: list[StubServer], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from flows.sao_round import sao_round
-    from tasks.common import engine_for, release_engine
+    from tasks.engines import engine_for, release_engine
 
     shards = ShardCalls()
     overrides = replica_overrides(tmp_path, start_replicas(replicas, shards))
@@ -313,7 +321,7 @@ def test_a_round_over_two_replicas_runs_each_stages_shards_concurrently(
 
     for stage in MODEL_STAGES:
         check_stage_shards(cfg, round_dir, stage, shards=4, rows=16)
-    assert storage.read_stage_manifest(stage_url(round_dir, "pairs"))["rows_out"] == 16
+    assert shards.read_stage_manifest(stage_url(round_dir, "pairs"))["rows_out"] == 16
     runs = task_runs(state.state_details.flow_run_id)
     for stage in MODEL_STAGES:
         for index in range(4):
@@ -327,8 +335,8 @@ def test_fanout_concurrency_bounds_the_shards_in_flight(
     """fanout.concurrency=3 over two replicas: three of the six shards in flight at once, never four."""
     from prefect import flow
 
-    from tasks.common import release_engine
     from tasks.config import resolve_config
+    from tasks.engines import release_engine
     from tasks.personas import sample_personas
     from tasks.prompts import synthesize_prompts
 

@@ -139,7 +139,7 @@ def test_a_stage_that_fails_once_is_retried_and_the_round_completes(tmp_path, pr
 def test_only_errors_a_retry_may_fix_are_retried(error, retried):
     from prefect.states import Failed
 
-    from tasks.common import retry_unless_permanent
+    from tasks.cache import retry_unless_permanent
 
     assert retry_unless_permanent(None, None, Failed(data=error)) is retried  # type: ignore[arg-type]
 
@@ -147,7 +147,7 @@ def test_only_errors_a_retry_may_fix_are_retried(error, retried):
 def test_an_error_raised_from_a_permanent_one_is_not_retried():
     from prefect.states import Failed
 
-    from tasks.common import retry_unless_permanent
+    from tasks.cache import retry_unless_permanent
 
     error = TrainingError("training cannot start")
     error.__cause__ = ConfigError("training.deepspeed: no such file")  # raise ... from e

@@ -14,7 +14,7 @@ from typing import NoReturn
 import pytest
 
 from sao_core.errors import ModelNotFoundError
-from sao_core.models import resolve_model
+from sao_core.store.models import resolve_model
 
 VLLM_VENV = Path(__file__).resolve().parents[2] / ".venv-vllm"
 SMOLLM2 = "bundled:smollm2-135m-instruct"

@@ -22,15 +22,16 @@ from pathlib import Path
 import httpx
 import pytest
 
-from sao_core import storage
-from sao_core.config import EngineConfig, LoraSection, ModelConfig, load_config
+from sao_core.config import EngineConfig, LoraSection, ModelConfig
 from sao_core.engines import ChatRequest, Sampling, make_engine
+from sao_core.engines.provider import EngineProvider
 from sao_core.engines.vllm import VLLMEngine
 from sao_core.errors import EngineError
-from sao_core.models import model_revision, resolve_adapter
-from sao_core.stages.layout import prepare_round
-from sao_core.stages.round import run_personas
-from sao_core.stages.runner import EngineProvider, run_shard
+from sao_core.stages.no_model import run_personas
+from sao_core.stages.runner import run_shard
+from sao_core.store import storage
+from sao_core.store.layout import load_config, prepare_round
+from sao_core.store.models import model_revision, resolve_adapter
 from sao_core.testing import build_tiny_llama
 
 REPO = Path(__file__).resolve().parents[2]

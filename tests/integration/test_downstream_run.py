@@ -1,4 +1,4 @@
-"""Real lm-eval runs (sao_core.downstream) on the tiny random Llama, and on the bundled SmolLM2: the bundled
+"""Real lm-eval runs (sao_core.evaluation.downstream) on the tiny random Llama, and on the bundled SmolLM2: the bundled
 tasks score, a limit is kept, a LoRA adapter is applied, and broken or downloading tasks fail naming the
 task, offline.
 
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from sao_core.downstream import BUNDLED_TASKS, DownstreamError, compare_downstream, run_downstream
+from sao_core.evaluation.downstream import BUNDLED_TASKS, DownstreamError, compare_downstream, run_downstream
 from sao_core.testing import build_tiny_llama
 
 pytestmark = pytest.mark.tier1

@@ -4,11 +4,12 @@ from pathlib import Path
 
 import pytest
 
-from sao_core import storage
-from sao_core.config import build_config, load_config
+from sao_core.config import build_config
 from sao_core.engines import ChatRequest, Sampling, make_engine
 from sao_core.errors import ModelNotFoundError
-from sao_core.pipeline import run_synth
+from sao_core.stages.synth import run_synth
+from sao_core.store import shards, storage
+from sao_core.store.layout import load_config
 from sao_core.testing import build_tiny_llama
 
 ROOT = Path(__file__).parents[2]
@@ -62,8 +63,8 @@ def test_tiny_model_runs_all_four_stages(tmp_path, tiny_model):
 
 def test_tiny_model_judges_real_pairs(tmp_path, tiny_model):
     """Judging and pairing on real model output: the tiny model's own verdicts on two fixed answers."""
-    from sao_core.judging import build_judge_requests, parse_judge_completions, parse_verdict
-    from sao_core.pairing import select_pairs
+    from sao_core.method.judging import build_judge_requests, parse_judge_completions, parse_verdict
+    from sao_core.method.pairing import select_pairs
 
     cfg = build_config({"model": {"path": tiny_model}, "engine": {"batch_size": 8}})
     engine = make_engine(cfg.engine, cfg.model)
@@ -156,7 +157,7 @@ def test_bundled_smollm2_four_stages_to_trl_pairs(tmp_path):
     # Every row is accounted for with a reason.
     for stage in ("prompts", "responses", "pairs"):
         assert s[stage]["rows_in"] == s[stage]["rows_out"] + sum(s[stage]["drops"].values())
-    files = storage.data_files(result.pairs_url, "jsonl")
+    files = shards.data_files(result.pairs_url, "jsonl")
     assert len(files) == 2
     n_pairs = s["pairs"]["rows_out"]
     assert n_pairs >= 1, s

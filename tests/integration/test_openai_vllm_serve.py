@@ -18,14 +18,15 @@ from pathlib import Path
 
 import pytest
 
-from sao_core import storage
-from sao_core.config import EngineConfig, ModelConfig, RoundConfig, load_config
+from sao_core.config import EngineConfig, ModelConfig, RoundConfig
 from sao_core.engines import ChatRequest, Sampling, make_engine
+from sao_core.engines.provider import EngineProvider
 from sao_core.errors import EngineError
-from sao_core.models import resolve_model
-from sao_core.stages.layout import prepare_round
-from sao_core.stages.round import run_personas
-from sao_core.stages.runner import EngineProvider, run_shard
+from sao_core.stages.no_model import run_personas
+from sao_core.stages.runner import run_shard
+from sao_core.store import shards, storage
+from sao_core.store.layout import load_config, prepare_round
+from sao_core.store.models import resolve_model
 from tests.procs import kill_group, start, wait_healthy
 
 REPO = Path(__file__).resolve().parents[2]
@@ -170,7 +171,7 @@ def test_a_server_killed_mid_shard_and_restarted_is_retried_to_the_end(
     assert entry.rows_in == 12 and entry.rows_out + sum(entry.drops.values()) == 12
     assert entry.engine == "openai" and entry.completion_tokens > 0
     out = storage.join(round_dir, "prompts", "_candidates")
-    assert storage.read_shard(out, 0, "jsonl")[1] == entry  # written whole, and it verifies
+    assert shards.read_shard(out, 0, "jsonl")[1] == entry  # written whole, and it verifies
 
 
 def test_a_server_killed_for_good_fails_the_shard_and_writes_nothing(
@@ -184,5 +185,5 @@ def test_a_server_killed_for_good_fails_the_shard_and_writes_nothing(
         run_shard("prompts", cfg, round_dir, 0, EngineProvider(cfg))
     killer.join()
     out = storage.join(round_dir, "prompts", "_candidates")
-    assert storage.read_shard_manifest(out, 0) is None
+    assert shards.read_shard_manifest(out, 0) is None
     assert not storage.list_files(out, "part-*")

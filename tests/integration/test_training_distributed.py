@@ -134,8 +134,8 @@ def test_killed_run_resumes_from_its_last_checkpoint(tiny_model, pairs_dir, tmp_
             time.sleep(float(os.environ.get("STEP_SLEEP", "0")))
             return step(self, *args, **kwargs)
         transformers.Trainer.training_step = slow
-        sys.argv = ["sao_core.stages.train", *sys.argv[1:]]
-        runpy.run_module("sao_core.stages.train", run_name="__main__")
+        sys.argv = ["sao_core.training.rank", *sys.argv[1:]]
+        runpy.run_module("sao_core.training.rank", run_name="__main__")
         """)
     )
     cmd = [sys.executable, str(runner), "--config", str(config), "--pairs", pairs_dir, "--output", str(out)]

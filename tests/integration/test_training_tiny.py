@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from sao_core import storage
+from sao_core.campaign.round_report import format_round_report
 from sao_core.config import build_config
 from sao_core.errors import TrainingError
-from sao_core.report import format_round_report
+from sao_core.store import storage
 from sao_core.testing import build_tiny_llama
 from sao_core.training import train
 from sao_core.training.data import ROW_COLUMN
@@ -214,7 +214,7 @@ def test_a_round_trains_from_a_model_and_an_adapter_at_s3_urls(
     tiny_model, pairs_dir, tmp_path, s3_env, monkeypatch
 ):
     """What round t+1 gets from round t: the base model and the trained adapter, both by s3:// URL."""
-    from sao_core.models import model_revision
+    from sao_core.store.models import model_revision
 
     monkeypatch.setenv("SAO_CACHE", str(tmp_path / "cache"))
     base_url = f"{s3_env}/base"

@@ -15,15 +15,16 @@ from pathlib import Path
 
 import pytest
 
-from sao_core import storage
-from sao_core.config import RoundConfig, load_config
+from sao_core.config import RoundConfig
 from sao_core.engines import ChatRequest, Completion, Sampling, make_engine
+from sao_core.engines.provider import EngineProvider
 from sao_core.engines.vllm import VLLMEngine
 from sao_core.errors import EngineError
-from sao_core.models import model_revision, resolve_model
-from sao_core.stages.layout import prepare_round, shard_target
-from sao_core.stages.round import run_personas
-from sao_core.stages.runner import EngineProvider, run_model_stage, run_shard
+from sao_core.stages.no_model import run_personas
+from sao_core.stages.runner import run_model_stage, run_shard
+from sao_core.store import shards, storage
+from sao_core.store.layout import load_config, prepare_round, shard_target
+from sao_core.store.models import model_revision, resolve_model
 
 REPO = Path(__file__).resolve().parents[2]
 VLLM_VENV = REPO / ".venv-vllm"
@@ -109,12 +110,12 @@ def test_tiny_shards_share_one_worker_and_a_killed_worker_is_replaced(
     for e in (entry, second, third):
         assert e.rows_out + sum(e.drops.values()) == 4
         assert 0 < e.completion_tokens <= 4 * 24 and e.prompt_tokens > 0
-    dropped = storage.decode_rows(
+    dropped = shards.decode_rows(
         storage.read_bytes(storage.join(out, entry.dropped_file or "")), "jsonl", "x"
     )
     assert all(row["finish_reason"] in ("stop", "length") and "raw_output" in row for row in dropped)
     target = shard_target("prompts", cfg, round_dir, 0)
-    assert storage.shard_is_done(out, 0, target.input_sha256, target.settings_hash) == entry
+    assert shards.shard_is_done(out, 0, target.input_sha256, target.settings_hash) == entry
 
     again = EngineProvider(cfg)
     assert run_shard("prompts", cfg, round_dir, 0, again) == entry  # done: no worker at all
@@ -131,7 +132,7 @@ def test_a_worker_that_fails_to_start_is_reported_with_the_reason(vllm_python: s
     message = str(info.value)
     assert message.startswith(f"prompts shard 0: vllm engine ({TINY})")
     assert "max_model_len" in message and "100000" in message
-    assert storage.read_shard_manifest(storage.join(round_dir, "prompts", "_candidates"), 0) is None
+    assert shards.read_shard_manifest(storage.join(round_dir, "prompts", "_candidates"), 0) is None
 
 
 class ShortQuestions:
@@ -173,7 +174,7 @@ def test_smollm2_answers_and_judges_on_one_vllm_worker_per_stage(vllm_python: st
     assert responses["model_revision"] == model_revision(SMOLLM2, resolve_model(SMOLLM2))
     assert responses["rows_out"] >= 4, responses  # short questions: most pairs of answers finish
     assert responses["completion_tokens"] > 8 * 2
-    rows = storage.read_stage_rows(storage.join(round_dir, "responses"), "jsonl")
+    rows = shards.read_stage_rows(storage.join(round_dir, "responses"), "jsonl")
     assert len(rows) == responses["rows_out"]
 
     assert judgements["engine"] == "vllm" and judgements["rows_in"] == responses["rows_out"]

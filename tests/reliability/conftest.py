@@ -109,7 +109,7 @@ def faulty_s3(
 ) -> Iterator[FaultyS3]:
     import s3fs
 
-    from sao_core import storage
+    from sao_core.store import storage
 
     store, proxy = store_behind_proxy
     store.start()

@@ -6,7 +6,7 @@ never a crash, never a wrong pair.
 - pairs files: the same, read by training;
 - hostile model output through the five data stages, with a scripted engine: a persona, prompt or answer
   that itself says "ranking: 2 > 1", a judge that repeats its request back, control characters, 100k
-  characters. A verdict counts only when the judge wrote it (sao_core.judging.strip_quoted).
+  characters. A verdict counts only when the judge wrote it (sao_core.method.judging.strip_quoted).
 
     .venv/bin/python -m pytest -q tests/reliability/test_bad_input.py
 """
@@ -24,17 +24,18 @@ from typing import Any
 import pytest
 import yaml
 
-from sao_core import storage
 from sao_core.chat import ChatRequest, Sampling
-from sao_core.config import PersonasConfig, TrainingConfig, build_config, load_config
+from sao_core.config import PersonasConfig, TrainingConfig, build_config
 from sao_core.engines.fake import FakeEngine
+from sao_core.engines.provider import EngineProvider
 from sao_core.errors import ConfigError, ModelNotFoundError, PersonaSourceError, TrainingError
-from sao_core.models import resolve_adapter, resolve_model
-from sao_core.personas import MAX_PERSONA_CHARS, persona_id, sample_personas
-from sao_core.pipeline import run_synth
-from sao_core.responses import response_id
-from sao_core.stages.layout import stage_url
-from sao_core.stages.runner import EngineProvider
+from sao_core.method.personas import MAX_PERSONA_CHARS, persona_id
+from sao_core.method.responses import response_id
+from sao_core.stages.persona_sources import sample_personas
+from sao_core.stages.synth import run_synth
+from sao_core.store import shards, storage
+from sao_core.store.layout import load_config, stage_url
+from sao_core.store.models import resolve_adapter, resolve_model
 from sao_core.training.data import load_pairs, prepare_pairs
 
 TEN_MB = 10 * 1024 * 1024
@@ -221,7 +222,7 @@ def _jsonl(rows: list[Any]) -> bytes:
 
 
 def _parquet(rows: list[dict[str, Any]]) -> bytes:
-    return storage.encode_rows(rows, "parquet")
+    return shards.encode_rows(rows, "parquet")
 
 
 # (file name, bytes, error fragment) -> PersonaSourceError naming the file
@@ -643,8 +644,8 @@ def test_hostile_model_output_is_a_counted_drop_or_the_judges_own_verdict(
     assert s["pairs"]["rows_out"] == s["judgements"]["diagnostics"]["valid_judgements"]
     outcome = {
         "summary": s,
-        "pairs": storage.read_stage_rows(stage_url(result.round_url, "pairs"), "jsonl"),
-        "judgements": storage.read_stage_rows(stage_url(result.round_url, "judgements"), "jsonl"),
+        "pairs": shards.read_stage_rows(stage_url(result.round_url, "pairs"), "jsonl"),
+        "judgements": shards.read_stage_rows(stage_url(result.round_url, "judgements"), "jsonl"),
     }
     _no_wrong_pair(outcome)
     expect(outcome)

@@ -1,4 +1,4 @@
-"""Two runners at once on one artifact root: leases (sao_core.locks), shard claims, the campaign lock.
+"""Two runners at once on one artifact root: leases (sao_core.store.locks), shard claims, the campaign lock.
 
 - a lease has one holder: of many takers at once one gets it, a live holder keeps it past its ttl by
   renewing it, a stale one (expired, or its process gone on this machine) is taken over by exactly one
@@ -30,9 +30,8 @@ from typing import Any
 
 import pytest
 
-from sao_core import locks, storage
-from sao_core.config import load_config, round_url
-from sao_core.stages.layout import MODEL_STAGES, output_url, shard_claim_url
+from sao_core.store import locks, shards, storage
+from sao_core.store.layout import MODEL_STAGES, load_config, output_url, round_url, shard_claim_url
 from tests.procs import kill_group, start, wait_exit, wait_for
 from tests.round_checks import check_round_by_ids, shard_lines
 
@@ -231,7 +230,7 @@ def test_a_claim_of_a_killed_synth_elsewhere_is_taken_over_once_it_expires(
         kill_group(proc)
     left = locks.read_lease(claim)
     assert left is not None and left["pid"] == proc.pid
-    assert storage.read_shard_manifest(output_url(round_dir, "responses"), 1) is None
+    assert shards.read_shard_manifest(output_url(round_dir, "responses"), 1) is None
     # As if it had run on another machine: its process cannot be seen to be gone, only its lease expire.
     storage.write_bytes(claim, json.dumps({**left, "host": "gpu-node-7", "pid_ns": ""}).encode())
     assert not (locks.stale_reason(locks.read_lease(claim)) or "").startswith("its process")
@@ -247,7 +246,7 @@ def test_a_claim_of_a_killed_synth_elsewhere_is_taken_over_once_it_expires(
 CAMPAIGN_HOLDER = textwrap.dedent(
     """
     import json, sys, time
-    from sao_core.locks import campaign_lock
+    from sao_core.store.locks import campaign_lock
     root, name, out, hold_s = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
     with campaign_lock(root, "nightly", holder=name, ttl_s=1.0, wait_s=60):
         began = time.time()

@@ -44,10 +44,10 @@ from typing import Any
 import psutil
 import pytest
 
-from sao_core import campaign, locks, storage
-from sao_core.config import load_config, round_url
-from sao_core.pipeline import run_synth
-from sao_core.stages.layout import MODEL_STAGES, output_url, shard_claim_url
+from sao_core.campaign import planning
+from sao_core.stages.synth import run_synth
+from sao_core.store import locks, shards, storage
+from sao_core.store.layout import MODEL_STAGES, load_config, output_url, round_url, shard_claim_url
 from sao_core.training import default_output_url
 from sao_core.training.outputs import last_checkpoint, train_claim_url
 from tests.cluster.harness import CRON, FINAL, PG_BIN, TIMEZONE, local_cluster, state_type, worker_children
@@ -86,7 +86,7 @@ def test_sao_run_killed_mid_shard_resumes_without_redoing_finished_shards(
 
     def part_way() -> int | None:
         """The responses shard being written while some before it are done: (done) shards, claimed next."""
-        done = [i for i in range(4) if storage.exists(storage.shard_manifest_url(responses, i))]
+        done = [i for i in range(4) if storage.exists(shards.shard_manifest_url(responses, i))]
         if 1 <= len(done) < 4 and done == list(range(len(done))):
             claimed = len(done)
             if storage.exists(shard_claim_url(round_dir, "responses", claimed)):
@@ -100,7 +100,7 @@ def test_sao_run_killed_mid_shard_resumes_without_redoing_finished_shards(
     first = log.read_text()
     assert "round folder:" not in first, first[-3000:]
     finished = list(range(killed_shard))
-    assert storage.read_shard_manifest(responses, killed_shard) is None  # killed before it was written
+    assert shards.read_shard_manifest(responses, killed_shard) is None  # killed before it was written
     left = locks.read_lease(shard_claim_url(round_dir, "responses", killed_shard))
     assert left is not None and locks.stale_reason(left) == f"its process {left['pid']} is gone", left
     before = snapshot(
@@ -109,7 +109,7 @@ def test_sao_run_killed_mid_shard_resumes_without_redoing_finished_shards(
     # The killed shard's own file may be there without its manifest (killed between the two): not done.
     before = {p: v for p, v in before.items() if f"/responses/part-{killed_shard:05d}." not in p}
     assert sorted(p for p in before if "/responses/_shards/" in p) == [
-        storage.shard_manifest_url(responses, i) for i in finished
+        shards.shard_manifest_url(responses, i) for i in finished
     ]
 
     rerun_log = tmp_path / "rerun.log"
@@ -251,7 +251,7 @@ class RoundOnCluster:
 
     def done(self, stage: str) -> list[int]:
         out = output_url(self.round_dir, stage)
-        return [i for i in range(SHARDS) if storage.exists(storage.shard_manifest_url(out, i))]
+        return [i for i in range(SHARDS) if storage.exists(shards.shard_manifest_url(out, i))]
 
     def hold_responses_part_way(self, run_id: str) -> list[int]:
         """Once the first responses shard is written, hold the others: the stage cannot finish until the
@@ -280,7 +280,7 @@ class RoundOnCluster:
         assert kept["judgements"] == 4 * SHARDS, kept
         # The round deployment plans its round as the campaign's next (tasks/campaign.plan_round), which
         # may change the training section (training.merge), so its model is found as `sao promote` does.
-        model = storage.read_json(storage.join(campaign.round_model(self.round_dir), "manifest.json"))
+        model = storage.read_json(storage.join(planning.round_model(self.round_dir), "manifest.json"))
         assert model["complete"] and model["steps"] == load_config(TINY, self.overrides).training.max_steps
         for stage in MODEL_STAGES:
             records = [

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from sao_core.config import hash_config, load_config
-from sao_core.pipeline import run_synth
+from sao_core.stages.synth import run_synth
+from sao_core.store.layout import hash_config, load_config
 
 TINY = str(Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml")
 STAGES = ("personas", "prompts", "responses", "judgements", "pairs")

@@ -26,7 +26,7 @@ import pytest
 
 from sao_core.config import DEFAULT_SCHEMES, ModelConfig, RoundConfig, build_config
 from sao_core.errors import ConfigError
-from sao_core.models import load_kwargs
+from sao_core.store.models import load_kwargs
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = str(REPO / "configs" / "tiny.yaml")
@@ -140,7 +140,7 @@ def test_no_credential_in_config_manifests_artifacts_blocks_logs_or_output(
 
     data = json.loads(dump.stdout)
     assert data["artifacts"] and data["logs"] and data["task_runs"]  # the search had something to search
-    # tasks/common.py result_storage: the S3 result storage block holds the endpoint, never a key.
+    # tasks/cache.py result_storage: the S3 result storage block holds the endpoint, never a key.
     [block] = [b for b in data["blocks"] if b["name"].startswith("sao-results-")]
     assert set(block["data"]["settings"]) <= {"client_kwargs"}
     assert set(block["data"]["settings"].get("client_kwargs", {})) <= {"endpoint_url"}
@@ -158,7 +158,7 @@ def test_trust_remote_code_is_off_unless_the_config_turns_it_on() -> None:
     # Whether a model's code may run changes no text: it names the same round folder.
     base = build_config({})
     assert build_config({}, ["model.trust_remote_code=true"]) != base
-    from sao_core.config import round_url
+    from sao_core.store.layout import round_url
 
     assert round_url(build_config({}, ["model.trust_remote_code=true"])) == round_url(base)
 
@@ -195,7 +195,7 @@ def test_a_model_that_brings_code_does_not_run_it(tmp_path: Path) -> None:
 
 def test_the_transformers_engine_does_not_run_a_models_code(tmp_path: Path) -> None:
     from sao_core.engines import make_engine
-    from sao_core.models import TINY, bundled_model_dir
+    from sao_core.store.models import TINY, bundled_model_dir
 
     folder, marker = tmp_path / "model", tmp_path / "code-ran"
     _model_with_its_own_code(folder, marker)
@@ -214,7 +214,7 @@ def test_persona_datasets_and_pairs_are_loaded_without_remote_code(
 ) -> None:
     import datasets
 
-    from sao_core.personas import sample_personas
+    from sao_core.stages.persona_sources import sample_personas
     from sao_core.training.data import load_pairs
 
     real = datasets.load_dataset

@@ -33,14 +33,14 @@ import fsspec
 import pytest
 from fsspec.implementations.memory import MemoryFileSystem
 
-from sao_core import storage
 from sao_core.chat import ChatRequest, Completion, Sampling
-from sao_core.config import RoundConfig, build_config, load_config, round_url
+from sao_core.config import RoundConfig, build_config
 from sao_core.engines.fake import FakeEngine
+from sao_core.engines.provider import EngineProvider
 from sao_core.errors import StorageError, TransientStorageError
-from sao_core.pipeline import run_synth
-from sao_core.stages.layout import MODEL_STAGES, stage_url
-from sao_core.stages.runner import EngineProvider
+from sao_core.stages.synth import run_synth
+from sao_core.store import shards, storage
+from sao_core.store.layout import MODEL_STAGES, load_config, round_url, stage_url
 from sao_core.training import default_output_url
 
 if TYPE_CHECKING:  # pytest loads the conftest itself: importing it again would make a second copy
@@ -111,11 +111,11 @@ CHAINS = (
 STAGES = ("personas", *MODEL_STAGES, "pairs")
 
 
-def _dropped_rows(url: str, entry: storage.ShardManifest) -> list[dict[str, Any]]:
+def _dropped_rows(url: str, entry: shards.ShardManifest) -> list[dict[str, Any]]:
     if not entry.dropped_file:
         return []
-    storage.verify_dropped(url, entry)
-    return storage.decode_rows(storage.read_bytes(storage.join(url, entry.dropped_file)), "jsonl", url)
+    shards.verify_dropped(url, entry)
+    return shards.decode_rows(storage.read_bytes(storage.join(url, entry.dropped_file)), "jsonl", url)
 
 
 def check_round_exactly_once(round_dir: str, personas: int = PERSONAS) -> int:
@@ -132,8 +132,8 @@ def check_round_exactly_once(round_dir: str, personas: int = PERSONAS) -> int:
         out_url, in_url = storage.join(round_dir, out_name), storage.join(round_dir, in_name)
         kept: list[str] = []
         for index in range(SHARDS):
-            in_rows, in_entry = storage.read_shard(in_url, index, "jsonl")
-            out_rows, entry = storage.read_shard(out_url, index, "jsonl")
+            in_rows, in_entry = shards.read_shard(in_url, index, "jsonl")
+            out_rows, entry = shards.read_shard(out_url, index, "jsonl")
             dropped = _dropped_rows(out_url, entry)
             answered = [r[key] for r in out_rows] + [r[key] for r in dropped]
             assert sorted(answered) == sorted(r[key] for r in in_rows), f"{out_name} shard {index}: rows lost"
@@ -158,7 +158,7 @@ def check_round_exactly_once(round_dir: str, personas: int = PERSONAS) -> int:
             manifest["rows_in"] == sum(e["rows_in"] for e in manifest["shards"]) == summary[stage]["rows_in"]
         )
         for raw in manifest["shards"]:
-            on_disk = storage.read_shard_manifest(stage_url(round_dir, stage), int(raw["shard"]))
+            on_disk = shards.read_shard_manifest(stage_url(round_dir, stage), int(raw["shard"]))
             assert on_disk is not None, (stage, raw["shard"])
             # seconds aside: run_personas puts the sampling time on shard 0 in the stage manifest only
             assert {**raw, "seconds": 0} == {**on_disk.__dict__, "seconds": 0}, (stage, raw["shard"])
@@ -175,7 +175,7 @@ def check_round_exactly_once(round_dir: str, personas: int = PERSONAS) -> int:
 
 def _stage_rows(round_dir: str, stage: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     url = stage_url(round_dir, stage)
-    return storage.read_stage_rows(url, "jsonl"), storage.read_stage_manifest(url)
+    return shards.read_stage_rows(url, "jsonl"), shards.read_stage_manifest(url)
 
 
 def shard_shas(round_dir: str) -> dict[str, list[str]]:
@@ -193,7 +193,7 @@ def baseline(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[str]]:
 
 def prompt_ids_of(round_dir: str, shards: Sequence[int]) -> list[str]:
     url = stage_url(round_dir, "prompts")
-    return sorted(r["prompt_id"] for i in shards for r in storage.read_shard(url, i, "jsonl")[0])
+    return sorted(r["prompt_id"] for i in shards for r in shards.read_shard(url, i, "jsonl")[0])
 
 
 def no_temporaries(folder: Path) -> list[Path]:
@@ -297,7 +297,7 @@ def test_an_answer_from_the_store_is_not_tried_again(flaky: type[FlakyFileSystem
 def test_the_orchestrator_retries_a_transient_storage_error_and_not_a_storage_error() -> None:
     from prefect.states import Failed
 
-    from tasks.common import retry_unless_permanent
+    from tasks.cache import retry_unless_permanent
 
     assert not issubclass(TransientStorageError, StorageError)
     transient = TransientStorageError("cannot write s3://b/responses/part-00001.jsonl: ...")
@@ -337,10 +337,10 @@ def _corrupt_and_rerun(root: str, baseline: dict[str, list[str]]) -> int:
     _tear(storage.join(responses, "part-00001.jsonl"), "truncated")
     _tear(storage.join(judgements, "part-00002.jsonl"), "corrupted")
     with pytest.raises(StorageError, match=r"responses/part-00001\.jsonl does not match its manifest"):
-        storage.read_shard(responses, 1, "jsonl")
+        shards.read_shard(responses, 1, "jsonl")
     # The dropped rows of a shard are checked too: a torn dropped file would lose rows from the counts.
     torn_dropped = next(
-        (i, e) for i in range(SHARDS) if (e := storage.read_shard_manifest(responses, i)) and e.dropped_file
+        (i, e) for i in range(SHARDS) if (e := shards.read_shard_manifest(responses, i)) and e.dropped_file
     )
     _tear(storage.join(responses, torn_dropped[1].dropped_file or ""), "truncated")
 
@@ -438,7 +438,7 @@ def test_an_endpoint_down_too_long_fails_naming_the_file_and_the_rerun_resumes(
         synth(cfg, engine)
     proxy.up()
     round_dir = round_url(cfg)
-    assert storage.read_shard_manifest(stage_url(round_dir, "responses"), 2) is None
+    assert shards.read_shard_manifest(stage_url(round_dir, "responses"), 2) is None
     assert not storage.exists(storage.join(stage_url(round_dir, "responses"), "manifest.json"))
 
     again = ScriptedEngine(cfg)
@@ -483,11 +483,11 @@ def test_a_full_disk_fails_naming_the_file_and_the_rerun_resumes(
     round_dir = round_url(cfg)
     responses = stage_url(round_dir, "responses")
     # Nothing torn counts as done, and no temporary is left behind.
-    assert [storage.shard_is_done(responses, i, "", "") is not None for i in range(SHARDS)] == [False] * 4
-    done = [storage.read_shard_manifest(responses, i) for i in range(SHARDS)]
+    assert [shards.shard_is_done(responses, i, "", "") is not None for i in range(SHARDS)] == [False] * 4
+    done = [shards.read_shard_manifest(responses, i) for i in range(SHARDS)]
     assert [d is not None for d in done] == [True, True, False, False]
     for i in (0, 1):
-        storage.read_shard(responses, i, "jsonl")  # verifies
+        shards.read_shard(responses, i, "jsonl")  # verifies
     assert not no_temporaries(small_disk.path)
     assert not (Path(responses) / "part-00002.jsonl").exists()
 

@@ -7,7 +7,7 @@ A real `prefect server` (SQLite in a temporary PREFECT_HOME), one round of confi
 `sao campaign` against it, then each report's artifact page opened in headless Chromium, in the UI the
 server shows by default (V2, under /v2) and in the V1 UI it can switch to: the markdown must render as
 HTML, its table with the report's cells and its plot an <img> that the browser decoded. The plot is the
-PNG inlined as a data URL (sao_core.campaign_report.data_url): a `file://` link, as the report once had,
+PNG inlined as a data URL (sao_core.campaign.campaign_report.data_url): a `file://` link, as the report once had,
 is an image no browser page served over HTTP may load.
 
 Without /usr/bin/chromium and /usr/bin/chromedriver (SAO_CHROMIUM, SAO_CHROMEDRIVER elsewhere) the tests
@@ -29,8 +29,8 @@ from typing import Any
 import httpx
 import pytest
 
-from sao_core import storage
-from sao_core.campaign_report import campaign_rows, data_url
+from sao_core.campaign.campaign_report import campaign_rows, data_url
+from sao_core.store import storage
 from tests.cluster.harness import free_port
 from tests.procs import start, stop, wait_healthy
 

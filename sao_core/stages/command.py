@@ -1,7 +1,7 @@
 """One shard of a model stage as a command, for a person to run (or redo) by hand without Prefect.
 
-    python -m sao_core.stages.responses --round artifacts/smollm2-cpu/round_001-abc123 --shard 3
-    python -m sao_core.stages.prompts --round R --shard 0 --config R/resolved_config.yaml --set engine.name=transformers
+    python -m sao_core.stages responses --round artifacts/smollm2-cpu/round_001-abc123 --shard 3
+    python -m sao_core.stages prompts --round R --shard 0 --config R/resolved_config.yaml --set engine.name=transformers
 
 The config defaults to the round's resolved_config.yaml. The engine is the config's, built as the
 pipeline builds it (engine.name vllm: a worker child under engine.python). It exits 0 after writing the
@@ -17,19 +17,21 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from sao_core import storage
-from sao_core.config import load_config
+from sao_core.engines.provider import EngineProvider
 from sao_core.errors import SAOError
-from sao_core.stages.runner import EngineProvider, run_shard
+from sao_core.stages.runner import run_shard
+from sao_core.store import storage
+from sao_core.store.layout import MODEL_STAGES, load_config
 
 log = logging.getLogger(__name__)
 
 
-def build_parser(stage: str) -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog=f"python -m sao_core.stages.{stage}",
-        description=f"Run one shard of the {stage} stage in this process and write it with its manifest.",
+        prog="python -m sao_core.stages",
+        description="Run one shard of a model stage in this process and write it with its manifest.",
     )
+    parser.add_argument("stage", choices=MODEL_STAGES, help="the model stage")
     parser.add_argument("--round", required=True, help="the round folder (any fsspec URL)")
     parser.add_argument("--shard", type=int, required=True, help="shard index, from 0")
     parser.add_argument("--config", help="round config (default: ROUND/resolved_config.yaml)")
@@ -41,15 +43,16 @@ def build_parser(stage: str) -> argparse.ArgumentParser:
     return parser
 
 
-def main(stage: str, argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """Parse the arguments, run the shard, print its summary; the exit code says how it went."""
-    args = build_parser(stage).parse_args(argv)
+    args = build_parser().parse_args(argv)
+    stage = args.stage
     logging.basicConfig(
         level=logging.WARNING if args.quiet else logging.INFO,
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
         stream=sys.stderr,
     )
-    prog = f"sao_core.stages.{stage}"
+    prog = f"sao_core.stages {stage}"
     engines: EngineProvider | None = None
     try:
         cfg = load_config(args.config or storage.join(args.round, "resolved_config.yaml"), args.overrides)

@@ -7,7 +7,7 @@
    a JSONL by URL, or `hf:DATASET` such as AlpacaEval 2.0's 805 through `datasets`) is answered greedily
    by the candidate and by each baseline (the campaign's current model; from round 2 also the original).
 2. The judge (by default the current model with the paper's judge template, or any engine and model
-   under `evaluation.judge`) compares each pair in both orders. sao_core.winrate turns the verdicts into
+   under `evaluation.judge`) compares each pair in both orders. sao_core.evaluation.winrate turns the verdicts into
    a win rate with its 95% interval, the length-controlled win rate, the tie and order-inconsistent
    shares, and the position and length bias.
 3. The same judge, same template, rates the labelled judge-trust set (one answer clearly better) in both
@@ -25,14 +25,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sao_core import storage
 from sao_core.chat import ChatRequest, Completion, Sampling
 from sao_core.config import RoundConfig
-from sao_core.evalsets import EvalInstruction, judge_agreement, load_eval_prompts, load_judge_trust
+from sao_core.engines.provider import EngineProvider
+from sao_core.evaluation.winrate import JudgedPrompt, compute_win_rate, winner_from_position
 from sao_core.fmt import pct
-from sao_core.judging import format_judge_prompt, parse_verdict, strip_quoted
-from sao_core.stages.runner import EngineProvider
-from sao_core.winrate import JudgedPrompt, compute_win_rate, winner_from_position
+from sao_core.method.judging import format_judge_prompt, parse_verdict, strip_quoted
+from sao_core.store import shards, storage
+from sao_core.store.evalsets import EvalInstruction, judge_agreement, load_eval_prompts, load_judge_trust
 
 
 @dataclass(frozen=True)
@@ -165,17 +165,17 @@ def evaluate_candidate(
             for p, o in zip(prompts, outs, strict=True)
         ]
         storage.write_bytes(
-            storage.join(output_url, f"answers-{name}.jsonl"), storage.encode_rows(rows, "jsonl")
+            storage.join(output_url, f"answers-{name}.jsonl"), shards.encode_rows(rows, "jsonl")
         )
     comparisons: dict[str, Any] = {}
     for base in baselines:
         result, rows = compare(prompts, answers[candidate.name], answers[base.name], judge.engines, cfg)
         comparisons[base.name] = {"baseline": base.model, **result}
         storage.write_bytes(
-            storage.join(output_url, f"results-{base.name}.jsonl"), storage.encode_rows(rows, "jsonl")
+            storage.join(output_url, f"results-{base.name}.jsonl"), shards.encode_rows(rows, "jsonl")
         )
     trust, trust_rows = trust_the_judge(judge.engines, cfg)
-    storage.write_bytes(storage.join(output_url, "trust.jsonl"), storage.encode_rows(trust_rows, "jsonl"))
+    storage.write_bytes(storage.join(output_url, "trust.jsonl"), shards.encode_rows(trust_rows, "jsonl"))
     primary = comparisons[baselines[0].name]
     manifest = {
         "prompts": len(prompts),

@@ -37,14 +37,13 @@ from dataclasses import asdict, dataclass, fields
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-import yaml
-
-from sao_core import storage
-from sao_core.config import RoundConfig, load_config
-from sao_core.errors import CampaignError, ConfigError, ModelNotFoundError, StorageConflict, StorageError
-from sao_core.models import content_key
+from sao_core.errors import CampaignError, StorageConflict, StorageError
+from sao_core.store import layout, storage, trained
+from sao_core.store.trained import TrainedModel
 
 log = logging.getLogger(__name__)
+
+Action = Literal["promote", "rollback"]
 
 PROMOTIONS = "promotions"
 CURRENT = "CURRENT"
@@ -54,8 +53,6 @@ ATTEMPTS = 5  # tries at the next record number when other writers keep taking i
 ACTIONS = ("promote", "rollback")
 _RECORD_NAME = re.compile(r"^(\d+)\.json$")
 _CAMPAIGN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # as config.RunConfig.campaign
-
-Action = Literal["promote", "rollback"]
 
 
 @dataclass(frozen=True)
@@ -67,7 +64,7 @@ class Promotion:
     round: int | None  # the round the model was trained in
     round_dir: str
     model: str  # the training run's output folder
-    model_sha: str  # content key of the weights the next round loads (sao_core.models.content_key)
+    model_sha: str  # content key of the weights the next round loads (sao_core.store.models.content_key)
     model_path: str  # the next round's model.path
     model_adapter: str | None  # the next round's model.adapter
     model_revision: str | None  # the next round's model.revision (a hub base under an adapter)
@@ -98,29 +95,6 @@ class Promotion:
         return cls(**{n: data[n] for n in names})
 
 
-@dataclass(frozen=True)
-class TrainedModel:
-    """The output folder of a finished training run, as found in the artifact store."""
-
-    url: str
-    manifest: dict[str, Any]
-    weights: str  # the folder the next round loads: {url}/full, else {url}/adapter
-    round_dir: str | None  # the round whose pairs it was trained on; None when that cannot be told
-
-
-# --- where things are ----------------------------------------------------------------------------------
-
-
-def normalise_url(url: str) -> str:
-    """A URL without its trailing slash; a local path made absolute (as config.round_url does)."""
-    url = url.rstrip("/")
-    return url if "://" in url else os.path.abspath(os.path.expanduser(url))
-
-
-def parent_url(url: str) -> str:
-    return url.rstrip("/").rsplit("/", 1)[0]
-
-
 def campaign_url(root: str, campaign: str) -> str:
     """{root}/{campaign}, the folder holding a campaign's rounds and its promotion records."""
     if not _CAMPAIGN_NAME.match(campaign):
@@ -128,164 +102,7 @@ def campaign_url(root: str, campaign: str) -> str:
             f"campaign name {campaign!r} must start with a letter or digit and hold only letters, digits, "
             "'_', '.' and '-' (as run.campaign)"
         )
-    return f"{normalise_url(root)}/{campaign}"
-
-
-def campaign_of_round(round_dir: str) -> tuple[str, str]:
-    """(root, campaign) of a round folder {root}/{campaign}/round_{k:03d}-{hash}."""
-    campaign_dir = parent_url(normalise_url(round_dir))
-    root, _, campaign = campaign_dir.rpartition("/")
-    return root, campaign
-
-
-def is_round(url: str) -> bool:
-    marker = storage.join(url, "resolved_config.yaml")
-    storage.forget_listing(marker)  # s3fs answers `exists` from listings cached before other writers wrote
-    return storage.exists(marker)
-
-
-def round_settings(round_dir: str) -> dict[str, Any]:
-    """The round's resolved_config.yaml as a plain mapping (read as written, so an older round still reads)."""
-    url = storage.join(round_dir, "resolved_config.yaml")
-    try:
-        data = yaml.safe_load(storage.read_text(url))
-    except FileNotFoundError as e:
-        raise StorageError(f"{round_dir} is not a round folder: it has no resolved_config.yaml") from e
-    except yaml.YAMLError as e:
-        raise StorageError(f"{url} is not valid YAML: {e}") from e
-    if not isinstance(data, dict):
-        raise StorageError(f"{url} does not hold a mapping")
-    return data
-
-
-# --- trained models ------------------------------------------------------------------------------------
-
-
-def finished_run(url: str) -> dict[str, Any] | None:
-    """The manifest of the finished training run at `url`, or None (no manifest, or not finished)."""
-    manifest_url = storage.join(url, "manifest.json")
-    storage.forget_listing(manifest_url)  # written by a training process since this one listed the folder
-    if not storage.exists(manifest_url):
-        return None
-    manifest = storage.read_json(manifest_url)
-    if isinstance(manifest, dict) and manifest.get("complete") and manifest.get("stage") == "train":
-        return manifest
-    return None
-
-
-def _trained_from(url: str, manifest: dict[str, Any]) -> str | None:
-    """The round whose pairs the run trained on: where its pair files are, else the folder it sits in."""
-    candidates = []
-    files = manifest.get("pairs_files") or []
-    first = str(files[0]) if files else ""
-    if "://" in first or os.path.isabs(first):  # {round}/pairs/part-00000.jsonl
-        candidates.append(parent_url(parent_url(first)))
-    candidates.append(parent_url(parent_url(url)))  # {round}/model/{training hash}
-    for candidate in candidates:
-        if is_round(candidate):
-            return normalise_url(candidate)
-    return None
-
-
-def trained_model(url: str) -> TrainedModel:
-    """The finished training run at `url` (its output folder, or the adapter/ or full/ in it), checked:
-    manifest.json says the run finished and the weights it names are there. ModelNotFoundError if not."""
-    url = normalise_url(url)
-    storage.forget_listing(storage.join(url, "manifest.json"))
-    inner = url.rsplit("/", 1)[-1] in ("adapter", "full")  # the weights folder inside a run's output
-    if inner and not storage.exists(storage.join(url, "manifest.json")) and finished_run(parent_url(url)):
-        url = parent_url(url)
-    manifest_url = storage.join(url, "manifest.json")
-    if not storage.exists(manifest_url):
-        raise ModelNotFoundError(
-            f"{url} is not a finished training run: it has no manifest.json (training writes it last)"
-        )
-    manifest = finished_run(url)
-    if manifest is None:
-        raise ModelNotFoundError(
-            f"{manifest_url} does not say a training run finished (stage train, complete)"
-        )
-    for key, config_file in (("full_model", "config.json"), ("adapter", "adapter_config.json")):
-        if not manifest.get(key):
-            continue
-        folder = storage.join(url, str(manifest[key]))
-        storage.forget_listing(storage.join(folder, config_file))
-        weights = storage.list_files(folder, "*.safetensors") + storage.list_files(folder, "*.bin")
-        if not storage.exists(storage.join(folder, config_file)) or not weights:
-            raise ModelNotFoundError(
-                f"{folder} is missing or incomplete (no {config_file} or no *.safetensors / *.bin weights), "
-                f"though {manifest_url} names it"
-            )
-    loads = manifest.get("full_model") or manifest.get("adapter")
-    if not loads:
-        raise ModelNotFoundError(f"{manifest_url} names no weights (neither adapter nor full_model)")
-    return TrainedModel(url, manifest, storage.join(url, str(loads)), _trained_from(url, manifest))
-
-
-def round_model(round_dir: str) -> str:
-    """The output folder of the round's finished training run: {round}/model/{training hash of its
-    resolved config}, else the one finished run under {round}/model/. ModelNotFoundError if none or several."""
-    from sao_core.training.outputs import training_hash
-
-    round_dir = normalise_url(round_dir)
-    models = storage.join(round_dir, "model")
-    expected: str | None
-    try:
-        cfg = load_config(storage.join(round_dir, "resolved_config.yaml"))
-        expected = storage.join(models, training_hash(cfg))
-    except ConfigError:  # a round written under older config keys: look for its runs instead
-        expected = None
-    if expected and finished_run(expected) is not None:
-        return expected
-    storage.forget_listing(models)
-    found = [
-        normalise_url(parent_url(m))
-        for m in storage.list_files(models, "*/manifest.json")
-        if finished_run(parent_url(m))
-    ]
-    if len(found) == 1:
-        return found[0]
-    if not found:
-        raise ModelNotFoundError(
-            f"round {round_dir} has no finished training run under {models}/: train it first "
-            "(sao run, or sao train), or name the model"
-        )
-    raise ModelNotFoundError(
-        f"round {round_dir} has {len(found)} trained models ({', '.join(found)}): name one"
-    )
-
-
-def _next_round_model(model: TrainedModel, settings: dict[str, Any]) -> tuple[str, str | None, str | None]:
-    """(model.path, model.adapter, model.revision) that load the trained model in the next round."""
-    if model.manifest.get("full_model"):
-        return model.weights, None, None
-    started = settings.get("model") or {}
-    if started.get("adapter"):
-        # Training merges the starting adapter into the base (training.run.load_model), so the new adapter
-        # fits base + old adapter, which no single (model.path, model.adapter) can load.
-        raise CampaignError(
-            f"{model.url} holds only a LoRA adapter, trained on {started.get('path')} with the adapter "
-            f"{started['adapter']} merged in, which no (model.path, model.adapter) loads: train that round "
-            "with training.merge: true (it also writes full/) and promote it"
-        )
-    base = model.manifest.get("model") or started.get("path")
-    return str(base), model.weights, started.get("revision")
-
-
-def weights_key(url: str) -> str:
-    """Content key of a weights folder: sha256 over its files' paths, sizes and checksums (the store's ETag
-    where it lists one, else the bytes' sha256), as the model cache keys fetched folders."""
-    fs, root = storage.url_to_fs(url)
-    root = root.rstrip("/")
-    fs.invalidate_cache(root)
-    files = {}
-    for path, info in fs.find(root, detail=True).items():
-        rel = path[len(root) :].lstrip("/")
-        if rel and info.get("type", "file") == "file":
-            files[rel] = info
-    if not files:
-        raise ModelNotFoundError(f"weights folder {url} is empty or missing")
-    return str(content_key(fs, files))
+    return f"{storage.normalise_url(root)}/{campaign}"
 
 
 # --- records -------------------------------------------------------------------------------------------
@@ -422,6 +239,23 @@ def history(root: str, campaign: str) -> list[Promotion]:
     return [_read(curl, seq) for seq in _seqs(curl)]
 
 
+def next_round_model(model: TrainedModel, settings: dict[str, Any]) -> tuple[str, str | None, str | None]:
+    """(model.path, model.adapter, model.revision) that load the trained model in the next round."""
+    if model.manifest.get("full_model"):
+        return model.weights, None, None
+    started = settings.get("model") or {}
+    if started.get("adapter"):
+        # Training merges the starting adapter into the base (training.run.load_model), so the new adapter
+        # fits base + old adapter, which no single (model.path, model.adapter) can load.
+        raise CampaignError(
+            f"{model.url} holds only a LoRA adapter, trained on {started.get('path')} with the adapter "
+            f"{started['adapter']} merged in, which no (model.path, model.adapter) loads: train that round "
+            "with training.merge: true (it also writes full/) and promote it"
+        )
+    base = model.manifest.get("model") or started.get("path")
+    return str(base), model.weights, started.get("revision")
+
+
 def promote(
     root: str,
     campaign: str,
@@ -439,9 +273,9 @@ def promote(
     """
     why = _reason(why)
     curl = campaign_url(root, campaign)
-    round_dir = normalise_url(round_dir)
-    settings = round_settings(round_dir)
-    model = trained_model(model_url)
+    round_dir = storage.normalise_url(round_dir)
+    settings = layout.round_settings(round_dir)
+    model = trained.trained_model(model_url)
     if model.round_dir is None:
         raise CampaignError(
             f"cannot tell which round {model.url} was trained from: its pair files are not in a round "
@@ -449,8 +283,8 @@ def promote(
         )
     if model.round_dir != round_dir:
         raise CampaignError(f"{model.url} was trained on the pairs of {model.round_dir}, not of {round_dir}")
-    path, adapter, revision = _next_round_model(model, settings)
-    sha = weights_key(model.weights)
+    path, adapter, revision = next_round_model(model, settings)
+    sha = trained.weights_key(model.weights)
     who = who or default_who()
     round_index = (settings.get("run") or {}).get("round")
 
@@ -526,7 +360,7 @@ def rollback(
         raise CampaignError(f"{curl} has no record {to_seq}; its records are 1 to {max(records)}")
     if target.model == latest.model and target.model_sha == latest.model_sha:
         raise CampaignError(f"{target.model} is already current (record {latest.seq})")
-    sha = weights_key(trained_model(target.model).weights)
+    sha = trained.weights_key(trained.trained_model(target.model).weights)
     if sha != target.model_sha:
         raise CampaignError(
             f"{target.model} changed since record {target.seq} promoted it (weights {sha[:12]}, then "
@@ -560,17 +394,6 @@ def rollback(
         )
 
     return _append(curl, make, attempts)
-
-
-def start_model(cfg: RoundConfig) -> tuple[str, str | None]:
-    """(model.path, model.adapter) of the model round cfg.run.round starts from (SAO.md step 7): round 1
-    from the config's model; a later round from the campaign's current promotion, or from the config's
-    model while nothing has been promoted (every round so far failed its gate)."""
-    if cfg.run.round > 1:
-        promoted = current(cfg.run.root, cfg.run.campaign)
-        if promoted is not None:
-            return promoted.model_path, promoted.model_adapter
-    return cfg.model.path, cfg.model.adapter
 
 
 def format_history(latest: Promotion | None, records: list[Promotion], campaign: str) -> str:

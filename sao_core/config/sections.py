@@ -1,28 +1,16 @@
-"""One frozen config per round, a section per stage, loaded from YAML with `--set a.b=c` overrides.
+"""The round config's schema: one frozen section per stage, validated when built (STYLE.md rule 2).
 
-    cfg = load_config("configs/tiny.yaml", ["personas.n=8", "judging.swap=true"])
-    cfg.judging.swap  # True
-
-Unknown keys are refused with the key's full name and the keys allowed there (STYLE.md rule 2).
+Also the model and data references a config holds and the URL schemes each one uses, checked against
+run.allowed_schemes (SECURITY.md).
 """
 
 from __future__ import annotations
 
-import datetime
-import difflib
-import hashlib
-import json
-import os
 import re
-import types
-import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-
-from sao_core.errors import ConfigError
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class Section(BaseModel):
@@ -64,7 +52,7 @@ class RunConfig(Section):
 
 
 class ModelConfig(Section):
-    # A Hugging Face id, a local folder, or bundled:smollm2-135m-instruct (sao_core.models).
+    # A Hugging Face id, a local folder, or bundled:smollm2-135m-instruct (sao_core.store.models).
     path: str = Field("bundled:smollm2-135m-instruct", min_length=1)
     revision: str | None = None
     # A LoRA adapter folder (any fsspec URL) applied on top of `path`: a trained round's policy.
@@ -256,7 +244,7 @@ class JudgeConfig(Section):
 
 
 class DownstreamConfig(Section):
-    """lm-eval tasks run on the candidate and on the current model (sao_core.downstream); the promotion
+    """lm-eval tasks run on the candidate and on the current model (sao_core.evaluation.downstream); the promotion
     rule's `max_downstream_drop` says how far a task may fall."""
 
     enabled: bool = True
@@ -271,7 +259,7 @@ class DownstreamConfig(Section):
 
 class EvaluationConfig(Section):
     """The trained policy against the campaign's current model (and from round 2 the original), judged in
-    both orders; the judge rated on a labelled trust set (sao_core.evaluation)."""
+    both orders; the judge rated on a labelled trust set (sao_core.evaluation.compare)."""
 
     # "builtin" (130 instructions written for this project, sao_core/data/eval/instructions.jsonl), a
     # JSONL URL of {id, instruction, category}, or hf:DATASET[:SUBSET] (its "eval" split's "instruction"
@@ -299,7 +287,7 @@ class EvaluationConfig(Section):
 
 
 class PromotionConfig(Section):
-    """When a round's model becomes the campaign's current one (sao_core.promotion)."""
+    """When a round's model becomes the campaign's current one (sao_core.campaign.promotion)."""
 
     enabled: bool = True
     min_win_rate_lower: float = Field(0.5, ge=0.0, le=1.0)  # the win rate interval's lower bound must pass it
@@ -407,7 +395,7 @@ class RoundConfig(Section):
 
 
 # How a reference without a scheme is read: "model" a local folder or else a Hugging Face id (as
-# sao_core.models resolves it), "dataset" likewise for datasets.load_dataset, "evalset" the keyword
+# sao_core.store.models resolves it), "dataset" likewise for datasets.load_dataset, "evalset" the keyword
 # builtin, hf:DATASET or a file, "data" always a local path.
 RefKind = Literal["model", "dataset", "evalset", "data"]
 _SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
@@ -423,7 +411,7 @@ def _is_hub_id(ref: str) -> bool:
 
 def url_schemes(ref: str, kind: RefKind) -> list[str]:
     """The schemes a model or data reference uses (aliases folded: gcs is gs), the way fsspec,
-    sao_core.models and sao_core.evalsets read it; a chained URL (simplecache::s3://...) has several."""
+    sao_core.store.models and sao_core.store.evalsets read it; a chained URL (simplecache::s3://...) has several."""
     if kind == "evalset" and ref == "builtin":
         return []
     if ref.startswith("bundled:") and kind == "model":
@@ -443,205 +431,3 @@ def url_schemes(ref: str, kind: RefKind) -> list[str]:
         else:
             schemes.append("file")
     return [SCHEME_ALIASES.get(s, s) for s in schemes]
-
-
-def _scalar_type(annotation: Any) -> type | None:
-    """bool, int or float for a field of that type (or that type or None); else None."""
-    args = (
-        typing.get_args(annotation)
-        if typing.get_origin(annotation) in (typing.Union, types.UnionType)
-        else ()
-    )
-    kinds = [a for a in args if a is not type(None)] if args else [annotation]
-    return kinds[0] if len(kinds) == 1 and kinds[0] in (bool, int, float) else None
-
-
-def _check_keys(model: type[BaseModel], data: Any, prefix: str) -> None:
-    """Refuse unknown keys before pydantic does, naming the full key and what is allowed there; and
-    what pydantic would let through: true for a number (personas.n: true is 1), text or 0/1 for a switch."""
-    if not isinstance(data, dict):
-        return
-    allowed = list(model.model_fields)
-    for key, value in data.items():
-        if key not in model.model_fields:
-            where = prefix.rstrip(".") or "the top level"
-            hint = difflib.get_close_matches(str(key), allowed, n=1)
-            did_you_mean = f" (did you mean '{prefix}{hint[0]}'?)" if hint else ""
-            raise ConfigError(
-                f"unknown config key '{prefix}{key}'{did_you_mean}; allowed keys in {where}: "
-                + ", ".join(allowed)
-            )
-        annotation = model.model_fields[key].annotation
-        scalar = _scalar_type(annotation)
-        if value is not None and scalar is bool and not isinstance(value, bool):
-            raise ConfigError(f"config key '{prefix}{key}' is true or false, got {value!r}")
-        if scalar in (int, float) and isinstance(value, bool):
-            raise ConfigError(f"config key '{prefix}{key}' needs a number, got {value!r}")
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            if value is not None and not isinstance(value, dict):
-                raise ConfigError(
-                    f"config key '{prefix}{key}' is a section and needs a mapping, got {value!r}"
-                )
-            _check_keys(annotation, value, f"{prefix}{key}.")
-
-
-def _apply_override(data: dict[str, Any], override: str) -> None:
-    if "=" not in override:
-        raise ConfigError(f"override {override!r} must look like section.key=value")
-    dotted, _, raw = override.partition("=")
-    parts = dotted.strip().split(".")
-    if not all(parts):
-        raise ConfigError(f"override {override!r} has an empty key part")
-    node = data
-    for part in parts[:-1]:
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"override {override!r}: '{part}' is a value, not a section")
-        node = child
-    try:
-        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as e:
-        raise ConfigError(f"override {override!r}: value is not valid YAML: {e}") from e
-
-
-def _plain(value: Any, key: str) -> Any:
-    """A deep copy of a raw config value made of mappings, lists, text, numbers, booleans and None;
-    anything else (a YAML date or timestamp, !!binary, !!set) is refused with its key."""
-    if isinstance(value, dict):
-        return {k: _plain(v, f"{key}.{k}" if key else str(k)) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v, key) for v in value]
-    if value is None or isinstance(value, (str, int, float)):
-        return value
-    hint = "; quote it to make it text" if isinstance(value, (datetime.date, datetime.datetime)) else ""
-    raise ConfigError(f"config key '{key}' holds a {type(value).__name__} ({value!r}){hint}")
-
-
-def build_config(data: dict[str, Any] | None, overrides: list[str] | tuple[str, ...] = ()) -> RoundConfig:
-    """Validate a raw mapping (plus overrides) into a RoundConfig, with errors that name the key."""
-    data = _plain(data or {}, "")
-    if not isinstance(data, dict):
-        raise ConfigError(f"a config is a mapping of sections, got {type(data).__name__}")
-    for override in overrides:
-        _apply_override(data, override)
-    data = _plain(data, "")  # an override's value is YAML too
-    _check_keys(RoundConfig, data, "")
-    try:
-        return RoundConfig.model_validate(data)
-    except ValidationError as e:
-        problems = []
-        for err in e.errors():
-            key = ".".join(str(p) for p in err["loc"])
-            problems.append(f"'{key}': {err['msg']} (got {err.get('input')!r})" if key else err["msg"])
-        raise ConfigError("invalid config: " + "; ".join(problems)) from e
-
-
-def load_config(url: str, overrides: list[str] | tuple[str, ...] = ()) -> RoundConfig:
-    """Load a YAML recipe from a local path or any fsspec URL and apply `a.b=c` overrides."""
-    from sao_core import storage
-
-    try:
-        text = storage.read_text(url)
-    except FileNotFoundError as e:
-        raise ConfigError(f"config file not found: {url}") from e
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"config file {url} is not UTF-8 text: {e}") from e
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"config file {url} is not valid YAML: {e}") from e
-    if data is not None and not isinstance(data, dict):
-        raise ConfigError(
-            f"config file {url} must hold a mapping at the top level, got {type(data).__name__}"
-        )
-    try:
-        return build_config(data, overrides)
-    except ConfigError as e:
-        raise ConfigError(f"{url}: {e}") from e
-
-
-def config_to_dict(cfg: BaseModel) -> dict[str, Any]:
-    return cfg.model_dump(mode="json")
-
-
-def config_to_yaml(cfg: RoundConfig) -> str:
-    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
-
-
-# Keys that say how a round's data is made, not what it is: a round keeps its folder (and every finished
-# shard) when they change, so a longer timeout after a shard timed out, or a lower gate after the gate
-# failed, redoes nothing. Only what changes the output may name where the output goes.
-_NOT_DATA_KEYS: dict[str, tuple[str, ...]] = {
-    "run": ("root", "allowed_schemes"),  # where the artifacts live; which references are allowed
-    # whether a model may run its own code: a model that needs it fails to load without it, and one that
-    # loads writes the same text either way
-    "model": ("trust_remote_code",),
-    "engine": (
-        # patience and retries: a shard that finishes is the same shard
-        "shard_timeout_s",
-        "max_retries",
-        "request_timeout_s",
-        "max_concurrency",
-        # where the engine runs and how it is reached: the model is model.path (or served_model_name)
-        "python",
-        "base_urls",
-        "api_key_env",
-        # vLLM memory and scheduling: every request carries its own seed (engines.vllm.request_seed)
-        "gpu_memory_utilization",
-        "enforce_eager",
-    ),
-    "pairing": ("min_pairs",),  # read by the quality gate, not by pairing
-    "judging": ("min_valid_rate",),  # likewise
-}
-# Sections with a hash of their own (training names model/{training hash}/) or that say where shards run.
-_OWN_HASH_SECTIONS = ("training", "fanout", "promotion")
-# The evaluation section scores the trained policy, except for what chooses the evaluation set and the
-# n-gram size: the prompts stage drops prompts that overlap that set (stages.runner.EvalOverlap).
-_EVALUATION_DATA_KEYS = ("enabled", "prompts", "decontamination_n")
-
-
-def data_settings(cfg: RoundConfig) -> dict[str, Any]:
-    """The round's config as a mapping, less every key that does not change its data (see _NOT_DATA_KEYS).
-
-    engine.batch_size stays only under the transformers engine, which seeds each batch from its first
-    request and pads to the batch's longest prompt, so the batch size changes the text. vLLM (where it is
-    max_num_seqs) and the openai engine seed every request by itself, so a request's text does not
-    depend on its neighbours, up to the floating-point differences any two GPU runs have; the fake
-    engine ignores it. engine.fake.fail_calls only makes the first calls fail.
-    """
-    data = config_to_dict(cfg)
-    for section in _OWN_HASH_SECTIONS:
-        data.pop(section, None)
-    data["evaluation"] = {k: v for k, v in data["evaluation"].items() if k in _EVALUATION_DATA_KEYS}
-    for section, keys in _NOT_DATA_KEYS.items():
-        for key in keys:
-            data[section].pop(key, None)
-    if cfg.engine.name != "transformers":
-        data["engine"].pop("batch_size", None)
-    data["engine"]["fake"].pop("fail_calls", None)
-    return data
-
-
-def hash_config(cfg: BaseModel) -> str:
-    """Content hash of a config or one of its sections: canonical JSON, sha256, 12 hex digits.
-
-    A round's hash covers what its data depends on (`data_settings`): not where the artifacts live or
-    the shards run, not how patient the engine is, what the quality gate demands or how the policy is
-    scored, and not the `training` section, which has its own hash (the model/ folder is keyed by the
-    training hash), so retuning training reuses the round's data.
-    """
-    data = data_settings(cfg) if isinstance(cfg, RoundConfig) else config_to_dict(cfg)
-    canonical = json.dumps(data, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode()).hexdigest()[:12]
-
-
-def round_url(cfg: RoundConfig) -> str:
-    """The round folder, {root}/{campaign}/round_{k:03d}-{config_hash} (DESIGN.md).
-
-    A relative local root is made absolute: the folder (and every cache key built on it) must name
-    one place, whichever directory the command ran from.
-    """
-    root = cfg.run.root.rstrip("/")
-    if "://" not in root:
-        root = os.path.abspath(root)
-    return f"{root}/{cfg.run.campaign}/round_{cfg.run.round:03d}-{hash_config(cfg)}"

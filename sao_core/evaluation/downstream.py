@@ -40,7 +40,7 @@ __all__ = [
     "task_folders",
 ]
 
-BUNDLED_TASKS = Path(__file__).parent / "data" / "lm_eval_tasks"
+BUNDLED_TASKS = Path(__file__).parents[1] / "data" / "lm_eval_tasks"
 
 # Module-level switches that huggingface_hub, datasets and evaluate read at call time; the environment
 # variables of the same names are read once, at import, so setting them in the call would do nothing.
@@ -260,7 +260,7 @@ def run_downstream(
     """Run lm-eval tasks on a local model folder (plus an optional local LoRA adapter folder) with its
     Hugging Face backend, offline; return {"lm_eval_version", "tasks": parse_results(...), settings}.
 
-    model_dir and adapter are local folders: resolve references and URLs with sao_core.models first.
+    model_dir and adapter are local folders: resolve references and URLs with sao_core.store.models first.
     limit caps the questions per task (None: all); num_fewshot None keeps each task's own.
     """
     import lm_eval
@@ -273,7 +273,7 @@ def run_downstream(
         if folder is not None and not Path(folder).is_dir():
             raise DownstreamError(
                 f"downstream {kind} {folder!r} is not a local folder (resolve it with "
-                f"sao_core.models.resolve_{kind} first)"
+                f"sao_core.store.models.resolve_{kind} first)"
             )
     start = time.perf_counter()
     names = list(dict.fromkeys(tasks))

@@ -15,19 +15,20 @@ import time
 from collections import Counter
 from typing import Any
 
-from sao_core import locks, storage
-from sao_core.config import RoundConfig, hash_config
+from sao_core.config import RoundConfig
 from sao_core.errors import PersonaSourceError
-from sao_core.stages.layout import (
+from sao_core.store import locks, shards, storage
+from sao_core.store.layout import (
     claim_ttl,
     claim_wait,
     digest,
+    hash_config,
     num_shards,
     stage_claim_url,
     stage_settings_hash,
     stage_url,
 )
-from sao_core.storage import ShardManifest
+from sao_core.store.shards import ShardManifest
 
 _ROUND_DIR = re.compile(r"round_(\d{3,})-[0-9a-f]+$")
 
@@ -46,16 +47,16 @@ def used_persona_ids(cfg: RoundConfig) -> set[str]:
         personas = storage.join(campaign, str(folder).rstrip("/").rsplit("/", 1)[-1], "personas")
         if not storage.exists(storage.join(personas, "manifest.json")):
             continue
-        fmt = storage.read_stage_manifest(personas).get("format", cfg.run.format)
-        used.update(row["persona_id"] for row in storage.read_stage_rows(personas, fmt))
+        fmt = shards.read_stage_manifest(personas).get("format", cfg.run.format)
+        used.update(row["persona_id"] for row in shards.read_stage_rows(personas, fmt))
     return used
 
 
 def _personas_done(out: str, settings: str) -> dict[str, Any] | None:
     if not storage.exists(storage.join(out, "manifest.json")):
         return None
-    manifest = storage.read_stage_manifest(out)
-    entries = [storage.shard_is_done(out, int(e["shard"]), "", settings) for e in manifest["shards"]]
+    manifest = shards.read_stage_manifest(out)
+    entries = [shards.shard_is_done(out, int(e["shard"]), "", settings) for e in manifest["shards"]]
     return manifest if entries and all(entries) else None
 
 
@@ -76,7 +77,7 @@ def run_personas(cfg: RoundConfig, round_dir: str) -> dict[str, Any]:
 
 
 def _write_personas(cfg: RoundConfig, out: str, settings: str) -> dict[str, Any]:
-    from sao_core.personas import iter_personas
+    from sao_core.stages.persona_sources import iter_personas
 
     start = time.perf_counter()
     exclude = used_persona_ids(cfg) if cfg.personas.exclude_used else set()
@@ -97,11 +98,11 @@ def _write_personas(cfg: RoundConfig, out: str, settings: str) -> dict[str, Any]
             seconds=0.0,
             stats={"excluded_used": len(exclude)},
         )
-        entries_out.append(storage.write_shard(out, entry.shard, chunk, [], cfg.run.format, entry))
+        entries_out.append(shards.write_shard(out, entry.shard, chunk, [], cfg.run.format, entry))
     if not entries_out:
         raise PersonaSourceError(f"persona source {cfg.personas.source!r} gave zero personas")
     entries_out[0].seconds = round(time.perf_counter() - start, 3)
-    return storage.write_stage_manifest(
+    return shards.write_stage_manifest(
         out,
         "personas",
         entries_out,
@@ -120,7 +121,7 @@ def run_pairs(cfg: RoundConfig, round_dir: str) -> dict[str, Any]:
 
 
 def _write_pairs(cfg: RoundConfig, round_dir: str) -> dict[str, Any]:
-    from sao_core.pairing import select_pairs
+    from sao_core.method.pairing import select_pairs
 
     count = num_shards(round_dir, "pairs")
     judge_url, resp_url, out_url = (stage_url(round_dir, s) for s in ("judgements", "responses", "pairs"))
@@ -128,20 +129,20 @@ def _write_pairs(cfg: RoundConfig, round_dir: str) -> dict[str, Any]:
     inputs = [
         digest(j.sha256, r.sha256)
         for j, r in (
-            (storage.read_shard_manifest(judge_url, i), storage.read_shard_manifest(resp_url, i))
+            (shards.read_shard_manifest(judge_url, i), shards.read_shard_manifest(resp_url, i))
             for i in range(count)
         )
         if j is not None and r is not None
     ]
     if len(inputs) == count:
-        done = storage.stage_is_done(out_url, [(sha, chash) for sha in inputs])
+        done = shards.stage_is_done(out_url, [(sha, chash) for sha in inputs])
         if done is not None:
             return done
     entries = []
     for i in range(count):
         start = time.perf_counter()
-        judgements, j_entry = storage.read_shard(judge_url, i, cfg.run.format)
-        responses, r_entry = storage.read_shard(resp_url, i, cfg.run.format)
+        judgements, j_entry = shards.read_shard(judge_url, i, cfg.run.format)
+        responses, r_entry = shards.read_shard(resp_url, i, cfg.run.format)
         kept, dropped = select_pairs(judgements, responses, chash)
         entry = ShardManifest(
             stage="pairs",
@@ -152,5 +153,5 @@ def _write_pairs(cfg: RoundConfig, round_dir: str) -> dict[str, Any]:
             settings_hash=chash,
             seconds=round(time.perf_counter() - start, 3),
         )
-        entries.append(storage.write_shard(out_url, i, kept, dropped, cfg.run.format, entry))
-    return storage.write_stage_manifest(out_url, "pairs", entries, format=cfg.run.format, config_hash=chash)
+        entries.append(shards.write_shard(out_url, i, kept, dropped, cfg.run.format, entry))
+    return shards.write_stage_manifest(out_url, "pairs", entries, format=cfg.run.format, config_hash=chash)

@@ -8,18 +8,17 @@ from __future__ import annotations
 import random
 from typing import Any
 
-from sao_core import storage
-from sao_core.evaluation import headline
+from sao_core.evaluation.compare import headline
 from sao_core.fmt import pct
-
-STAGE_ORDER = ("personas", "prompts", "responses", "judgements", "pairs")
+from sao_core.store import shards, storage
+from sao_core.store.layout import STAGE_ORDER
 
 
 def _rows_by(round_dir: str, stage: str, key: str, fmt: str) -> dict[str, dict[str, Any]]:
     url = storage.join(round_dir, stage)
     if not storage.exists(storage.join(url, "manifest.json")):
         return {}
-    return {row[key]: row for row in storage.read_stage_rows(url, fmt)}
+    return {row[key]: row for row in shards.read_stage_rows(url, fmt)}
 
 
 def _clip(text: str, limit: int = 400) -> str:
@@ -36,7 +35,7 @@ def sample_chains(round_dir: str, stage: str, fmt: str, n: int = 3, seed: int = 
     judgements = _rows_by(round_dir, "judgements", "prompt_id", fmt) if upto >= 3 else {}
     base = {"personas": personas, "prompts": prompts, "responses": responses, "judgements": judgements}
     if stage == "pairs":
-        keys = [r["prompt_id"] for r in storage.read_stage_rows(storage.join(round_dir, "pairs"), fmt)]
+        keys = [r["prompt_id"] for r in shards.read_stage_rows(storage.join(round_dir, "pairs"), fmt)]
     else:
         keys = list(base[stage])
     chains = []

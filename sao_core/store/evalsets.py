@@ -23,7 +23,7 @@ from importlib import resources
 from typing import Any
 
 from sao_core.errors import SAOError
-from sao_core.storage import read_input
+from sao_core.store.storage import read_input
 
 __all__ = [
     "BUILTIN",
@@ -84,7 +84,7 @@ class EvalInstruction:
     category: str
 
     def as_prompt_row(self) -> dict[str, str]:
-        """The {id, prompt} row of sao_core.evaluation."""
+        """The {id, prompt} row of sao_core.evaluation.compare."""
         return {"id": self.id, "prompt": self.instruction}
 
 

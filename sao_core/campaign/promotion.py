@@ -45,7 +45,7 @@ def decide(
     evaluation: Mapping[str, Any] | None,
     downstream_failures: Sequence[str] = (),
 ) -> Decision:
-    """Apply the rule to an evaluation manifest (sao_core.evaluation) and the downstream comparison."""
+    """Apply the rule to an evaluation manifest (sao_core.evaluation.compare) and the downstream comparison."""
     checks: list[Check] = []
     if evaluation is None:
         return Decision(

@@ -21,9 +21,9 @@ import io
 from collections.abc import Mapping
 from typing import Any
 
-from sao_core import storage
 from sao_core.config import RoundConfig
 from sao_core.fmt import pct
+from sao_core.store import storage
 
 OUTCOME = "outcome.json"
 

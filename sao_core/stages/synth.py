@@ -12,12 +12,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from sao_core import storage
-from sao_core.config import RoundConfig, hash_config
+from sao_core.config import RoundConfig
+from sao_core.engines.provider import EngineProvider
 from sao_core.fmt import pct
-from sao_core.stages.layout import MODEL_STAGES, prepare_round, stage_url
-from sao_core.stages.round import run_pairs, run_personas
-from sao_core.stages.runner import EngineProvider, run_model_stage
+from sao_core.stages.no_model import run_pairs, run_personas
+from sao_core.stages.runner import run_model_stage
+from sao_core.store import storage
+from sao_core.store.layout import MODEL_STAGES, hash_config, prepare_round, stage_url
 
 SUMMARY_KEYS = (
     "rows_in",

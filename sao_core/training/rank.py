@@ -1,7 +1,7 @@
 """One training rank: what `accelerate launch` / `torchrun` start, and what runs by hand on a GPU box.
 
-    python -m sao_core.stages.train --config CFG --pairs URL --output URL [--set training.max_steps=10]
-    torchrun --nproc_per_node 2 -m sao_core.stages.train --config CFG --pairs URL --output URL
+    python -m sao_core.training.rank --config CFG --pairs URL --output URL [--set training.max_steps=10]
+    torchrun --nproc_per_node 2 -m sao_core.training.rank --config CFG --pairs URL --output URL
 
 It trains whatever the launcher set up (WORLD_SIZE, RANK); `training.launcher` is not read here.
 Exit code 0 when the model is written, 1 with the error on stderr otherwise.
@@ -12,13 +12,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from sao_core.config import load_config
 from sao_core.errors import SAOError
+from sao_core.store.layout import load_config
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m sao_core.stages.train", description=__doc__.splitlines()[0]
+        prog="python -m sao_core.training.rank", description=__doc__.splitlines()[0]
     )
     parser.add_argument("--config", required=True, help="round config YAML (path or URL)")
     parser.add_argument("--pairs", required=True, help="pairs folder or file, by URL")

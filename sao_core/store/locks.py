@@ -41,8 +41,8 @@ from datetime import UTC, datetime
 from functools import partial
 from typing import Any, TypeVar
 
-from sao_core import storage
 from sao_core.errors import LeaseLost, LeaseTimeout, StorageConflict, StorageError
+from sao_core.store import storage
 
 log = logging.getLogger(__name__)
 

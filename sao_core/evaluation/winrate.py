@@ -8,7 +8,7 @@
 Per prompt the judge saw the two answers twice: candidate as Response 1 (`candidate_first`) and baseline as
 Response 1 (`baseline_first`). Each order's verdict is "candidate", "baseline", "tie" or None (unparseable).
 A prompt's preference is the mean of its two orders' scores (candidate 1, tie 0.5, baseline 0), so a prompt
-whose orders disagree counts as a tie, as in sao_core/evaluation.py. Prompts with an unparseable verdict in
+whose orders disagree counts as a tie, as in sao_core/evaluation/compare.py. Prompts with an unparseable verdict in
 either order are left out of the win rate and counted as invalid; their valid verdicts still count towards
 position and length bias.
 
@@ -16,7 +16,8 @@ Reported (WinRateResult):
 - win_rate: mean preference over complete prompts (ties count half), with a 95% percentile-bootstrap
   interval: prompts resampled with replacement, `n_bootstrap` (2000) resamples, numpy
   `default_rng(seed=0)`, 2.5th and 97.5th percentiles of the resampled means (numpy's linear quantile).
-- tie_share (preference exactly 0.5) and order_inconsistent_share (the two verdicts differ).
+- ties (preference exactly 0.5) and order_inconsistent_share (the two verdicts differ; in the pipeline,
+  whose verdicts name a position, these are the same prompts).
 - first_position_share: share of decisive verdicts (either order) for the answer shown first;
   position_bias = first_position_share - 0.5.
 - longer_wins_share: share of decisive verdicts, over answers of unequal length, won by the longer answer;
@@ -30,7 +31,7 @@ Lengths are whatever the caller measures (AlpacaEval uses characters); both answ
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Literal, get_args
 
@@ -44,7 +45,6 @@ __all__ = [
     "WinRateResult",
     "Winner",
     "compute_win_rate",
-    "estimate_difficulty",
     "fit_length_controlled",
     "winner_from_position",
 ]
@@ -244,32 +244,12 @@ def fit_length_controlled(
     )
 
 
-def estimate_difficulty(runs: Iterable[Iterable[JudgedPrompt]]) -> dict[str, float]:
-    """Instruction difficulty from other evaluations on the same prompts (earlier rounds, other checkpoints).
-
-    Per prompt: log((B + 0.5) / (C + 0.5)), where C sums the complete preferences over runs and B the
-    baseline's (1 - preference): the baseline's log-odds with add-half smoothing, higher is harder for the
-    candidate. AlpacaEval likewise estimates its difficulties from many models' results. Pass runs that do
-    not include the one being scored: its own outcomes would let the difficulty term absorb the model term.
-    """
-    wins: dict[str, float] = {}
-    losses: dict[str, float] = {}
-    for run in runs:
-        for p in run:
-            pref = p.preference
-            if pref is None:
-                continue
-            wins[p.prompt_id] = wins.get(p.prompt_id, 0.0) + pref
-            losses[p.prompt_id] = losses.get(p.prompt_id, 0.0) + 1 - pref
-    return {pid: math.log((losses[pid] + 0.5) / (wins[pid] + 0.5)) for pid in sorted(wins)}
-
-
 # --- the report ----------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class WinRateResult:
-    """Win rate, its interval, tie and inconsistency shares, position and length bias, and the LC win rate.
+    """Win rate, its interval, ties and the inconsistency share, position and length bias, and the LC win rate.
 
     Shares are fractions in [0, 1]; a value that the data cannot define (no complete prompt, no decisive
     verdict, no spread in length) is None.
@@ -285,7 +265,6 @@ class WinRateResult:
     win_rate_ci_low: float | None
     win_rate_ci_high: float | None
     ci_method: str
-    tie_share: float | None
     order_inconsistent_share: float | None
     decisive_verdicts: int  # verdicts, either order, naming a winner
     first_position_share: float | None
@@ -341,7 +320,7 @@ def compute_win_rate(
 ) -> WinRateResult:
     """Win rate of the candidate over the baseline and the judge's biases (see the module docstring).
 
-    `difficulty` maps every prompt id to its difficulty (e.g. `estimate_difficulty` of earlier runs) and
+    `difficulty` maps every prompt id to its difficulty (e.g. the baseline's smoothed log-odds on each prompt in earlier runs) and
     adds the instruction term to the LC fit; without it the LC model has the model and length terms only.
     """
     if not prompts:
@@ -395,7 +374,6 @@ def compute_win_rate(
         win_rate_ci_low=ci[0] if ci else None,
         win_rate_ci_high=ci[1] if ci else None,
         ci_method=f"{level:g}% percentile bootstrap over prompts, {n_bootstrap} resamples, seed {seed}",
-        tie_share=float(np.mean(prefs == 0.5)) if n else None,
         order_inconsistent_share=(
             sum(p.candidate_first != p.baseline_first for p in complete) / n if n else None
         ),

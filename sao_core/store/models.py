@@ -28,8 +28,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
 
-from sao_core import storage
 from sao_core.errors import ModelNotFoundError, StorageError
+from sao_core.store import storage
 
 log = logging.getLogger(__name__)
 

@@ -6,9 +6,9 @@
     print(trace.to_markdown())
 
 Stages are joined by ids: pairs, judgements and responses rows carry prompt_id, prompt rows persona_id;
-shard i of each stage was made from shard i of the stage before it (sao_core.stages.layout), so a trace
+shard i of each stage was made from shard i of the stage before it (sao_core.store.layout), so a trace
 reads one shard per stage. A trained model names the pair files it trained on and their hash in its
-manifest; the round it came from is where those files are (sao_core.campaign.trained_model).
+manifest; the round it came from is where those files are (sao_core.store.trained.trained_model).
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from sao_core import campaign, storage
+from sao_core.campaign import ledger, planning
 from sao_core.errors import ModelNotFoundError, SAOError, StorageError
-from sao_core.report import STAGE_ORDER
-from sao_core.stages.layout import stage_url
+from sao_core.store import layout, shards, storage, trained
+from sao_core.store.layout import STAGE_ORDER, stage_url
 
 
 @dataclass
@@ -30,7 +30,7 @@ class StageLineage:
 
     stage: str
     url: str
-    digest: str | None  # storage.manifest_digest: sha256 over its shard hashes; None if unfinished
+    digest: str | None  # shards.manifest_digest: sha256 over its shard hashes; None if unfinished
     rows_out: int | None
     shards: list[dict[str, Any]] = field(default_factory=list)  # {file (URL), sha256, rows}
     problem: str | None = None  # unfinished, or (verify) a shard unlike its manifest
@@ -157,11 +157,11 @@ def _clip(text: str, limit: int = 300) -> str:
 
 def round_of(ref: str) -> tuple[str, str | None]:
     """(round folder, model folder or None) for a round folder or a finished training run's folder."""
-    url = campaign.normalise_url(ref)
-    if campaign.is_round(url):
+    url = storage.normalise_url(ref)
+    if trained.is_round(url):
         return url, None
     try:
-        model = campaign.trained_model(url)
+        model = trained.trained_model(url)
     except ModelNotFoundError as e:
         raise ModelNotFoundError(
             f"{ref} is neither a round folder (no resolved_config.yaml) nor a finished training run: {e}"
@@ -183,10 +183,10 @@ def stage_lineage(round_dir: str, stage: str, verify: bool = False) -> StageLine
     url = stage_url(round_dir, stage)
     storage.forget_listing(storage.join(url, "manifest.json"))  # shards may come from other processes
     try:
-        manifest = storage.read_stage_manifest(url)
+        manifest = shards.read_stage_manifest(url)
     except StorageError as e:
         return StageLineage(stage, url, None, None, problem=str(e))
-    shards = [
+    files = [
         {"file": storage.join(url, str(e["file"])), "sha256": e.get("sha256"), "rows": e.get("rows_out")}
         for e in manifest["shards"]
     ]
@@ -194,14 +194,14 @@ def stage_lineage(round_dir: str, stage: str, verify: bool = False) -> StageLine
     if verify:
         for raw in manifest["shards"]:
             try:
-                storage.verify_shard(
-                    url, storage.ShardManifest.from_dict(raw, storage.join(url, "manifest.json"))
+                shards.verify_shard(
+                    url, shards.ShardManifest.from_dict(raw, storage.join(url, "manifest.json"))
                 )
             except StorageError as e:
                 problem = str(e)
                 break
     return StageLineage(
-        stage, url, storage.manifest_digest(manifest), manifest.get("rows_out"), shards, problem
+        stage, url, shards.manifest_digest(manifest), manifest.get("rows_out"), files, problem
     )
 
 
@@ -215,20 +215,20 @@ def _pairs_hash(stage: StageLineage) -> str | None:
     return h.hexdigest()
 
 
-def _records(round_dir: str) -> list[campaign.Promotion]:
-    root, name = campaign.campaign_of_round(round_dir)
+def _records(round_dir: str) -> list[ledger.Promotion]:
+    root, name = planning.campaign_of_round(round_dir)
     try:
-        return campaign.history(root, name)
+        return ledger.history(root, name)
     except SAOError:  # not a campaign folder's name, or unreadable records: the lineage still stands
         return []
 
 
-def model_lineage(url: str, pairs: StageLineage, records: list[campaign.Promotion]) -> ModelLineage:
-    m = campaign.trained_model(url).manifest
+def model_lineage(url: str, pairs: StageLineage, records: list[ledger.Promotion]) -> ModelLineage:
+    m = trained.trained_model(url).manifest
     trained_on = m.get("pairs_sha256")
     round_pairs = _pairs_hash(pairs)
     return ModelLineage(
-        url=campaign.normalise_url(url),
+        url=storage.normalise_url(url),
         objective=m.get("objective"),
         steps=m.get("steps"),
         training_hash=m.get("training_hash"),
@@ -238,14 +238,14 @@ def model_lineage(url: str, pairs: StageLineage, records: list[campaign.Promotio
         pairs_sha256=trained_on,
         pairs_files=[str(f) for f in m.get("pairs_files") or []],
         pairs_match=None if round_pairs is None else round_pairs == trained_on,
-        promotions=[r.to_dict() for r in records if r.model == campaign.normalise_url(url)],
+        promotions=[r.to_dict() for r in records if r.model == storage.normalise_url(url)],
     )
 
 
 def lineage(ref: str, verify: bool = False) -> Lineage:
     """The lineage of a round folder (with every finished training run in it) or of one trained model."""
     round_dir, model_url = round_of(ref)
-    settings = campaign.round_settings(round_dir)
+    settings = layout.round_settings(round_dir)
     config_url = storage.join(round_dir, "resolved_config.yaml")
     hash_url = storage.join(round_dir, "config_hash")
     config_hash = storage.read_text(hash_url).strip() if storage.exists(hash_url) else ""
@@ -260,10 +260,10 @@ def lineage(ref: str, verify: bool = False) -> Lineage:
         models = storage.join(round_dir, "model")
         storage.forget_listing(models)
         found = storage.list_files(models, "*/manifest.json")
-        model_urls = [campaign.parent_url(m) for m in found if campaign.finished_run(campaign.parent_url(m))]
+        model_urls = [storage.parent_url(m) for m in found if trained.finished_run(storage.parent_url(m))]
     return Lineage(
         round_dir=round_dir,
-        campaign=campaign.campaign_of_round(round_dir)[1],
+        campaign=planning.campaign_of_round(round_dir)[1],
         round=(settings.get("run") or {}).get("round"),
         config_hash=config_hash,
         resolved_config=config_url,
@@ -292,15 +292,15 @@ def _find_row(
     """The row of `stage` whose `column` is `value`, its shard and file; shard `first` is read first."""
     url = stage_url(round_dir, stage)
     storage.forget_listing(storage.join(url, "manifest.json"))
-    manifest = storage.read_stage_manifest(url)
+    manifest = shards.read_stage_manifest(url)
     fmt = _stage_format(manifest, settings)
     order = [int(e["shard"]) for e in manifest["shards"]]
     if first in order:
         order.remove(first)
         order.insert(0, first)
     for index in order:
-        storage.forget_listing(storage.shard_manifest_url(url, index))
-        rows, entry = storage.read_shard(url, index, fmt)
+        storage.forget_listing(shards.shard_manifest_url(url, index))
+        rows, entry = shards.read_shard(url, index, fmt)
         for row in rows:
             if row.get(column) == value:
                 return row, index, storage.join(url, entry.file)
@@ -320,8 +320,8 @@ def _content(messages: Any) -> str | None:
 def trace_pair(round_dir: str, key: str) -> PairTrace:
     """Follow one pair (by its prompt_id, or the id of its chosen or rejected response) back through its
     judgement, responses and prompt to its persona, checking that every link holds."""
-    round_dir = campaign.normalise_url(round_dir)
-    settings = campaign.round_settings(round_dir)
+    round_dir = storage.normalise_url(round_dir)
+    settings = layout.round_settings(round_dir)
     found = None
     for column in ("prompt_id", "chosen_response_id", "rejected_response_id"):
         found = _find_row(round_dir, "pairs", column, key, settings, None)
