@@ -60,12 +60,28 @@ def test_the_checkout_keeps_every_contract(tree: Path) -> None:
         ("sao_core/stages/synth.py", "import prefect  # noqa", "sao_core never imports prefect"),
         ("sao_core/engines/vllm.py", "import vllm  # noqa", "only sao_core.engines.vllm_worker"),
         ("sao_core/engines/openai.py", "from sao_core.stages import runner  # noqa", "Engines run requests"),
-        ("sao_core/engines/fake.py", "from sao_core.evaluation import compare  # noqa", "Engines run requests"),
+        (
+            "sao_core/engines/fake.py",
+            "from sao_core.evaluation import compare  # noqa",
+            "Engines run requests",
+        ),
         ("sao_core/method/judging.py", "from sao_core.store import storage  # noqa", "The method is pure"),
-        ("sao_core/method/prompts.py", "from sao_core.engines import make_engine  # noqa", "The method is pure"),
+        (
+            "sao_core/method/prompts.py",
+            "from sao_core.engines import make_engine  # noqa",
+            "The method is pure",
+        ),
         ("sao_core/method/pairing.py", "import fsspec  # noqa", "The method is pure"),
-        ("sao_core/stages/runner.py", "from sao_core.evaluation import winrate  # noqa", "Campaign above evaluation"),
-        ("sao_core/evaluation/compare.py", "from sao_core.campaign import ledger  # noqa", "Campaign above evaluation"),
+        (
+            "sao_core/stages/runner.py",
+            "from sao_core.evaluation import winrate  # noqa",
+            "Campaign above evaluation",
+        ),
+        (
+            "sao_core/evaluation/compare.py",
+            "from sao_core.campaign import ledger  # noqa",
+            "Campaign above evaluation",
+        ),
         ("sao_core/store/layout.py", "from sao_core.stages import runner  # noqa", "The store is the bottom"),
         (
             "sao_core/store/models.py",
