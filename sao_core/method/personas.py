@@ -1,25 +1,18 @@
-"""Personas (SAO.md step 1): sample n distinct personas, one prompt each, from a pluggable source.
+"""Personas (SAO.md step 1): what a persona is, the builtin persona space, and how n are drawn.
 
-    rows = sample_personas(PersonasConfig(source="builtin", n=8), seed=0)
-    rows[0]  # {"persona_id": "pe-...", "persona": "A seasoned ...", "source": "builtin"}
+    persona_id("A beekeeper who writes poems.")   # "pe-" + 16 hex digits of the normalised text
+    builtin_persona(12345)                        # one persona of the builtin space, by index
+    draw_personas(order, n, exclude_ids, where)   # the first n of a seeded order, used ids skipped
 
-Sources:
-- `builtin`: a persona space the project generates itself from attribute lists shipped as package data
-  (sao_core/data/personas/builtin.yaml: sentence template, occupation, experience, trait, interest, goal,
-  life context). A mixed-radix index maps to one persona, so sampling never materialises the space; no
-  download, no third-party licence.
-- `file`: JSONL, JSON, Parquet or CSV (optionally .gz for the text formats) at any fsspec URL (local,
-  s3://, memory://) with a persona column; Persona Hub's persona.jsonl works as it is.
-- `hf`: a Hugging Face dataset through `datasets.load_dataset` (needs network, or a local folder).
+The `builtin` space is generated from attribute lists shipped as package data
+(sao_core/data/personas/builtin.yaml: sentence template, occupation, experience, trait, interest, goal,
+life context). A mixed-radix index maps to one persona, so sampling never materialises the space; no
+download, no third-party licence.
 
 Every source is sampled the same way: a seeded permutation of its distinct personas, skipping the ids of
 personas used by earlier rounds (exclude_ids), first n kept. So a larger n extends a smaller one with the
-same seed, and file sampling does not depend on the order of rows in the file. `iter_personas` gives the
-same rows one at a time, so a round of 100k builtin personas is written shard by shard, never held whole.
-
-Rows of a file or hf source that cannot be personas are left out and counted by reason (`drops`): empty,
-duplicate (the same text as an earlier row, white space folded: a file's own id column is not read),
-too_long (over MAX_PERSONA_CHARS: a document in a cell, not a persona). Control characters are removed.
+same seed. Reading a persona file or dataset, and `sample_personas` over any source, live in
+sao_core.stages.persona_sources; this module reads no store.
 """
 
 from __future__ import annotations
@@ -46,8 +39,11 @@ __all__ = [
     "builtin_lists",
     "builtin_persona",
     "builtin_size",
+    "builtin_texts",
+    "draw_personas",
     "normalize_persona",
     "persona_id",
+    "too_few",
 ]
 
 

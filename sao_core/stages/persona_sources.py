@@ -1,9 +1,20 @@
 """A round's personas from their source: the builtin generator, a persona file or a Hugging Face dataset.
 
-    rows = sample_personas(cfg.personas, seed=0)   # n distinct {persona_id, persona, source}
+    rows = sample_personas(PersonasConfig(source="builtin", n=8), seed=0)
+    rows[0]  # {"persona_id": "pe-...", "persona": "A seasoned ...", "source": "builtin"}
 
-A file or dataset is read whole (its permutation needs every id), normalised and de-duplicated by
-persona_id, each row left out counted by reason; the builtin source draws each persona when asked.
+Sources:
+- `builtin`: the generated persona space of sao_core.method.personas, drawn one persona at a time.
+- `file`: JSONL, JSON, Parquet or CSV (optionally .gz for the text formats) at any fsspec URL (local,
+  s3://, memory://) with a persona column; Persona Hub's persona.jsonl works as it is.
+- `hf`: a Hugging Face dataset through `datasets.load_dataset` (needs network, or a local folder).
+
+A file or dataset is read whole (its permutation needs every id), so file sampling does not depend on the
+order of its rows. `iter_personas` gives the rows one at a time, so a round of 100k builtin personas is
+written shard by shard, never held whole. Rows that cannot be personas are left out and counted by reason
+(`drops`): empty, duplicate (the same text as an earlier row, white space folded: a file's own id column
+is not read), too_long (over MAX_PERSONA_CHARS: a document in a cell, not a persona). Control characters
+are removed.
 """
 
 from __future__ import annotations
