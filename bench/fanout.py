@@ -11,10 +11,11 @@ Each arm writes a fresh artifact folder, so nothing is served from a cache; the 
 this process against the cluster's API, as a round's would.
 
 Reported per arm: wall seconds of the data stages (the flow run, from its first task to its last), the
-ratio of two workers to one (target <= 0.65), model loads per stage against the batch runs that stage
-submitted (target: equal), and per batch run its overhead: from the flow run's creation (the
-submission) to its engine being ready to generate, i.e. worker pick-up, process start, imports and
-the model load; the first token follows at once.
+ratio of two workers to one (target <= 0.62), model loads per stage against the batch runs that stage
+submitted, and in the whole round (target: equal; the responses batches also write the judgements on
+their engine, so the judgements stage submits none), and per batch run its overhead: from the flow
+run's creation (the submission) to its engine being ready to generate, i.e. worker pick-up, process
+start, imports and the model load; the first token follows at once.
 
 Writes bench/results/fanout.{json,md}.
 """
@@ -165,7 +166,9 @@ def report(arms: list[dict[str, Any]], args: argparse.Namespace, postgres: bool)
     one, two = statistics.median(walls(1)), statistics.median(walls(2))
     ratio = round(two / one, 3)
     loads_ok = all(
-        s["model_loads"] == s["batch_runs"] for a in arms for s in a["stages"].values() if s["batch_runs"]
+        sum(s["model_loads"] for s in a["stages"].values())
+        == sum(s["batch_runs"] for s in a["stages"].values())
+        for a in arms
     )
     overheads = [x for a in arms for x in a["batch_overhead_s"]]
     payload = {
@@ -193,8 +196,8 @@ def report(arms: list[dict[str, Any]], args: argparse.Namespace, postgres: bool)
         f"--repeats {args.repeats}` (one torch thread per worker, server on {payload['server_database']}).\n\n"
         "| workers | wall s | batch runs / model loads per stage | batch overhead s (submission to engine ready) |\n"
         f"|---|---|---|---|\n{rows}\n\n"
-        f"Two workers over one: **{ratio}** (target <= 0.65). Model loads equal to batch runs in every "
-        f"stage: **{loads_ok}**. Median batch overhead: {payload['batch_overhead_s_median']} s.\n\n"
+        f"Two workers over one: **{ratio}** (target <= 0.62). Model loads equal to batch runs in the "
+        f"whole round: **{loads_ok}**. Median batch overhead: {payload['batch_overhead_s_median']} s.\n\n"
         f"{payload['machine']}\n"
     )
     path = write_report("fanout", payload, md)

@@ -44,7 +44,7 @@ from typing import Any
 
 from bench.common import machine, write_report
 from sao_core.store import shards, storage
-from sao_core.store.layout import load_config
+from sao_core.store.layout import evaluation_url, load_config
 from sao_core.store.models import resolve_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -74,7 +74,8 @@ def manifest_seconds(round_dir: str, model_url: str) -> dict[str, float]:
         for stage in STAGES
     }
     parts["train"] = float(storage.read_json(storage.join(model_url, "manifest.json")).get("seconds", 0.0))
-    evaluation = storage.join(model_url, "eval", "manifest.json")
+    cfg = load_config(storage.join(round_dir, "resolved_config.yaml"))
+    evaluation = storage.join(evaluation_url(model_url, cfg), "manifest.json")
     if storage.exists(evaluation):
         parts["evaluate"] = float(storage.read_json(evaluation).get("seconds", 0.0))
     return parts

@@ -5,6 +5,7 @@
     sao train --config CFG --pairs URL [--output URL]                       # preference optimisation
     sao deploy [--gpu-pool-type docker] [--cron "0 2 * * *"]                # pools, automation, deployments
     sao promote ROUND_DIR --why TEXT [--model URL]                          # the campaign's next rounds start from it
+    sao campaign-resume --config CFG --why TEXT                             # a paused campaign plans again
     sao rollback --config CFG --why TEXT [--to SEQ]                         # back to an earlier promoted model
     sao campaign-status --config CFG [--json]                               # what is current, and every record
     sao lineage MODEL_OR_ROUND [--pair ID] [--json]                         # where a model or round came from
@@ -26,6 +27,7 @@ from typing import Any
 
 from sao_core.campaign import ledger, planning
 from sao_core.errors import SAOError
+from sao_core.redact import error_line
 from sao_core.store import storage
 
 LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"
@@ -70,7 +72,16 @@ def cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_config(args: argparse.Namespace) -> None:
+    """Load the recipe and its overrides before anything starts (no Prefect server, no model): a bad one
+    is one line and exit 2 (main), not a temporary server and two tracebacks."""
+    from sao_core.store.layout import load_config
+
+    load_config(args.config, args.overrides)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
+    check_config(args)
     from flows.sao_round import sao_round
 
     where = os.environ.get("PREFECT_API_URL") or "a temporary local Prefect server"
@@ -97,6 +108,11 @@ def _print_round(result: dict) -> None:
 
 
 def cmd_campaign(args: argparse.Namespace) -> int:
+    from sao_core.errors import ConfigError
+
+    if args.rounds < 1:
+        raise ConfigError(f"--rounds must be at least 1, got {args.rounds}")
+    check_config(args)
     from flows.campaign import sao_campaign
 
     where = os.environ.get("PREFECT_API_URL") or "a temporary local Prefect server"
@@ -185,6 +201,14 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_campaign_resume(args: argparse.Namespace) -> int:
+
+    root, name = campaign_from_args(args)
+    url = planning.resume(root, name, who=args.who, why=args.why)
+    print(f"resumed: failed rounds so far no longer count towards the pause ({url})")
+    return 0
+
+
 def cmd_campaign_status(args: argparse.Namespace) -> int:
 
     root, name = campaign_from_args(args)
@@ -242,6 +266,17 @@ def add_campaign_state_commands(sub: Any) -> None:
     rollback.add_argument("--to", type=int, metavar="SEQ", help="restore the model of this record")
     rollback.add_argument("--who", help="who rolls back (default: $SAO_USER, else the login name)")
     rollback.set_defaults(func=cmd_rollback)
+
+    resume = sub.add_parser(
+        "campaign-resume",
+        help="let a campaign paused after campaign.max_consecutive_failures failed rounds plan again",
+        description="Writes {root}/{campaign}/resumes/after-NNN.json: the failed rounds so far no longer "
+        "count towards the pause. Fix what made them fail first.",
+    )
+    add_campaign_args(resume)
+    resume.add_argument("--why", required=True, help="what was fixed, kept in the campaign folder")
+    resume.add_argument("--who", help="who resumes (default: $SAO_USER, else the login name)")
+    resume.set_defaults(func=cmd_campaign_resume)
 
     status = sub.add_parser("campaign-status", help="print the current promotion and every record")
     add_campaign_args(status)
@@ -349,7 +384,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except SAOError as e:
-        print(f"sao {args.command}: error: {e}", file=sys.stderr)
+        # One line, redacted: a URL's credentials never reach the terminal or a CI log (SECURITY.md).
+        print(f"sao {args.command}: error: {error_line(e)}", file=sys.stderr)
         return 2
 
 

@@ -159,6 +159,36 @@ def ensure_crash_automation(grace_s: int) -> str:
     return f"automation {AUTOMATION_NAME} (no heartbeat for {grace_s} s -> Crashed)"
 
 
+def check_deployment_configs(project_dir: Path | None = None) -> list[str]:
+    """Load the recipe (and overrides) every deployment of prefect.yaml names in its default parameters,
+    as the worker will: a bad one stops `sao deploy` before any pool or deployment is touched."""
+    import yaml
+
+    from sao_core.errors import ConfigError
+    from sao_core.store.layout import load_config
+
+    project_dir = project_dir or REPO
+    spec = project_dir / "prefect.yaml"
+    try:
+        deployments = (yaml.safe_load(spec.read_text()) or {}).get("deployments") or []
+    except (OSError, yaml.YAMLError, AttributeError) as e:
+        raise DeployError(f"cannot read the deployments of {spec}: {e}") from e
+    done = []
+    for d in deployments:
+        params = d.get("parameters") or {}
+        if "config" not in params:
+            continue
+        # Relative paths are the project folder's: the workers run from it (prefect.yaml's pull step).
+        config = str(params["config"])
+        url = config if "://" in config else str(project_dir / config)
+        try:
+            load_config(url, list(params.get("overrides") or []))
+        except ConfigError as e:
+            raise ConfigError(f"deployment {d.get('name')!r} of {spec.name}: {e}") from None
+        done.append(f"deployment {d.get('name')}: config {config} is valid")
+    return done
+
+
 def deploy_all(project_dir: Path = REPO) -> str:
     """`prefect --no-prompt deploy --all` on prefect.yaml; its output, or a DeployError quoting it."""
     prefect = Path(sys.executable).parent / "prefect"
@@ -166,6 +196,9 @@ def deploy_all(project_dir: Path = REPO) -> str:
     # Prefect prints each result in a panel as wide as the terminal: 80 columns in a pipe, which cuts
     # the "successfully created with id '...'" lines that deploy() passes on.
     env = {**os.environ, "COLUMNS": "250"}
+    # prefect.yaml's pull step names `{{ $SAO_PROJECT_DIR }}` for each worker to resolve when a run starts
+    # (its own project folder); `prefect deploy` would write this shell's value into the deployment.
+    env.pop("SAO_PROJECT_DIR", None)
     out = subprocess.run(cmd, cwd=project_dir, capture_output=True, text=True, env=env, timeout=600)
     if out.returncode != 0:
         raise DeployError(
@@ -187,7 +220,8 @@ def deploy(
             "sao deploy needs a Prefect server: set PREFECT_API_URL (e.g. http://127.0.0.1:4200/api); "
             "deployments on the temporary local server would vanish with it"
         )
-    steps = ensure_pools(pool_specs(gpu_pool_type, train_pool_type))
+    steps = check_deployment_configs()
+    steps += ensure_pools(pool_specs(gpu_pool_type, train_pool_type))
     steps += ensure_schedule_variables(cron, timezone)
     steps.append(ensure_crash_automation(heartbeat_grace_s))
     output = deploy_all()

@@ -3,8 +3,10 @@
     run_deployment("sao-gpu-batch/gpu-batch", parameters={"stage": "responses", "shards": [0, 1, 2], ...})
 
 A work pool's worker starts a new process (or container) per flow run, so this run's one engine is
-loaded once, by its first shard, and serves every shard of the batch; it is freed at the end. Shards
-already finished are skipped (their manifests say so). The run records what it did under
+loaded once, by its first shard, and serves every shard of the batch; it is freed at the end. With
+`stages` (e.g. ["responses", "judgements"], the same model writing both) each shard goes through the
+stages in turn on that one engine: shard i of a stage reads only shard i of the one before.
+Shards already finished are skipped (their manifests say so). The run records what it did under
 {round}/_batches/{stage}/, which is how a stage (and a test) sees how many times the model was loaded.
 """
 
@@ -29,8 +31,18 @@ def gpu_batch(
     shard_timeout_s: float = 6 * 3600.0,
     batch: int = 0,
     attempt: int = 1,
+    stages: list[str] | None = None,
+    settings_hashes: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Every listed shard of `stage` in turn on one engine, then a record of the batch."""
+    """Every listed shard of `stage` (or of each of `stages` in turn, with its hash from
+    `settings_hashes`) on one engine, then a record of the batch."""
     shard = shard_task(result_storage, shard_timeout_s)
-    done = [shard(stage, config_url, round_dir, index, settings_hash) for index in shards]
-    return record_batch(round_dir, stage, shards, batch, attempt, done)
+    chain = stages or [stage]
+    hashes = {stage: settings_hash, **(settings_hashes or {})}
+    missing = [s for s in chain if s not in hashes]
+    if missing:
+        raise ValueError(f"gpu-batch: no settings_hashes entry for stage(s) {missing} of stages {chain}")
+    # Shard by shard through the chain: a run that dies leaves whole shards (every stage) behind it, and
+    # its retry is sent only the shards some stage still lacks.
+    done = [shard(s, config_url, round_dir, index, hashes[s]) for index in shards for s in chain]
+    return record_batch(round_dir, stage, shards, batch, attempt, done, stages=chain)

@@ -23,12 +23,20 @@ from prefect.input import RunInput
 from prefect.runtime import flow_run
 from prefect.states import Running
 
-from sao_core.store.layout import load_config
+from sao_core.campaign.outcomes import permanent_failure
 from sao_core.store.locks import campaign_lock
 from tasks.artifacts import result_storage, with_result_storage
-from tasks.campaign import campaign_report_task, plan_round, promotion_gate, record_outcome
-from tasks.config import resolve_config
+from tasks.campaign import (
+    campaign_paused,
+    campaign_report_task,
+    plan_round,
+    promotion_gate,
+    record_outcome,
+    record_round_failure,
+)
+from tasks.config import check_config, config_result, resolve_config
 from tasks.downstream import downstream as downstream_task
+from tasks.engines import free_engines
 from tasks.evaluation import evaluate
 from tasks.gate import quality_gate
 from tasks.judging import judge_responses
@@ -84,20 +92,54 @@ def sao_round(
     -> promotion gate -> outcome -> report"""
     overrides = list(overrides or [])
     if not continue_campaign:
-        return _round(config, overrides, continue_campaign)
+        return _settled(config, overrides, None)
     # A campaign's rounds one at a time, whatever started them (nightly, `sao campaign`, the UI): the
     # next round is planned only once this one has recorded its outcome.
-    run = load_config(config, overrides).run
+    # The config is checked in a task: a bad one fails the run's first task with its one line.
+    run = config_result(check_config(config, overrides))
     holder = f"flow run {flow_run.get_name()} ({flow_run.get_id()})"
-    with campaign_lock(run.root, run.campaign, holder=holder):
-        overrides += plan_round(config, overrides)["overrides"]
-        return _round(config, overrides, continue_campaign)
+    with campaign_lock(run["root"], run["campaign"], holder=holder) as lock:
+        plan = plan_round(config, overrides)
+        if plan["paused"]:
+            campaign_report_task(config, overrides)
+            campaign_paused(config, overrides, plan["paused"])  # raises: the run fails with the reason
+        # The round promotes only while the campaign's latest record is the one it was planned from and
+        # this lock is still its own (tasks/campaign.py record_outcome).
+        campaign = {"planned_seq": plan["start_seq"], "lock": {"url": lock.url, "token": lock.token}}
+        return _settled(config, overrides + plan["overrides"], campaign)
+
+
+def _failed_stage(error: BaseException) -> str:
+    """The task a round failed in: the outermost frame of the traceback in tasks/ (its function name)."""
+    tb = error.__traceback__
+    while tb is not None:
+        code = tb.tb_frame.f_code
+        if "/tasks/" in code.co_filename.replace("\\", "/"):
+            return code.co_name
+        tb = tb.tb_next
+    return "flow"
+
+
+def _settled(config: str, overrides: list[str], campaign: dict[str, Any] | None) -> dict[str, Any]:
+    """The round, ending with an outcome record even when it fails for good (the run still fails): the
+    campaign's next plan then passes it instead of running it again from the same cache. A crash-like
+    error (the store, a lease) leaves no outcome: the next plan resumes the round."""
+    try:
+        return _round(config, overrides, campaign is not None, campaign)
+    except Exception as e:
+        if not permanent_failure(e):
+            raise
+        get_run_logger().error("round failed for good in %s: %s: %s", _failed_stage(e), type(e).__name__, e)
+        record_round_failure(config, overrides, _failed_stage(e), type(e).__name__, str(e), campaign)
+        if campaign is not None:
+            campaign_report_task(config, overrides)
+        raise
 
 
 def data_stages(config: str, overrides: list[str]) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
     """The resolved round (with its result storage) and the four stages that write the data, by name:
     personas -> prompts -> responses -> judgements."""
-    ref = resolve_config(config, overrides)
+    ref = config_result(resolve_config(config, overrides))
     results = result_storage(ref["root"])
     ref = {**ref, "result_storage": results}
     s = ref["settings"]
@@ -108,12 +150,17 @@ def data_stages(config: str, overrides: list[str]) -> tuple[dict[str, Any], dict
     return ref, {"personas": personas, "prompts": prompts, "responses": responses, "judgements": judgements}
 
 
-def _round(config: str, overrides: list[str], continue_campaign: bool) -> dict[str, Any]:
+def _round(
+    config: str, overrides: list[str], continue_campaign: bool, campaign: dict[str, Any] | None = None
+) -> dict[str, Any]:
     ref, data = data_stages(config, overrides)
     results, s = ref["result_storage"], ref["settings"]
     responses, judgements = data["responses"], data["judgements"]
     pairs = with_result_storage(build_pairs, results)(ref, s["pairs"], judgements["url"], responses["url"])
     quality_gate(ref, pairs, judgements)
+    # The data stages' engine (a vLLM child holding most of every GPU it sees) is gone before the
+    # trainer's ranks start on the same GPUs (tasks/engines.py: one engine alive at a time).
+    free_engines()
     model = with_result_storage(train_policy, results)(ref, s["training"], pairs["url"])
     evaluation = (
         with_result_storage(evaluate, results)(ref, s["evaluation"], model) if ref["evaluate"] else None
@@ -126,9 +173,10 @@ def _round(config: str, overrides: list[str], continue_campaign: bool) -> dict[s
     decision = promotion_gate(ref, evaluation, downstream) if ref["promotion"] else None
     if decision and decision["promote"] and ref["approval"] == "human":
         decision = ask_for_approval(ref, decision, approval_description(ref, evaluation, decision))
-    outcome = record_outcome(ref, model, pairs, judgements, evaluation, downstream, decision)
+    outcome = record_outcome(ref, model, pairs, judgements, evaluation, downstream, decision, campaign)
     stages = {s["stage"]: s for s in (*data.values(), pairs)}
-    report = write_report(ref, stages, model, evaluation, decision)
+    shown = {**decision, "status": outcome["status"], "why": outcome["why"]} if decision else None
+    report = write_report(ref, stages, model, evaluation, shown)
     campaign_report = campaign_report_task(config, overrides) if continue_campaign else None
     return {
         "round_dir": ref["round_dir"],

@@ -24,29 +24,51 @@ from tasks.engines import close_engines
     retry_condition_fn=retry_unless_permanent,
 )
 def record_batch(
-    round_dir: str, stage: str, shards: list[int], batch: int, attempt: int, done: list[dict[str, Any]]
+    round_dir: str,
+    stage: str,
+    shards: list[int],
+    batch: int,
+    attempt: int,
+    done: list[dict[str, Any]],
+    stages: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Close this process's engines and write {round}/_batches/{stage}/batch-BB-try-T-{run id}.json."""
+    """Close this process's engines and write {round}/_batches/{stage}/batch-BB-try-T-{run id}.json
+    (`stage` the first of `stages` when the run went through several on its one engine)."""
     run_id = str(flow_run.get_id() or "local")
     builds, ready_at = close_engines()
+    chain = stages or [stage]
+    rows_out = {
+        s: {str(d["shard"]): d["rows_out"] for d in done if d.get("stage", stage) == s} for s in chain
+    }
     record = {
         "stage": stage,
+        "stages": chain,
         "batch": batch,
         "attempt": attempt,
         "shards": shards,
-        "rows_out": {str(d["shard"]): d["rows_out"] for d in done},
+        "rows_out": rows_out[stage],
+        "rows_out_by_stage": rows_out,
         "engine_builds": builds,
         "engine_ready_at": ready_at,  # epoch seconds: submission to model ready is what bench/fanout reports
         "flow_run_id": run_id,
         "pid": os.getpid(),
+        "project_dir": os.getcwd(),  # where the pull step put the run: the worker's SAO_PROJECT_DIR
         "host": socket.gethostname(),
     }
     url = storage.join(round_dir, "_batches", stage, f"batch-{batch:02d}-try-{attempt}-{run_id}.json")
     storage.write_json(url, record)
     create_table_artifact(
-        [{"shard": d["shard"], "rows in": d["rows_in"], "rows out": d["rows_out"]} for d in done],
+        [
+            {
+                "stage": d.get("stage", stage),
+                "shard": d["shard"],
+                "rows in": d["rows_in"],
+                "rows out": d["rows_out"],
+            }
+            for d in done
+        ],
         key=artifact_key(stage, f"batch-{batch:02d}"),
-        description=f"{stage} batch {batch} (try {attempt}): shards written by this run, "
+        description=f"{'+'.join(chain)} batch {batch} (try {attempt}): shards written by this run, "
         f"{record['engine_builds']} model load(s)",
     )
     return {**record, "url": url}

@@ -1,4 +1,9 @@
-"""Downstream skills: lm-eval tasks on the trained policy and on the model it started from."""
+"""Downstream skills: lm-eval tasks on the trained policy and on the model it started from.
+
+A stage of two shards in {model}/eval/downstream-{downstream settings hash}/, one per model scored, run
+where the round's shards run (tasks/evaluation.py run_stage): with `fanout.mode: deployment` lm-eval
+loads its models on the GPU pool, not in the round's process.
+"""
 
 from __future__ import annotations
 
@@ -7,17 +12,18 @@ from typing import Any
 from prefect import task
 from prefect.artifacts import create_table_artifact
 
-from sao_core.config import ModelConfig
-from sao_core.evaluation.downstream import run_downstream
+from sao_core.evaluation.eval_stages import policy_model, read_downstream, write_downstream_models
 from sao_core.store import storage
-from sao_core.store.models import resolve_adapter, resolve_model
+from sao_core.store.layout import downstream_url
 from tasks.artifacts import artifact_key
 from tasks.cache import load_round_config, make_cache_key, retry_unless_permanent
-from tasks.evaluation import policy_config
+from tasks.engines import free_engines
+from tasks.evaluation import run_stage
 
 
 def _downstream_output(parameters: dict[str, Any]) -> str | None:
-    url = storage.join(parameters["model"]["url"], "eval", "downstream.json")
+    cfg = load_round_config(parameters["round_ref"]["config_url"])
+    url = storage.join(downstream_url(parameters["model"]["url"], cfg), "downstream.json")
     return None if storage.exists(url) else f"{url} is missing"
 
 
@@ -32,22 +38,6 @@ def headline_scores(result: dict[str, Any]) -> dict[str, float]:
     return scores
 
 
-def _scores(cfg: Any, model: ModelConfig) -> dict[str, Any]:
-    d = cfg.evaluation.downstream
-    return run_downstream(
-        resolve_model(model.path),
-        list(d.tasks),
-        adapter=resolve_adapter(model.adapter) if model.adapter else None,
-        include_path=d.include_path,
-        limit=d.limit,
-        batch_size=d.batch_size,
-        device=cfg.engine.device,
-        dtype=cfg.engine.dtype,
-        num_fewshot=d.num_fewshot,
-        seed=cfg.run.seed,
-    )
-
-
 @task(
     name="downstream",
     task_run_name="downstream-round-{round_ref[round]}",
@@ -58,17 +48,24 @@ def _scores(cfg: Any, model: ModelConfig) -> dict[str, Any]:
     persist_result=True,
 )
 def downstream(round_ref: dict[str, Any], settings_hash: str, model: dict[str, Any]) -> dict[str, Any]:
-    """lm-eval on the candidate and on the current model, written to {model}/eval/downstream.json."""
+    """lm-eval on the candidate and on the current model, written to {model}/eval/downstream-{hash}/."""
     cfg = load_round_config(round_ref["config_url"])
-    candidate = _scores(cfg, policy_config(cfg, model).model)
-    baseline = _scores(cfg, cfg.model)
+    out = downstream_url(model["url"], cfg)
+    # lm-eval loads its models through transformers, never the served replicas: the candidate's weights.
+    candidate = policy_model(cfg, model)
+    write_downstream_models(cfg, out, candidate)
+    if cfg.fanout.mode != "deployment":
+        free_engines()  # lm-eval loads here: no other engine holds memory meanwhile
+    run_stage("downstream", cfg, round_ref, out)
+    runs = read_downstream(out, cfg.run.format)
     result = {
-        "candidate": candidate,
-        "baseline": baseline,
-        "scores": headline_scores(candidate),
-        "baseline_scores": headline_scores(baseline),
+        "candidate": runs["candidate"],
+        "baseline": runs["current"],
+        "scores": headline_scores(runs["candidate"]),
+        "baseline_scores": headline_scores(runs["current"]),
+        "url": out,
     }
-    storage.write_json(storage.join(model["url"], "eval", "downstream.json"), result)
+    storage.write_json(storage.join(out, "downstream.json"), result)
     create_table_artifact(
         [
             {
@@ -79,7 +76,7 @@ def downstream(round_ref: dict[str, Any], settings_hash: str, model: dict[str, A
             for k, v in result["scores"].items()
         ],
         key=artifact_key(cfg.run.campaign, "downstream"),
-        description=f"round {cfg.run.round}: lm-eval {candidate['lm_eval_version']}, "
+        description=f"round {cfg.run.round}: lm-eval {runs['candidate']['lm_eval_version']}, "
         f"{', '.join(cfg.evaluation.downstream.tasks)}",
     )
     return result

@@ -2,6 +2,11 @@
 
 A batch run (or a round in one process) builds the engine once for all its shards; `close_engines` frees
 them and says how many model loads the process paid for and when each was ready.
+
+At most one engine is alive at a time: building one model's engine first closes every other (its vLLM
+child gone, its memory free), and the round closes them all before training. On one GPU node a vLLM
+child holds `gpu_memory_utilization` of every GPU it sees until it exits, so a second engine, or the
+trainer's ranks, would otherwise start on memory that is already taken.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ import hashlib
 import threading
 
 from sao_core.config import RoundConfig
+from sao_core.engines import Engine, make_engine
 from sao_core.engines.provider import EngineProvider
 
 _ENGINES: dict[str, EngineProvider] = {}
@@ -26,8 +32,18 @@ def engine_for(cfg: RoundConfig) -> EngineProvider:
     key = _engine_key(cfg)
     with _ENGINE_LOCK:
         if key not in _ENGINES:
-            _ENGINES[key] = EngineProvider(cfg)
+            _ENGINES[key] = EngineProvider(cfg, factory=lambda: _build_alone(key, cfg))
         return _ENGINES[key]
+
+
+def _build_alone(key: str, cfg: RoundConfig) -> Engine:
+    """Close every other model's engine, then build this one: one engine alive at a time. The others'
+    providers stay registered (a later stage or retry rebuilds on use) but hold no loaded model."""
+    with _ENGINE_LOCK:
+        others = [provider for k, provider in _ENGINES.items() if k != key]
+    for provider in others:
+        provider.close()
+    return make_engine(cfg.engine, cfg.model, seed=cfg.run.seed)
 
 
 def release_engine(cfg: RoundConfig) -> None:
@@ -35,6 +51,15 @@ def release_engine(cfg: RoundConfig) -> None:
     with _ENGINE_LOCK:
         provider = _ENGINES.pop(_engine_key(cfg), None)
     if provider is not None:
+        provider.close()
+
+
+def free_engines() -> None:
+    """Close every loaded engine, keeping the providers and their counts: before training, whose ranks
+    need the GPU memory an engine holds. A stage that asks again (an evaluation) loads anew."""
+    with _ENGINE_LOCK:
+        providers = list(_ENGINES.values())
+    for provider in providers:
         provider.close()
 
 

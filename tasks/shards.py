@@ -21,7 +21,8 @@ from prefect.futures import PrefectFuture, as_completed
 from prefect.tasks import exponential_backoff
 
 from sao_core.campaign.round_report import format_chains, sample_chains
-from sao_core.stages.runner import finalize_stage, run_shard
+from sao_core.evaluation.eval_stages import run_stage_shard, stage_config
+from sao_core.stages.runner import finalize_stage
 from sao_core.stages.synth import stage_summary
 from sao_core.store.layout import num_shards, stage_url
 from tasks.artifacts import artifact_key, publish_stage, with_result_storage
@@ -44,8 +45,11 @@ def stage_shard(
 ) -> dict[str, Any]:
     """Generate, parse and write one shard; returns its manifest entry (counts, hash, seconds, tokens)."""
     cfg = load_round_config(config_url)
-    entry = run_shard(stage, cfg, round_dir, index, engine_for(cfg))
+    # An evaluation stage's shards run on its contender's (or the judge's) model; round_dir is then the
+    # evaluation's folder (sao_core.evaluation.eval_stages).
+    entry = run_stage_shard(stage, cfg, round_dir, index, engine_for(stage_config(cfg, stage, round_dir)))
     return {
+        "stage": stage,
         "shard": entry.shard,
         "sha256": entry.sha256,
         "rows_in": entry.rows_in,
@@ -86,6 +90,19 @@ def _run_concurrently(shard: Any, args: list[tuple], limit: int, progress: Progr
         progress.update(finished)
 
 
+# The data stages' judge is the model that answered, on the same engine: under fan-out a batch run that
+# wrote responses shards goes on to judge them (shard i reads only responses shard i) on the engine it
+# holds, so the model loads once for both stages; the judgements stage then finds its shards done.
+SAME_ENGINE_NEXT = {"responses": "judgements"}
+
+
+def _then(stage: str, round_ref: dict[str, Any]) -> list[tuple[str, str]]:
+    """The stages a batch run of `stage` also runs, with their settings hashes (the round's)."""
+    after = SAME_ENGINE_NEXT.get(stage)
+    settings = round_ref.get("settings") or {}
+    return [(after, settings[after])] if after and after in settings else []
+
+
 def run_model_stage(
     stage: str, round_ref: dict[str, Any], settings_hash: str, input_url: str
 ) -> dict[str, Any]:
@@ -98,7 +115,8 @@ def run_model_stage(
     if cfg.fanout.mode == "deployment":
         from tasks.fanout import run_on_deployment
 
-        run_on_deployment(stage, cfg, round_ref, settings_hash, total, progress.update)
+        then = _then(stage, round_ref)
+        run_on_deployment(stage, cfg, round_ref, settings_hash, total, progress.update, then=then)
     elif cfg.fanout.mode == "replicas":
         limit = cfg.fanout.concurrency or len(cfg.engine.base_urls) or 1
         args = [(stage, config_url, round_dir, index, settings_hash) for index in range(total)]

@@ -215,3 +215,39 @@ def in_background(fn: Callable[..., T], *args: Any) -> Future[T]:
 
     threading.Thread(target=run, daemon=True).start()
     return future
+
+
+def serve_runtime_lora(stub: StubServer, allowed: bool = True) -> StubServer:
+    """Make the stub load and unload adapters as `vllm serve --enable-lora` does with
+    VLLM_ALLOW_RUNTIME_LORA_UPDATING=True (or answer 404 there, as it does without), and list them."""
+    handler = stub.httpd.RequestHandlerClass
+    stub.lora_log = []  # type: ignore[attr-defined]  # (verb, body, chat calls received before it)
+    stub.lora_at = []  # type: ignore[attr-defined]  # chat calls received before each of lora_log
+    loaded: dict[str, str] = {}
+
+    class Lora(handler):  # type: ignore[misc,valid-type]
+        def do_GET(self) -> None:
+            cards = [{"id": stub.model, "object": "model", "parent": None}]
+            cards += [
+                {"id": name, "object": "model", "root": path, "parent": stub.model}
+                for name, path in loaded.items()
+            ]
+            self._send(200, {"object": "list", "data": cards})
+
+        def do_POST(self) -> None:
+            if not self.path.endswith(("/load_lora_adapter", "/unload_lora_adapter")):
+                return super().do_POST()
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            if not allowed:
+                return self._send(404, {"detail": "Not Found"})
+            verb = self.path.rsplit("/", 1)[-1].split("_")[0]
+            stub.lora_log.append((verb, body))  # type: ignore[attr-defined]
+            stub.lora_at.append(len(stub.calls))  # type: ignore[attr-defined]
+            if verb == "load":
+                loaded[body["lora_name"]] = body["lora_path"]
+            else:
+                loaded.pop(body["lora_name"], None)
+            return self._send(200, {})
+
+    stub.httpd.RequestHandlerClass = Lora
+    return stub

@@ -6,10 +6,13 @@
     png = plot_campaign(rows, campaign)
     markdown = campaign_markdown(rows, campaign, "campaign_report.png")   # data_url(png) for the UI
 
-A round is decided when its outcome is recorded: promoted, rejected (with the rules that failed), or
-not evaluated. The report shows per round the pairs kept, the judge's diagnostics and its agreement
-with the labelled trust set, the win rate and length-controlled win rate against the model the round
-started from and against the campaign's original, the downstream scores, and the decision with why.
+A round is decided when its outcome is recorded, and every round ends with one: promoted, rejected (with
+the rules that failed, or "not enough evidence"), superseded (the campaign moved on while it ran: CURRENT
+untouched), failed (the stage, the error and its message), not evaluated, or, for a standalone round that
+is no campaign round, "would be promoted" / rejected. The report shows per round the pairs kept, the
+judge's diagnostics and its agreement with the labelled trust set, the win rate and length-controlled win
+rate against the model the round started from and against the campaign's original, each with its counts,
+the downstream scores, and the decision with why; a paused campaign says so at the top.
 The plot (win rate with its interval, and judge agreement, per round) is a PNG file next to the report
 and, for the Prefect UI, inlined in the markdown as a data URL so the UI shows it without a file server.
 """
@@ -38,8 +41,16 @@ def round_record(
     downstream: Mapping[str, Any] | None,
     decision: Mapping[str, Any] | None,
     promoted_seq: int | None = None,
+    *,
+    campaign_round: bool = True,
+    superseded: str | None = None,
+    planned_seq: int | None = None,
 ) -> dict[str, Any]:
-    """The figures of one decided round, all the campaign report needs (no other file is read for it)."""
+    """The figures of one decided round, all the campaign report needs (no other file is read for it).
+
+    `campaign_round` False: a standalone round, which says what the rule would decide and never promotes;
+    `superseded`: why a round the rule passed was not promoted (the campaign moved on meanwhile);
+    `planned_seq`: the promotion record the round started from and was compared with."""
     comparisons = {}
     for name, c in ((evaluation or {}).get("comparisons") or {}).items():
         comparisons[name] = {
@@ -47,16 +58,29 @@ def round_record(
             "win_rate": c.get("win_rate"),
             "ci": [c.get("win_rate_ci_low"), c.get("win_rate_ci_high")],
             "lc_win_rate": c.get("lc_win_rate"),
-            "prompts": c.get("complete"),
+            "prompts": c.get("prompts", c.get("complete")),
+            "judged": c.get("complete"),
+            "score": c.get("score"),
+            "invalid": c.get("invalid"),
         }
     diagnostics = dict((judgements or {}).get("diagnostics") or {})
+    trust = (evaluation or {}).get("trust") or {}
     if decision is None:
         status, why = "not evaluated", "promotion is off or the round has no evaluation"
     else:
-        status = "promoted" if decision.get("promote") else "rejected"
+        passed = bool(decision.get("promote"))
         why = "; ".join(decision.get("failed") or []) or "every rule held"
         if decision.get("approval"):
             why += f" ({decision['approval']})"
+        if not passed:
+            status = "rejected"
+        elif not campaign_round:
+            status = "would be promoted"
+            why += " (a standalone round: only campaign rounds move CURRENT; `sao promote` does it by hand)"
+        elif superseded:
+            status, why = "superseded", f"{why}; but {superseded}"
+        else:
+            status = "promoted"
     return {
         "round": cfg.run.round,
         "round_dir": round_dir,
@@ -68,15 +92,54 @@ def round_record(
             "valid_rate": diagnostics.get("valid_rate"),
             "parse_rate": diagnostics.get("parse_rate"),
             "position_bias": diagnostics.get("first_wins_rate"),
-            "agreement": ((evaluation or {}).get("trust") or {}).get("agreement"),
-            "trust_items": ((evaluation or {}).get("trust") or {}).get("items"),
+            "agreement": trust.get("agreement"),
+            "trust_items": trust.get("items"),
+            "trust_correct": trust.get("correct_verdicts"),
+            "trust_invalid": trust.get("invalid_verdicts"),
         },
         "comparisons": comparisons,
         "downstream": {k: dict((downstream or {}).get(k) or {}) for k in ("scores", "baseline_scores")},
         "status": status,
+        "reason": (decision or {}).get("reason"),
         "why": why,
         "checks": list((decision or {}).get("checks") or []),
-        "promotion_seq": promoted_seq,
+        "promotion_seq": promoted_seq if status == "promoted" else None,
+        "planned_seq": planned_seq,
+        "standalone": not campaign_round,
+        "failure": None,
+    }
+
+
+def failure_record(
+    cfg: RoundConfig,
+    round_dir: str,
+    stage: str,
+    error: str,
+    message: str,
+    *,
+    campaign_round: bool = True,
+    planned_seq: int | None = None,
+) -> dict[str, Any]:
+    """The outcome of a round that failed for good: which stage, which error (its type's name), its message."""
+    message = " ".join(message.split())[:2000]
+    return {
+        "round": cfg.run.round,
+        "round_dir": round_dir,
+        "campaign": cfg.run.campaign,
+        "started_from": cfg.model.path + (f" + {cfg.model.adapter}" if cfg.model.adapter else ""),
+        "model": None,
+        "pairs": None,
+        "judge": {"valid_rate": None, "parse_rate": None, "position_bias": None, "agreement": None},
+        "comparisons": {},
+        "downstream": {"scores": {}, "baseline_scores": {}},
+        "status": "failed",
+        "reason": "failed",
+        "why": f"failed in {stage}: {error}: {message}",
+        "checks": [],
+        "promotion_seq": None,
+        "planned_seq": planned_seq,
+        "standalone": not campaign_round,
+        "failure": {"stage": stage, "error": error, "message": message},
     }
 
 
@@ -94,11 +157,13 @@ def read_round_record(round_dir: str) -> dict[str, Any] | None:
 def campaign_rows(root: str, campaign: str) -> list[dict[str, Any]]:
     """Every decided round of the campaign, by round number (a round re-run with other settings: the
     last decided one of that number)."""
-    base = storage.join(root, campaign)
+    base = storage.join(storage.normalise_url(root), campaign)
     storage.forget_listing(base)  # other processes decide rounds: no cached listing may hide one
     by_round: dict[int, dict[str, Any]] = {}
     for url in storage.list_files(base, f"round_*/{OUTCOME}"):
         record = storage.read_json(url)
+        if record.get("standalone"):
+            continue  # `sao run` in the campaign's folder: it reports, but is no campaign round
         by_round[int(record["round"])] = record
     return [by_round[k] for k in sorted(by_round)]
 
@@ -112,7 +177,19 @@ def _comparison(row: Mapping[str, Any], name: str) -> str:
     if not c:
         return "-"
     low, high = c["ci"]
-    return f"{pct(c['win_rate'])} [{pct(low)}, {pct(high)}], LC {pct(c['lc_win_rate'])}"
+    counts = ""
+    if c.get("score") is not None and c.get("prompts"):
+        counts = f" ({c['score']:g} of {c['prompts']}"
+        counts += f", {c['invalid']} invalid as ties)" if c.get("invalid") else ")"
+    return f"{pct(c['win_rate'])}{counts} [{pct(low)}, {pct(high)}], LC {pct(c['lc_win_rate'])}"
+
+
+def _judge(row: Mapping[str, Any]) -> str:
+    j = row["judge"]
+    agreement = pct(j.get("agreement"))
+    if j.get("trust_correct") is not None and j.get("trust_items"):
+        agreement += f" ({j['trust_correct']} of {2 * j['trust_items']})"
+    return f"{pct(j.get('valid_rate'))} / {agreement}"
 
 
 def _downstream(row: Mapping[str, Any]) -> str:
@@ -142,11 +219,12 @@ def plot_campaign(rows: list[dict[str, Any]], campaign: str) -> bytes:
             left.errorbar(xs, ys, yerr=[lows, highs], fmt="o", capsize=4, label=label)
     left.axhline(0.5, color="grey", linewidth=0.8, linestyle="--")
     left.set(title="win rate (95% interval)", xlabel="round", ylim=(0, 1), xticks=rounds)
-    left.legend(loc="lower right", fontsize=8)
+    if left.get_legend_handles_labels()[0]:  # a campaign of failed rounds has no win rate to plot
+        left.legend(loc="lower right", fontsize=8)
     agreement = [(r["round"], r["judge"]["agreement"]) for r in rows if r["judge"]["agreement"] is not None]
     if agreement:
         right.plot([a for a, _ in agreement], [b for _, b in agreement], "o-", label="judge agreement")
-    colours = {"promoted": "tab:green", "rejected": "tab:red"}
+    colours = {"promoted": "tab:green", "rejected": "tab:red", "failed": "black", "superseded": "tab:orange"}
     for r in rows:
         right.axvspan(
             r["round"] - 0.4, r["round"] + 0.4, color=colours.get(r["status"], "lightgrey"), alpha=0.12
@@ -165,19 +243,25 @@ def data_url(png: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode()
 
 
-def campaign_markdown(rows: list[dict[str, Any]], campaign: str, image: str) -> str:
-    """The report's markdown; `image` is where it finds the plot (a file name, or `data_url(png)`)."""
-    lines = [
-        f"# Campaign {campaign}\n",
-        f"{len(rows)} decided round(s); {sum(r['status'] == 'promoted' for r in rows)} promoted.\n",
+def campaign_markdown(
+    rows: list[dict[str, Any]], campaign: str, image: str, paused: str | None = None
+) -> str:
+    """The report's markdown; `image` is where it finds the plot (a file name, or `data_url(png)`);
+    `paused`, why the campaign plans no round (sao_core.campaign.planning), shown first."""
+    counts = {s: sum(r["status"] == s for r in rows) for s in ("promoted", "failed", "superseded")}
+    lines = [f"# Campaign {campaign}\n"]
+    if paused:
+        lines.append(f"> **Campaign paused:** {paused}\n")
+    lines += [
+        f"{len(rows)} decided round(s); {counts['promoted']} promoted, {counts['failed']} failed, "
+        f"{counts['superseded']} superseded.\n",
         "| round | started from | pairs | judge valid / agreement | vs previous | vs original | downstream | outcome |",
         "|---:|---|---:|---|---|---|---|---|",
     ]
     for r in rows:
-        j = r["judge"]
         lines.append(
             f"| {r['round']} | `{r['started_from']}` | {r['pairs'] if r['pairs'] is not None else '-'} | "
-            f"{pct(j['valid_rate'])} / {pct(j['agreement'])} | {_comparison(r, 'current')} | "
+            f"{_judge(r)} | {_comparison(r, 'current')} | "
             f"{_comparison(r, 'original')} | {_downstream(r)} | **{r['status']}**: {r['why']} |"
         )
     lines.append(f"\n![campaign plot]({image})\n")

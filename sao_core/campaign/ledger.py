@@ -15,7 +15,7 @@ Layout under {root}/{campaign}/ (DESIGN.md, "Artifact layout"):
     history.jsonl                every record, oldest first, rebuilt after each new one
 
 The records are the truth. A new one takes the next number with a create-only write (a hard link on
-local disks, `If-None-Match: *` on S3: storage.write_bytes_exclusive), so of two promotions at once one
+local disks, `If-None-Match: *` on S3: atomic.write_bytes_exclusive), so of two promotions at once one
 gets the number and the other finds it taken, reads again and takes the next: both are kept, in order,
 and no reader ever sees a half-written record. CURRENT is then overwritten as a cache; readers take the
 highest-numbered record and rewrite CURRENT when it is missing, unreadable or behind.
@@ -38,7 +38,7 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 from sao_core.errors import CampaignError, StorageConflict, StorageError
-from sao_core.store import layout, storage, trained
+from sao_core.store import atomic, layout, storage, trained
 from sao_core.store.trained import TrainedModel
 
 log = logging.getLogger(__name__)
@@ -195,7 +195,7 @@ def _append(curl: str, make: Callable[[Promotion | None], Promotion | None], att
             assert latest is not None
             return latest
         try:
-            storage.write_bytes_exclusive(_record_url(curl, record.seq), _encode(record))
+            atomic.write_bytes_exclusive(_record_url(curl, record.seq), _encode(record))
         except StorageConflict:
             log.info(
                 "%s: record %d was taken by another writer (try %d of %d)",
@@ -256,6 +256,18 @@ def next_round_model(model: TrainedModel, settings: dict[str, Any]) -> tuple[str
     return str(base), model.weights, started.get("revision")
 
 
+class PromotionSuperseded(CampaignError):
+    """A round's promotion found the campaign moved on since the round was planned (another record, or its
+    campaign lock lost): nothing is written, CURRENT stays as it is, and the round's outcome says why."""
+
+
+class _Unchecked:
+    """`expect_seq` left out: promote on top of whatever is latest (a person's `sao promote`)."""
+
+
+UNCHECKED = _Unchecked()
+
+
 def promote(
     root: str,
     campaign: str,
@@ -264,12 +276,20 @@ def promote(
     who: str | None = None,
     why: str = "",
     attempts: int = ATTEMPTS,
+    expect_seq: int | _Unchecked | None = UNCHECKED,
+    guard: Callable[[], None] | None = None,
 ) -> Promotion:
     """Make a round's trained model the one the campaign's next round starts from; return its record.
 
     The model must be a finished training run (trained_model) on the pairs of `round_dir`. Promoting the
     model that is already current writes nothing and returns the current record, so a retried promotion
     step does not record it twice.
+
+    Compare-and-set: with `expect_seq` (the record the round was planned from and evaluated against, None
+    for "no record yet") the record is written only while that is still the latest, so its parent is the
+    model the round was compared with; `guard` (e.g. the campaign lock's check) is called just before the
+    write. Either failing raises PromotionSuperseded and writes nothing. A rollback or promotion made while
+    the round ran stands.
     """
     why = _reason(why)
     curl = campaign_url(root, campaign)
@@ -292,6 +312,21 @@ def promote(
         if latest is not None and latest.model == model.url and latest.model_sha == sha:
             log.info("%s is already current (record %d): nothing to write", model.url, latest.seq)
             return None
+        latest_seq = latest.seq if latest else None
+        if not isinstance(expect_seq, _Unchecked) and latest_seq != expect_seq:
+            now = (
+                f"record {latest.seq} ({latest.action} {latest.model} by {latest.who})" if latest else "none"
+            )
+            raise PromotionSuperseded(
+                f"{curl}: the round was planned from and evaluated against "
+                f"{'record ' + str(expect_seq) if expect_seq is not None else 'the base model (no record)'}, "
+                f"but the latest record is now {now}: not promoted, CURRENT left as it is"
+            )
+        if guard is not None:
+            try:
+                guard()
+            except Exception as e:  # the lock lost or unreadable: someone else may be planning meanwhile
+                raise PromotionSuperseded(f"{curl}: not promoted: {e}") from e
         return Promotion(
             seq=latest.seq + 1 if latest else 1,
             action="promote",

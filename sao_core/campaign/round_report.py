@@ -129,8 +129,14 @@ def format_round_report(
         )
         lines.append(markdown_table(headline(evaluation)))
     if promotion:
-        verdict = "promoted" if promotion["promote"] else "rejected"
+        # The outcome's status when the flow gives it: a standalone round "would be promoted", a campaign
+        # round the campaign moved past is "superseded" (sao_core.campaign.outcomes).
+        verdict = promotion.get("status") or ("promoted" if promotion["promote"] else "rejected")
         lines.append(f"\n## Promotion: {verdict}\n")
+        if promotion.get("reason") == "not enough evidence":
+            lines.append("Not enough evidence: too few verdicts to read any rate (see the evidence check).\n")
+        if verdict in ("superseded", "would be promoted"):
+            lines.append(f"{promotion.get('why', '')}\n")
         for check in promotion["checks"]:
             lines.append(f"- {'pass' if check['passed'] else 'FAIL'}: {check['rule']}: {check['detail']}")
         if promotion.get("approval"):

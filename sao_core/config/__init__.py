@@ -3,17 +3,19 @@
     cfg = build_config({"personas": {"n": 8}}, ["judging.swap=true"])
     cfg.judging.swap  # True
 
-sections  the schema (RoundConfig and its sections) and the URL schemes its references use
-loading   validation of raw mappings and overrides, with errors that name the key; YAML out
+sections    the schema (RoundConfig and its sections) and the references it holds
+schemes     the URL schemes a reference uses, and the defaults of the scheme allow-lists
+loading     validation of raw mappings and overrides, with errors that name the key; YAML out
+worker_env  what a config may ask of the machine that runs it, which that machine's environment decides
 
 Reading a config file from the store, and the hash that names a round's folder, are the store's
 (sao_core.store.layout: load_config, hash_config, round_url).
 """
 
 from sao_core.config.loading import build_config, config_to_dict, config_to_yaml
+from sao_core.config.schemes import DEFAULT_SCHEMES, SCHEME_ALIASES, RefKind, url_schemes
 from sao_core.config.sections import (
-    DEFAULT_SCHEMES,
-    SCHEME_ALIASES,
+    CampaignConfig,
     DownstreamConfig,
     EngineConfig,
     EvaluationConfig,
@@ -27,18 +29,17 @@ from sao_core.config.sections import (
     PersonasConfig,
     PromotionConfig,
     PromptsConfig,
-    RefKind,
     ResponsesConfig,
     RoundConfig,
     RunConfig,
     Section,
     TrainingConfig,
-    url_schemes,
 )
 
 __all__ = [
     "DEFAULT_SCHEMES",
     "SCHEME_ALIASES",
+    "CampaignConfig",
     "DownstreamConfig",
     "EngineConfig",
     "EvaluationConfig",

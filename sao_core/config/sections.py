@@ -7,22 +7,24 @@ run.allowed_schemes (SECURITY.md).
 from __future__ import annotations
 
 import re
-from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+
+from sao_core.config.schemes import (
+    BASE_URL_SCHEMES,
+    DEFAULT_SCHEMES,
+    SCHEME_ALIASES,
+    RefKind,
+    check_base_url,
+    url_schemes,
+)
+from sao_core.config.worker_env import LM_EVAL_INCLUDE_VAR, key_env_problem, lm_eval_includes_allowed
+from sao_core.redact import redact, url_credentials
 
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-# The schemes a model or data reference may use unless run.allowed_schemes says otherwise (SECURITY.md):
-# "file" is a local path, "hf" a Hugging Face id or hf:// URL (a download from the hub), "bundled" a
-# model shipped with the packages. Not http(s), ftp, ssh, github: add them to fetch from there on purpose.
-DEFAULT_SCHEMES = ("file", "s3", "gs", "memory", "hf", "bundled")
-# fsspec's other names for the same stores: allowing one allows its alias.
-SCHEME_ALIASES = {"gcs": "gs", "s3a": "s3", "local": "file"}
 
 
 class RunConfig(Section):
@@ -49,6 +51,10 @@ class RunConfig(Section):
                 f"run.allowed_schemes holds {bad}: schemes are lowercase names such as s3, file, hf"
             )
         return tuple(dict.fromkeys(SCHEME_ALIASES.get(s, s) for s in value))
+
+    # What engine.base_urls (in every engine section) may use; kept apart from allowed_schemes so that
+    # allowing a server over http does not let model.path or the persona file come over http too.
+    allowed_base_url_schemes: tuple[Literal["http", "https"], ...] = Field(BASE_URL_SCHEMES, min_length=1)
 
 
 class ModelConfig(Section):
@@ -87,7 +93,9 @@ class EngineConfig(Section):
     tensor_parallel_size: int = Field(1, ge=1)
     max_model_len: int | None = Field(None, ge=16)
     enforce_eager: bool = False
-    # openai: replicas of an OpenAI-compatible server; the key is read from this environment variable.
+    # openai: replicas of an OpenAI-compatible server; the key is read from this environment variable,
+    # which must be one the worker's environment allows (sao_core.config.worker_env: *_API_KEY unless
+    # SAO_ALLOWED_KEY_ENVS says otherwise), so a config cannot send any other secret to its base_urls.
     base_urls: tuple[str, ...] = ()
     api_key_env: str = "OPENAI_API_KEY"
     # The model name the servers know (`vllm serve --served-model-name`); None: model.path.
@@ -101,6 +109,15 @@ class EngineConfig(Section):
     # Wall-clock limit of one shard of a model stage under the orchestrator (the Prefect task timeout).
     shard_timeout_s: float = Field(6 * 3600.0, gt=0)
     fake: FakeEngineConfig = FakeEngineConfig()
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _key_env_allowed(cls, value: str, info: ValidationInfo) -> str:
+        # Only where a key is sent: an operator who allows no key at all can still run local engines.
+        problem = key_env_problem(value) if info.data.get("name") == "openai" else None
+        if problem:
+            raise ValueError(problem)
+        return value
 
 
 class PersonasConfig(Section):
@@ -210,6 +227,10 @@ class TrainingConfig(Section):
     keep_checkpoints: bool = False  # keep them once the final model is written
     seed: int = 0
     logging_steps: int = Field(1, ge=1)
+    # TRL's own reporting of every logged step, written under the run's output ({model}/logs): e.g.
+    # [tensorboard], [mlflow], [wandb] (their package installed, their settings from the environment).
+    # Empty or [none]: none; the run's train_log.json and train_curves.png are written either way.
+    report_to: tuple[Literal["none", "tensorboard", "mlflow", "wandb"], ...] = ()
     # A Prefect deployment ("flow/deployment", e.g. sao-train/train from prefect.yaml) on a multi-GPU
     # pool: the round's train task runs training there and waits. None: train where the round runs.
     deployment: str | None = Field(None, pattern=r"^[^/]+/[^/]+$")
@@ -225,6 +246,11 @@ class TrainingConfig(Section):
             raise ValueError(
                 f"training.launcher 'inprocess' runs one process, got num_processes={self.num_processes}; "
                 "use launcher 'accelerate' or 'torchrun'"
+            )
+        if "none" in self.report_to and len(self.report_to) > 1:
+            raise ValueError(
+                f"training.report_to {list(self.report_to)} names 'none' beside a reporter: give the "
+                "reporters, or [none]"
             )
         per_step = self.per_device_batch_size * self.num_processes
         if self.global_batch_size % per_step:
@@ -251,10 +277,23 @@ class DownstreamConfig(Section):
     # Bundled tasks (sao_core/data/lm_eval_tasks), task YAMLs under include_path, or lm-eval's own
     # (their data must already be cached: nothing is downloaded at run time).
     tasks: tuple[str, ...] = Field(("sao_arith", "sao_capitals"), min_length=1)
-    include_path: str | None = None
+    # A local folder, checked against run.allowed_schemes; lm-eval task files can load Python
+    # (`!function`), so it is refused unless the worker's environment has SAO_ALLOW_LM_EVAL_INCLUDE=1.
+    include_path: str | None = Field(None, min_length=1)
     limit: int | None = Field(None, ge=1)  # questions per task; None: all
     num_fewshot: int | None = Field(None, ge=0)  # None: each task's own
     batch_size: int = Field(8, ge=1)
+
+    @field_validator("include_path")
+    @classmethod
+    def _includes_allowed(cls, value: str | None) -> str | None:
+        if value is not None and not lm_eval_includes_allowed():
+            raise ValueError(
+                "lm-eval task files can run Python (!function), so task folders of a config's choosing are "
+                f"off unless the worker's operator sets {LM_EVAL_INCLUDE_VAR}=1 in its environment; drop "
+                "evaluation.downstream.include_path or ask the operator"
+            )
+        return value
 
 
 class EvaluationConfig(Section):
@@ -276,9 +315,10 @@ class EvaluationConfig(Section):
     # Word n-grams shared with the evaluation set drop a synthetic prompt (0: no decontamination).
     decontamination_n: int = Field(13, ge=0)
     judge: JudgeConfig = JudgeConfig()
-    # The engine that loads the trained policy and the original model (None: the round's engine). A
-    # served engine (openai) answers as the one model its servers hold, not a policy trained minutes ago,
-    # so a round on engine.name 'openai' must name one that loads models here (vllm, transformers).
+    # The engine that loads the trained policy and the original model (None: the round's engine). On a
+    # served engine (openai) a LoRA policy is loaded into the running `vllm serve` replicas at run time
+    # (--enable-lora, VLLM_ALLOW_RUNTIME_LORA_UPDATING=True) and unloaded after; a full fine-tune needs an
+    # engine that loads models (vllm, transformers).
     engine: EngineConfig | None = None
     downstream: DownstreamConfig = DownstreamConfig()
     # The campaign's first model, a second baseline from round 2 on (the campaign flow sets it).
@@ -292,11 +332,23 @@ class PromotionConfig(Section):
     enabled: bool = True
     min_win_rate_lower: float = Field(0.5, ge=0.0, le=1.0)  # the win rate interval's lower bound must pass it
     min_judge_agreement: float = Field(0.6, ge=0.0, le=1.0)
+    # Evidence before any rate is read: prompts the judge gave a verdict on in both orders, and the share of
+    # all verdicts (evaluation and trust set) that parsed. Below either the round is "not enough evidence".
+    min_judged: int = Field(20, ge=1)
+    min_valid_share: float = Field(0.8, ge=0.0, le=1.0)
     # Points any downstream metric may fall (a drop of exactly this passes); 5 is one question of the
     # bundled 20-question tasks.
     max_downstream_drop: float = Field(5.0, ge=0.0)
     approval: Literal["auto", "human"] = "auto"  # human: the flow pauses for an answer in the Prefect UI
     approval_timeout_s: float = Field(24 * 3600.0, gt=0)  # no answer by then: rejected
+
+
+class CampaignConfig(Section):
+    """How a campaign carries on without a person (sao_core.campaign.planning)."""
+
+    # A round that fails for good is recorded and the next one draws new personas and a new seed; after
+    # this many failed rounds in a row the campaign pauses until a person resumes it.
+    max_consecutive_failures: int = Field(3, ge=1)
 
 
 class FanoutConfig(Section):
@@ -333,6 +385,7 @@ class RoundConfig(Section):
     training: TrainingConfig = TrainingConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
     promotion: PromotionConfig = PromotionConfig()
+    campaign: CampaignConfig = CampaignConfig()
     fanout: FanoutConfig = FanoutConfig()
 
     @model_validator(mode="after")
@@ -343,12 +396,14 @@ class RoundConfig(Section):
                 f"'openai', got {self.engine.name!r}; for vLLM on GPU workers use fanout.mode 'deployment'"
             )
         served = self.evaluation.engine or self.engine
-        if self.evaluation.enabled and served.name == "openai":
+        if self.evaluation.enabled and served.name == "openai" and not self.training.lora.enabled:
+            # A LoRA policy is loaded into the running servers (vLLM's runtime LoRA loading); full
+            # weights would need servers restarted on them.
             raise ValueError(
-                "evaluation runs the policy this round trains, which no engine.base_urls server holds "
-                "yet: the openai engine would answer as the model its servers serve; set "
-                "evaluation.engine to an engine that loads models, e.g. {name: vllm} "
-                "(or evaluation.enabled: false)"
+                "evaluation runs the policy this round trains, which no engine.base_urls server holds: "
+                "served replicas take it only as a LoRA adapter loaded at run time (training.lora.enabled), "
+                "not as full weights; set evaluation.engine to an engine that loads models, e.g. "
+                "{name: vllm} (or evaluation.enabled: false)"
             )
         if self.fanout.mode == "deployment" and self.run.root.startswith("memory://"):
             raise ValueError(
@@ -361,6 +416,16 @@ class RoundConfig(Section):
     def _schemes_allowed(self) -> RoundConfig:
         allowed = self.run.allowed_schemes
         for key, ref, kind in self.references():
+            credential = url_credentials(ref)
+            if credential:
+                raise ValueError(
+                    f"{key} {redact(ref)!r} carries a credential in its URL ({credential}): credentials "
+                    "come from the worker's environment (AWS_*, HF_TOKEN, a Prefect block), never from a "
+                    "config; remove it from the URL"
+                )
+            if kind == "endpoint":
+                check_base_url(key, ref, self.run.allowed_base_url_schemes)
+                continue
             for scheme in url_schemes(ref, kind):
                 if scheme not in allowed:
                     what = {"hf": "a Hugging Face id", "bundled": "a bundled model", "file": "a local path"}
@@ -391,43 +456,11 @@ class RoundConfig(Section):
                 ("evaluation.judge.model.path", judge.path, "model"),
                 ("evaluation.judge.model.adapter", judge.adapter, "data"),
             ]
+        refs.append(("evaluation.downstream.include_path", self.evaluation.downstream.include_path, "data"))
+        for key, engine in (
+            ("engine", self.engine),
+            ("evaluation.engine", self.evaluation.engine),
+            ("evaluation.judge.engine", self.evaluation.judge.engine),
+        ):
+            refs += [(f"{key}.base_urls", url, "endpoint") for url in (engine.base_urls if engine else ())]
         return [(key, ref, kind) for key, ref, kind in refs if ref]
-
-
-# How a reference without a scheme is read: "model" a local folder or else a Hugging Face id (as
-# sao_core.store.models resolves it), "dataset" likewise for datasets.load_dataset, "evalset" the keyword
-# builtin, hf:DATASET or a file, "data" always a local path.
-RefKind = Literal["model", "dataset", "evalset", "data"]
-_SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
-_PROTOCOL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*$")
-
-
-def _is_hub_id(ref: str) -> bool:
-    # Hub ids are "name" or "org/name"; anything else with a slash, or a path that exists, is a folder.
-    if ref.startswith(("/", "./", "../", "~")) or ref.count("/") > 1:
-        return False
-    return not Path(ref).expanduser().exists()
-
-
-def url_schemes(ref: str, kind: RefKind) -> list[str]:
-    """The schemes a model or data reference uses (aliases folded: gcs is gs), the way fsspec,
-    sao_core.store.models and sao_core.store.evalsets read it; a chained URL (simplecache::s3://...) has several."""
-    if kind == "evalset" and ref == "builtin":
-        return []
-    if ref.startswith("bundled:") and kind == "model":
-        return ["bundled"]
-    if ref.startswith("hf:") and "://" not in ref and kind == "evalset":
-        return ["hf"]
-    schemes = []
-    parts = ref.split("::")
-    for i, part in enumerate(parts):
-        match = _SCHEME_RE.match(part)
-        if match:
-            schemes.append(match.group(1).lower())
-        elif i < len(parts) - 1 and _PROTOCOL_RE.match(part):
-            schemes.append(part.lower())  # fsspec's "simplecache::s3://..." names a protocol alone
-        elif kind in ("model", "dataset") and len(parts) == 1 and _is_hub_id(ref):
-            schemes.append("hf")
-        else:
-            schemes.append("file")
-    return [SCHEME_ALIASES.get(s, s) for s in schemes]

@@ -13,8 +13,11 @@ A trained round's LoRA policy (model.adapter) runs where the servers serve it un
     engine: {name: openai, served_model_name: base, served_adapter_name: policy}
 
 Requests name `served_adapter_name` when model.adapter is set and `served_model_name` when it is not, so
-the base and its policy are both reachable from one engine section. The engine cannot apply an adapter
-itself, so model.adapter without engine.served_adapter_name is refused; a server that lists the adapter's
+the base and its policy are both reachable from one engine section. A model.adapter with no
+engine.served_adapter_name is loaded into the running replicas when the engine starts (POST
+/load_lora_adapter; the servers run with --enable-lora and VLLM_ALLOW_RUNTIME_LORA_UPDATING=True and read
+the adapter at this process's local copy of it) and unloaded when it closes, so an evaluation reaches a
+policy trained minutes ago without restarting them. A server that lists the adapter's
 name as a base model (vLLM's /models gives an adapter its `parent`), or lists an adapter for a model with
 no model.adapter, is refused too: either would answer as the wrong model.
 
@@ -28,6 +31,7 @@ then the stage writes nothing for its shard.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import random
@@ -37,6 +41,7 @@ from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from typing import Any
 
 from sao_core.config import EngineConfig, ModelConfig
+from sao_core.config.worker_env import key_env_problem
 from sao_core.engines import ChatRequest, Completion, Sampling
 from sao_core.engines.vllm import FINISH_REASONS, conversation, request_seed
 from sao_core.errors import ConfigError, EngineError, ModelNotFoundError
@@ -98,17 +103,15 @@ class OpenAIEngine:
         for url in engine.base_urls:
             if not url.startswith(("http://", "https://")):
                 raise ConfigError(f"engine.base_urls: {url!r} is not an http(s) URL")
-        if model.adapter and not engine.served_adapter_name:
-            raise ConfigError(
-                f"model.adapter is {model.adapter!r}, but the openai engine cannot apply an adapter itself: "
-                "serve it (vllm serve BASE --enable-lora --lora-modules NAME=ADAPTER_FOLDER) and set "
-                "engine.served_adapter_name to NAME"
-            )
         self.cfg = engine
         self.model = model.path
         self.adapter = model.adapter
+        # An adapter no server was started with is loaded into the running replicas (vLLM's runtime
+        # LoRA loading) under a name made from its URL, and unloaded by close().
+        self.runtime_adapter = bool(model.adapter and not engine.served_adapter_name)
         if model.adapter:
-            self.served_model: str = engine.served_adapter_name or ""
+            runtime_name = "sao-lora-" + hashlib.sha256(model.adapter.encode()).hexdigest()[:12]
+            self.served_model: str = engine.served_adapter_name or runtime_name
         else:
             self.served_model = engine.served_model_name or model.path
         if model.adapter:
@@ -119,6 +122,11 @@ class OpenAIEngine:
         self.base_urls = [u.rstrip("/") for u in engine.base_urls]
         self.seed = seed
         headers = {"Content-Type": "application/json"}
+        # Checked again where the key is read: the worker's environment decides which variable may leave
+        # the machine as a bearer token, whatever process built this EngineConfig (SECURITY.md).
+        problem = key_env_problem(engine.api_key_env)
+        if problem:
+            raise ConfigError(f"engine.api_key_env: {problem}")
         key = os.environ.get(engine.api_key_env)
         if key:
             headers["Authorization"] = f"Bearer {key}"
@@ -127,7 +135,57 @@ class OpenAIEngine:
             max_connections=engine.max_concurrency, max_keepalive_connections=engine.max_concurrency
         )
         self._client = httpx.Client(timeout=timeout, limits=limits, headers=headers)
-        self._check_models()
+        self._loaded_on: list[str] = []
+        try:
+            if self.runtime_adapter:
+                self._load_adapter(model.adapter or "")
+            self._check_models()
+        except BaseException:
+            self.close()
+            raise
+
+    def _load_adapter(self, adapter: str) -> None:
+        """POST /load_lora_adapter to every replica: the servers run `vllm serve BASE --enable-lora` with
+        VLLM_ALLOW_RUNTIME_LORA_UPDATING=True and read the adapter folder at the path given, so they must
+        see this process's copy of it (one machine, or a shared volume)."""
+        path = resolve_adapter(adapter)
+        body = {"lora_name": self.served_model, "lora_path": path}
+        for url in self.base_urls:
+            resp = self._client.post(f"{url}/load_lora_adapter", json=body)
+            if resp.status_code == 400 and "already been loaded" in resp.text:
+                log.info("openai engine: %s already holds adapter %s", url, self.served_model)
+            elif resp.status_code in (404, 405):
+                raise EngineError(
+                    f"{url} cannot load adapters at run time (HTTP {resp.status_code} on /load_lora_adapter): "
+                    "start it with VLLM_ALLOW_RUNTIME_LORA_UPDATING=True and --enable-lora, or serve "
+                    f"{adapter} with --lora-modules NAME=FOLDER and set engine.served_adapter_name to NAME"
+                )
+            elif resp.status_code != 200:
+                raise EngineError(
+                    f"{url} did not load adapter {adapter} from {path} (HTTP {resp.status_code}): {resp.text[:500]}"
+                )
+            self._loaded_on.append(url)
+            log.info("openai engine: loaded adapter %s into %s as %s", adapter, url, self.served_model)
+
+    def _unload_adapter(self) -> None:
+        """POST /unload_lora_adapter where _load_adapter loaded it; a replica that is gone is only logged."""
+        import httpx
+
+        for url in self._loaded_on:
+            try:
+                resp = self._client.post(f"{url}/unload_lora_adapter", json={"lora_name": self.served_model})
+            except httpx.TransportError as e:
+                log.warning("openai engine: could not unload %s from %s: %s", self.served_model, url, e)
+                continue
+            if resp.status_code != 200:
+                log.warning(
+                    "openai engine: %s did not unload %s (HTTP %d): %s",
+                    url,
+                    self.served_model,
+                    resp.status_code,
+                    resp.text[:200],
+                )
+        self._loaded_on = []
 
     def _check_models(self) -> None:
         """Refuse a model name the reachable replicas do not serve; unreachable ones are only logged."""
@@ -178,6 +236,8 @@ class OpenAIEngine:
             )
 
     def close(self) -> None:
+        if self._loaded_on:
+            self._unload_adapter()
         self._client.close()
 
     def generate(self, requests: Sequence[ChatRequest], sampling: Sampling) -> list[list[Completion]]:

@@ -1,6 +1,7 @@
 """Can a round say "better"? The candidate policy against its baselines, and how far the judge is trusted.
 
-    result = evaluate_candidate(cfg, candidate, {"current": current, "original": original}, judge, out_url)
+    result = evaluate_candidate(cfg, candidate, [current, original], judge, eval_dir)   # in this process
+    result = summarize_evaluation(cfg, eval_dir, models, judge)   # once the stages ran anywhere
     result["comparisons"]["current"]["win_rate_ci_low"]   # what the promotion gate reads
 
 1. A fixed instruction set (`evaluation.prompts`: the bundled 130 instructions written for this project,
@@ -13,26 +14,33 @@
 3. The same judge, same template, rates the labelled judge-trust set (one answer clearly better) in both
    orders: its agreement says how far this round's verdicts, and its training pairs, can be believed.
 
+Steps 1 and 2-3 are stages in the evaluation folder (sao_core.evaluation.eval_stages: answers-NAME,
+verdicts), sharded and resumable like the data stages, so they run wherever the round's shards run.
 Lengths are in characters. The LC fit has the model and length terms only (no instruction difficulty:
 that needs earlier runs on the same set, which a campaign's first round does not have).
-Writes answers-*.jsonl, results-*.jsonl, trust.jsonl and manifest.json under `output_url`.
+Writes results-NAME.jsonl, trust.jsonl and manifest.json (last) in the evaluation folder.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sao_core.chat import ChatRequest, Completion, Sampling
 from sao_core.config import RoundConfig
 from sao_core.engines.provider import EngineProvider
-from sao_core.evaluation.winrate import JudgedPrompt, compute_win_rate, winner_from_position
+from sao_core.evaluation.eval_stages import write_cases, write_eval_prompts
+from sao_core.evaluation.winrate import (
+    JudgedPrompt,
+    compute_win_rate,
+    describe_win_rate,
+    winner_from_position,
+)
 from sao_core.fmt import pct
-from sao_core.method.judging import format_judge_prompt, parse_verdict, strip_quoted
+from sao_core.stages.runner import run_model_stage
 from sao_core.store import shards, storage
-from sao_core.store.evalsets import EvalInstruction, judge_agreement, load_eval_prompts, load_judge_trust
+from sao_core.store.evalsets import judge_agreement
+from sao_core.store.layout import EVAL_CASES, EVAL_PROMPTS, evaluation_settings_hash, stage_url
 
 
 @dataclass(frozen=True)
@@ -44,145 +52,92 @@ class Contender:
     engines: EngineProvider
 
 
-def _answer(
-    prompts: Sequence[EvalInstruction], engines: EngineProvider, cfg: RoundConfig
-) -> list[Completion]:
-    e = cfg.evaluation
-    requests = [ChatRequest.user(p.id, p.instruction, kind="response") for p in prompts]
-    sampling = Sampling(e.temperature, 1.0, e.max_tokens, seed=cfg.run.seed)
-    return [row[0] for row in engines.get().generate(requests, sampling)]
-
-
-def _judge(
-    cases: Sequence[tuple[str, str, str, str]], judge: EngineProvider, cfg: RoundConfig
-) -> list[tuple[int | None, int | None, str | None, str | None]]:
-    """Each (id, instruction, a, b) judged with a as Response 1, then b as Response 1: the preferred
-    positions and the verdict texts (less verbatim copies of the inputs, see judging.strip_quoted)."""
-    prefill = cfg.judging.prefill or ""
-    requests = []
-    for case_id, instruction, a, b in cases:
-        for order, one, two in (("ab", a, b), ("ba", b, a)):
-            text = format_judge_prompt(instruction, one, two)
-            requests.append(ChatRequest.user(f"{case_id}:{order}", text, kind="judge", prefill=prefill))
-    sampling = Sampling(0.0, 1.0, cfg.evaluation.judge_max_tokens, seed=cfg.run.seed)
-    outs = judge.get().generate(requests, sampling) if requests else []
-    verdicts = []
-    for i, (_, instruction, a, b) in enumerate(cases):
-        first = strip_quoted(outs[2 * i][0].text, (instruction, a, b))
-        second = strip_quoted(outs[2 * i + 1][0].text, (instruction, a, b))
-        verdicts.append(
-            (
-                parse_verdict(first, cfg.judging.lenient).preferred_position,
-                parse_verdict(second, cfg.judging.lenient).preferred_position,
-                first,
-                second,
-            )
-        )
-    return verdicts
-
-
 def compare(
-    prompts: Sequence[EvalInstruction],
-    candidate: Sequence[Completion],
-    baseline: Sequence[Completion],
-    judge: EngineProvider,
-    cfg: RoundConfig,
+    verdicts: Sequence[Mapping[str, Any]], cfg: RoundConfig
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """The win rate of `candidate` over `baseline` answers, and one result row per instruction."""
-    cases = [
-        (p.id, p.instruction, c.text, b.text) for p, c, b in zip(prompts, candidate, baseline, strict=True)
-    ]
-    verdicts = _judge(cases, judge, cfg)
+    """The win rate of the candidate (each case's first answer) over a baseline, from the verdict rows
+    of one comparison, and one result row per instruction."""
     judged, rows = [], []
-    for p, c, b, (pos_cf, pos_bf, text_cf, text_bf) in zip(
-        prompts, candidate, baseline, verdicts, strict=True
-    ):
+    for v in verdicts:
         item = JudgedPrompt(
-            p.id,
-            len(c.text),
-            len(b.text),
-            winner_from_position(pos_cf, candidate_shown_first=True),
-            winner_from_position(pos_bf, candidate_shown_first=False),
+            v["id"],
+            v["first_len"],
+            v["second_len"],
+            winner_from_position(v["position_ab"], candidate_shown_first=True),
+            winner_from_position(v["position_ba"], candidate_shown_first=False),
         )
         judged.append(item)
         rows.append(
             {
-                "id": p.id,
-                "category": p.category,
+                "id": v["id"],
+                "category": v["category"],
                 "candidate_first": item.candidate_first,
                 "baseline_first": item.baseline_first,
                 "preference": item.preference,
-                "verdict_candidate_first": text_cf,
-                "verdict_baseline_first": text_bf,
+                "verdict_candidate_first": v["verdict_ab"],
+                "verdict_baseline_first": v["verdict_ba"],
             }
         )
     result = compute_win_rate(judged, n_bootstrap=cfg.evaluation.bootstrap, seed=cfg.run.seed)
     return result.to_dict(), rows
 
 
-def trust_the_judge(judge: EngineProvider, cfg: RoundConfig) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """The judge's agreement with the labelled judge-trust set, both orders; with its item count."""
-    e = cfg.evaluation
-    items = load_judge_trust(e.trust)
-    if e.trust_n is not None:
-        items = items[: e.trust_n]
-    verdicts = _judge([(t.id, t.instruction, t.better, t.worse) for t in items], judge, cfg)
+def trust_the_judge(
+    verdicts: Sequence[Mapping[str, Any]], cfg: RoundConfig
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The judge's agreement with the labelled judge-trust set (better shown first, then second), with
+    its item count and the agreement by kind of flaw."""
+    pairs = [(v["position_ab"], v["position_ba"]) for v in verdicts]
     rows = [
-        {"id": t.id, "kind": t.kind, "better_first": v[0], "worse_first": v[1]}
-        for t, v in zip(items, verdicts, strict=True)
+        {
+            "id": v["id"],
+            "kind": v["category"],
+            "better_first": v["position_ab"],
+            "worse_first": v["position_ba"],
+        }
+        for v in verdicts
     ]
-    summary = judge_agreement((v[0], v[1]) for v in verdicts)
+    summary = judge_agreement(pairs)
     by_kind: dict[str, list[tuple[int | None, int | None]]] = {}
-    for t, v in zip(items, verdicts, strict=True):
-        by_kind.setdefault(t.kind, []).append((v[0], v[1]))
-    summary["by_kind"] = {
-        kind: judge_agreement(pairs)["agreement"] for kind, pairs in sorted(by_kind.items())
-    }
-    summary["set"] = e.trust
+    for v, pair in zip(verdicts, pairs, strict=True):
+        by_kind.setdefault(v["category"], []).append(pair)
+    summary["by_kind"] = {kind: judge_agreement(p)["agreement"] for kind, p in sorted(by_kind.items())}
+    summary["set"] = cfg.evaluation.trust
     return summary, rows
 
 
-def evaluate_candidate(
-    cfg: RoundConfig,
-    candidate: Contender,
-    baselines: Sequence[Contender],
-    judge: Contender,
-    output_url: str,
+def summarize_evaluation(
+    cfg: RoundConfig, eval_dir: str, models: Mapping[str, str], judge: str
 ) -> dict[str, Any]:
-    """Answer, judge every baseline pair in both orders, rate the judge; write the files, return the manifest.
+    """Read the verdicts stage, write results-NAME.jsonl, trust.jsonl and manifest.json; return the manifest.
 
-    The first baseline is the one the promotion gate reads (the campaign's current model).
-    """
+    `models` describes each contender by name (candidate first, then the baselines in the order the
+    cases were written; the first baseline is the one the promotion gate reads)."""
+    fmt = cfg.run.format
+    verdict_stage = shards.read_stage_manifest(stage_url(eval_dir, "verdicts"))
+    verdicts = shards.read_stage_rows(stage_url(eval_dir, "verdicts"), fmt)
+    names = list(models)
+    baselines = names[1:]
     if not baselines:
-        raise ValueError("evaluate_candidate needs at least one baseline")
-    start = time.perf_counter()
-    e = cfg.evaluation
-    prompts = load_eval_prompts(e.prompts, e.n)
-    answers = {c.name: _answer(prompts, c.engines, cfg) for c in (candidate, *baselines)}
-    for name, outs in answers.items():
-        rows = [
-            {"id": p.id, "answer": o.text, "finish_reason": o.finish_reason}
-            for p, o in zip(prompts, outs, strict=True)
-        ]
-        storage.write_bytes(
-            storage.join(output_url, f"answers-{name}.jsonl"), shards.encode_rows(rows, "jsonl")
-        )
+        raise ValueError("an evaluation needs at least one baseline")
     comparisons: dict[str, Any] = {}
     for base in baselines:
-        result, rows = compare(prompts, answers[candidate.name], answers[base.name], judge.engines, cfg)
-        comparisons[base.name] = {"baseline": base.model, **result}
+        result, rows = compare([v for v in verdicts if v["kind"] == base], cfg)
+        comparisons[base] = {"baseline": models[base], **result}
         storage.write_bytes(
-            storage.join(output_url, f"results-{base.name}.jsonl"), shards.encode_rows(rows, "jsonl")
+            storage.join(eval_dir, f"results-{base}.jsonl"), shards.encode_rows(rows, "jsonl")
         )
-    trust, trust_rows = trust_the_judge(judge.engines, cfg)
-    storage.write_bytes(storage.join(output_url, "trust.jsonl"), shards.encode_rows(trust_rows, "jsonl"))
-    primary = comparisons[baselines[0].name]
+    trust, trust_rows = trust_the_judge([v for v in verdicts if v["kind"] == "trust"], cfg)
+    storage.write_bytes(storage.join(eval_dir, "trust.jsonl"), shards.encode_rows(trust_rows, "jsonl"))
+    primary = comparisons[baselines[0]]
+    stages = [EVAL_PROMPTS, *(f"answers-{n}" for n in names), EVAL_CASES, "verdicts"]
+    seconds = sum(float(shards.read_stage_manifest(stage_url(eval_dir, s)).get("seconds", 0)) for s in stages)
     manifest = {
-        "prompts": len(prompts),
-        "prompt_set": e.prompts,
-        "candidate": candidate.model,
-        "judge": judge.model,
-        "primary": baselines[0].name,
+        "prompts": shards.read_stage_manifest(stage_url(eval_dir, EVAL_PROMPTS))["rows_out"],
+        "prompt_set": cfg.evaluation.prompts,
+        "candidate": models[names[0]],
+        "judge": judge,
+        "primary": baselines[0],
         # The primary comparison's headline figures, where a reader of one number looks.
         "win_rate": primary["win_rate"],
         "win_rate_ci": [primary["win_rate_ci_low"], primary["win_rate_ci_high"]],
@@ -193,10 +148,37 @@ def evaluate_candidate(
         "judge_agreement": trust["agreement"],
         "comparisons": comparisons,
         "trust": trust,
-        "seconds": round(time.perf_counter() - start, 2),
+        "settings_hash": evaluation_settings_hash(cfg),
+        "verdicts_sha256": shards.manifest_digest(verdict_stage),
+        "seconds": round(seconds, 2),  # the stages' generation time, summed over shards
     }
-    storage.write_json(storage.join(output_url, "manifest.json"), manifest)
+    storage.write_json(storage.join(eval_dir, "manifest.json"), manifest)
     return manifest
+
+
+def evaluate_candidate(
+    cfg: RoundConfig,
+    candidate: Contender,
+    baselines: Sequence[Contender],
+    judge: Contender,
+    eval_dir: str,
+) -> dict[str, Any]:
+    """Every evaluation stage in this process, on the engines given: answer, judge every baseline pair in
+    both orders, rate the judge; write the files, return the manifest. (A round runs the same stages
+    through tasks/evaluation.py, where the round's fan-out places them.)
+
+    Contender names are the stages' (candidate, current, original); the first baseline is the one the
+    promotion gate reads. No contenders.json is needed here: the engines are given.
+    """
+    if not baselines:
+        raise ValueError("evaluate_candidate needs at least one baseline")
+    write_eval_prompts(cfg, eval_dir)
+    for c in (candidate, *baselines):
+        run_model_stage(f"answers-{c.name}", cfg, eval_dir, c.engines)
+    write_cases(cfg, eval_dir, [b.name for b in baselines])
+    run_model_stage("verdicts", cfg, eval_dir, judge.engines)
+    models = {c.name: c.model for c in (candidate, *baselines)}
+    return summarize_evaluation(cfg, eval_dir, models, judge.model)
 
 
 def headline(manifest: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -207,7 +189,7 @@ def headline(manifest: Mapping[str, Any]) -> list[dict[str, Any]]:
         rows.append(
             {
                 "vs": f"{name} ({c['baseline']})",
-                "win rate": pct(c["win_rate"]),
+                "win rate": describe_win_rate(c),  # with its counts: of how many prompts, invalid as ties
                 "95% interval": f"{pct(c['win_rate_ci_low'])} to {pct(c['win_rate_ci_high'])}",
                 "LC win rate": pct(c["lc_win_rate"]),
                 "W/L/T": f"{c['wins']}/{c['losses']}/{c['ties']}",
@@ -221,7 +203,8 @@ def headline(manifest: Mapping[str, Any]) -> list[dict[str, Any]]:
     rows.append(
         {
             "vs": f"judge trust ({t['items']} labelled pairs)",
-            "win rate": pct(t["agreement"]),
+            "win rate": pct(t["agreement"])
+            + (f" ({t['correct_verdicts']} of {2 * t['items']} verdicts)" if "correct_verdicts" in t else ""),
             "95% interval": "",
             "LC win rate": "",
             "W/L/T": f"both orders right: {pct(t['both_orders_correct'])}",

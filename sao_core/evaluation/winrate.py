@@ -8,14 +8,18 @@
 Per prompt the judge saw the two answers twice: candidate as Response 1 (`candidate_first`) and baseline as
 Response 1 (`baseline_first`). Each order's verdict is "candidate", "baseline", "tie" or None (unparseable).
 A prompt's preference is the mean of its two orders' scores (candidate 1, tie 0.5, baseline 0), so a prompt
-whose orders disagree counts as a tie, as in sao_core/evaluation/compare.py. Prompts with an unparseable verdict in
-either order are left out of the win rate and counted as invalid; their valid verdicts still count towards
-position and length bias.
+whose orders disagree counts as a tie, as in sao_core/evaluation/compare.py. An unparseable verdict scores
+as a tie in its order: every prompt counts, so a judge that says little moves the win rate towards one half
+instead of leaving a few lucky verdicts to speak for the whole set. `valid_verdicts` and `complete` say how
+much the judge did say; the promotion gate asks for enough of both (promotion.min_judged, min_valid_share).
 
 Reported (WinRateResult):
-- win_rate: mean preference over complete prompts (ties count half), with a 95% percentile-bootstrap
-  interval: prompts resampled with replacement, `n_bootstrap` (2000) resamples, numpy
-  `default_rng(seed=0)`, 2.5th and 97.5th percentiles of the resampled means (numpy's linear quantile).
+- win_rate: mean preference over all prompts (ties and invalid verdicts count half), `score` the sum, with a
+  95% Wilson score interval (win_rate_ci) for `score` successes in `prompts` trials. Wilson stays honest at
+  small n (five wins of five give [56.6%, 100%], where a bootstrap gives [100%, 100%]) and, since a prompt's
+  preference varies less than a coin's when it can be a tie, it is never narrower than the truth. The
+  percentile bootstrap is kept beside it (bootstrap_ci): prompts resampled with replacement, `n_bootstrap`
+  (2000) resamples, numpy `default_rng(seed=0)`, 2.5th and 97.5th percentiles of the resampled means.
 - ties (preference exactly 0.5) and order_inconsistent_share (the two verdicts differ; in the pipeline,
   whose verdicts name a position, these are the same prompts).
 - first_position_share: share of decisive verdicts (either order) for the answer shown first;
@@ -31,12 +35,15 @@ Lengths are whatever the caller measures (AlpacaEval uses characters); both answ
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Literal, get_args
 
 import numpy as np
 import numpy.typing as npt
+
+from sao_core.fmt import pct
 
 __all__ = [
     "DEFAULT_L2",
@@ -45,7 +52,9 @@ __all__ = [
     "WinRateResult",
     "Winner",
     "compute_win_rate",
+    "describe_win_rate",
     "fit_length_controlled",
+    "wilson_interval",
     "winner_from_position",
 ]
 
@@ -91,11 +100,17 @@ class JudgedPrompt:
         return self.candidate_first is not None and self.baseline_first is not None
 
     @property
-    def preference(self) -> float | None:
-        """Mean score of the two orders (candidate 1, tie 0.5, baseline 0); None unless complete."""
-        if self.candidate_first is None or self.baseline_first is None:
-            return None
-        return (_SCORE[self.candidate_first] + _SCORE[self.baseline_first]) / 2
+    def valid_verdicts(self) -> int:
+        return (self.candidate_first is not None) + (self.baseline_first is not None)
+
+    @property
+    def preference(self) -> float:
+        """Mean score of the two orders (candidate 1, tie 0.5, baseline 0; an unparseable verdict: a tie)."""
+        return (_score(self.candidate_first) + _score(self.baseline_first)) / 2
+
+
+def _score(verdict: Winner | None) -> float:
+    return 0.5 if verdict is None else _SCORE[verdict]
 
 
 def winner_from_position(position: int | None, candidate_shown_first: bool) -> Winner | None:
@@ -260,8 +275,8 @@ class WinRateResult:
     invalid: int  # prompts with an unparseable verdict in at least one order
     wins: int  # preference > 0.5
     losses: int  # preference < 0.5
-    ties: int  # preference == 0.5
-    win_rate: float | None
+    ties: int  # preference == 0.5, invalid prompts included
+    win_rate: float | None  # over every prompt; None only for the dict of an older manifest
     win_rate_ci_low: float | None
     win_rate_ci_high: float | None
     ci_method: str
@@ -279,6 +294,17 @@ class WinRateResult:
     lc_coef_difficulty: float | None
     lc_length_std: float | None
     lc_l2: float
+    score: float = 0.0  # sum of preferences: win_rate = score / prompts
+    valid_verdicts: int = 0  # parsed verdicts, of 2 per prompt
+    invalid_verdicts: int = 0  # unparseable verdicts, each scored as a tie
+    bootstrap_ci_low: float | None = None
+    bootstrap_ci_high: float | None = None
+    bootstrap_method: str = ""
+
+    @property
+    def valid_share(self) -> float:
+        """Share of the 2 * prompts verdicts that parsed."""
+        return self.valid_verdicts / (2 * self.prompts) if self.prompts else 0.0
 
     @property
     def win_rate_ci(self) -> tuple[float, float] | None:
@@ -301,6 +327,25 @@ def _bootstrap_ci(values: np.ndarray, n_bootstrap: int, seed: int, confidence: f
     alpha = (1 - confidence) / 2
     low, high = np.quantile(means, [alpha, 1 - alpha])
     return float(low), float(high)
+
+
+def wilson_interval(successes: float, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval for `successes` of `n` trials (fractional successes allowed: ties count half).
+
+    centre (p + z^2/2n) / (1 + z^2/n), half-width z sqrt(p(1-p)/n + z^2/4n^2) / (1 + z^2/n), z the normal
+    quantile at (1 + confidence) / 2. Unlike the normal or the bootstrap interval it is not of zero width
+    when every trial went one way.
+    """
+    if n < 1:
+        raise ValueError(f"wilson_interval needs n >= 1, got {n}")
+    if not 0 <= successes <= n:
+        raise ValueError(f"successes must lie in [0, n={n}], got {successes}")
+    z = statistics.NormalDist().inv_cdf((1 + confidence) / 2)
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def _pearson(a: np.ndarray, b: np.ndarray) -> float | None:
@@ -335,13 +380,13 @@ def compute_win_rate(
         raise ValueError(f"prompt ids must be unique; repeated: {repeated[:10]}")
     complete = [p for p in prompts if p.complete]
     if difficulty is not None:
-        missing = [p.prompt_id for p in complete if p.prompt_id not in difficulty]
+        missing = [p.prompt_id for p in prompts if p.prompt_id not in difficulty]
         if missing:
             raise ValueError(f"difficulty has no value for prompts {missing[:10]} ({len(missing)} in all)")
 
-    prefs = np.array([p.preference for p in complete], dtype=float)
-    diffs = np.array([p.candidate_len - p.baseline_len for p in complete], dtype=float)
-    n = len(complete)
+    prefs = np.array([p.preference for p in prompts], dtype=float)
+    diffs = np.array([p.candidate_len - p.baseline_len for p in prompts], dtype=float)
+    n = len(prompts)
 
     # Position and length bias over every valid verdict that names a winner.
     first = decisive = longer = unequal = 0
@@ -356,38 +401,56 @@ def compute_win_rate(
                 longer += (verdict == "candidate") == (p.candidate_len > p.baseline_len)
     first_share = first / decisive if decisive else None
 
-    win_rate = ci = lc = None
-    if n:
-        win_rate = float(prefs.mean())
-        ci = _bootstrap_ci(prefs, n_bootstrap, seed, confidence)
-        q = [float(difficulty[p.prompt_id]) for p in complete] if difficulty is not None else None
-        lc = fit_length_controlled(prefs, diffs, q, l2)
+    score = float(prefs.sum())
+    ci = wilson_interval(score, n, confidence)
+    boot = _bootstrap_ci(prefs, n_bootstrap, seed, confidence)
+    q = [float(difficulty[p.prompt_id]) for p in prompts] if difficulty is not None else None
+    lc = fit_length_controlled(prefs, diffs, q, l2)
+    valid = sum(p.valid_verdicts for p in prompts)
     level = round(confidence * 100, 2)
     return WinRateResult(
-        prompts=len(prompts),
-        complete=n,
-        invalid=len(prompts) - n,
+        prompts=n,
+        complete=len(complete),
+        invalid=n - len(complete),
         wins=int(np.sum(prefs > 0.5)),
         losses=int(np.sum(prefs < 0.5)),
         ties=int(np.sum(prefs == 0.5)),
-        win_rate=win_rate,
-        win_rate_ci_low=ci[0] if ci else None,
-        win_rate_ci_high=ci[1] if ci else None,
-        ci_method=f"{level:g}% percentile bootstrap over prompts, {n_bootstrap} resamples, seed {seed}",
+        win_rate=score / n,
+        win_rate_ci_low=ci[0],
+        win_rate_ci_high=ci[1],
+        ci_method=f"{level:g}% Wilson score interval over {n} prompts (invalid verdicts count as ties)",
         order_inconsistent_share=(
-            sum(p.candidate_first != p.baseline_first for p in complete) / n if n else None
+            sum(p.candidate_first != p.baseline_first for p in complete) / len(complete) if complete else None
         ),
         decisive_verdicts=decisive,
         first_position_share=first_share,
         position_bias=first_share - 0.5 if first_share is not None else None,
         longer_wins_share=longer / unequal if unequal else None,
         length_correlation=_pearson(prefs, diffs),
-        mean_candidate_len=sum(p.candidate_len for p in prompts) / len(prompts),
-        mean_baseline_len=sum(p.baseline_len for p in prompts) / len(prompts),
-        lc_win_rate=lc.win_rate if lc else None,
-        lc_coef_model=lc.coef_model if lc else None,
-        lc_coef_length=lc.coef_length if lc else None,
-        lc_coef_difficulty=lc.coef_difficulty if lc else None,
-        lc_length_std=lc.length_std if lc else None,
+        mean_candidate_len=sum(p.candidate_len for p in prompts) / n,
+        mean_baseline_len=sum(p.baseline_len for p in prompts) / n,
+        lc_win_rate=lc.win_rate,
+        lc_coef_model=lc.coef_model,
+        lc_coef_length=lc.coef_length,
+        lc_coef_difficulty=lc.coef_difficulty,
+        lc_length_std=lc.length_std,
         lc_l2=l2,
+        score=score,
+        valid_verdicts=valid,
+        invalid_verdicts=2 * n - valid,
+        bootstrap_ci_low=boot[0],
+        bootstrap_ci_high=boot[1],
+        bootstrap_method=f"{level:g}% percentile bootstrap over prompts, {n_bootstrap} resamples, seed {seed}",
     )
+
+
+def describe_win_rate(result: Mapping[str, Any]) -> str:
+    """A win rate with its counts, e.g. `58.3% (14 of 24 prompts, ties half; 2 invalid counted as ties)`,
+    from a WinRateResult's dict (an evaluation manifest's comparison)."""
+    rate, prompts = result.get("win_rate"), result.get("prompts")
+    if rate is None or not prompts:
+        return f"{pct(rate)} (no prompt counts)"
+    score = result.get("score", rate * prompts)
+    invalid = result.get("invalid", 0)
+    extra = f"; {invalid} invalid counted as ties" if invalid else ""
+    return f"{pct(rate)} ({score:g} of {prompts} prompts, ties half{extra})"

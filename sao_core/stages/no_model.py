@@ -35,7 +35,7 @@ _ROUND_DIR = re.compile(r"round_(\d{3,})-[0-9a-f]+$")
 
 def used_persona_ids(cfg: RoundConfig) -> set[str]:
     """Persona ids sampled by earlier rounds (lower round numbers) of the same campaign."""
-    campaign = storage.join(cfg.run.root, cfg.run.campaign)
+    campaign = storage.join(storage.normalise_url(cfg.run.root), cfg.run.campaign)
     used: set[str] = set()
     if not storage.exists(campaign):
         return used

@@ -5,6 +5,9 @@
     finalize_stage("responses", cfg, round_dir)           # stage manifest with totals
     run_model_stage("responses", cfg, round_dir, engines) # every shard in turn, then the manifest
 
+The evaluation's model stages (answers-NAME, verdicts, downstream; sao_core.evaluation.eval_stages) run
+here too, with the evaluation's folder where a data stage has the round's.
+
 A shard whose manifest entry is complete, verifies against its file's sha256 and was made from the same
 input shard and stage settings is skipped, so a re-run after a crash resumes where it stopped. The engine
 is built once per EngineProvider and held for every shard given to it (a stage, or a GPU batch of shards):
@@ -33,7 +36,9 @@ from sao_core.engines.provider import EngineProvider
 from sao_core.errors import EngineError, StorageError
 from sao_core.store import locks, shards
 from sao_core.store.layout import (
+    EVAL_MODEL_STAGES,
     MODEL_STAGES,
+    SHARD_STAGES,
     claim_ttl,
     claim_wait,
     digest,
@@ -50,9 +55,16 @@ from sao_core.store.shards import ShardManifest
 log = logging.getLogger(__name__)
 
 ParseFn = Callable[[list[list[Completion]]], tuple[list[dict], list[dict], dict]]
+# A shard made otherwise than by the engine (downstream's lm-eval run): input rows -> (rows, stats, model).
+ProduceFn = Callable[[list[dict[str, Any]]], tuple[list[dict[str, Any]], dict[str, Any], str]]
 
 
 def _sampling(cfg: RoundConfig, stage: str, shard: int) -> Sampling:
+    if stage in EVAL_MODEL_STAGES:  # greedy by default, seeded as the evaluation always was
+        e = cfg.evaluation
+        if stage == "verdicts":
+            return Sampling(0.0, 1.0, e.judge_max_tokens, seed=cfg.run.seed)
+        return Sampling(e.temperature, 1.0, e.max_tokens, seed=cfg.run.seed)
     sections: dict[str, PromptsConfig | ResponsesConfig | JudgingConfig] = {
         "prompts": cfg.prompts,
         "responses": cfg.responses,
@@ -95,15 +107,32 @@ def _build_and_parse(
             return judged, [], {"judge_counts": count_judgements(judged, rows)}
 
         return build_judge_requests(rows, cfg.judging.swap, cfg.judging.prefill), parse_judgements
+    if stage.startswith("answers-") and stage in EVAL_MODEL_STAGES:
+        from sao_core.method.eval_requests import build_answer_requests, parse_answer_completions
+
+        return build_answer_requests(rows), lambda outs: (parse_answer_completions(rows, outs), [], {})
+    if stage == "verdicts":
+        from sao_core.method.eval_requests import build_case_requests, parse_case_completions
+
+        def parse_cases(outs: list[list[Completion]]) -> tuple[list[dict], list[dict], dict]:
+            return parse_case_completions(rows, outs, cfg.judging.lenient), [], {}
+
+        return build_case_requests(rows, cfg.judging.prefill), parse_cases
     raise ValueError(f"unknown model stage {stage!r}; allowed: {', '.join(MODEL_STAGES)}")
 
 
 def run_shard(
-    stage: str, cfg: RoundConfig, round_dir: str, index: int, engines: EngineProvider
+    stage: str,
+    cfg: RoundConfig,
+    round_dir: str,
+    index: int,
+    engines: EngineProvider,
+    produce: ProduceFn | None = None,
 ) -> ShardManifest:
     """Run one shard of a model stage (skipped when already done from the same input and settings);
-    while another runner holds the shard's claim, wait for it and take its result."""
-    entry = _run_shard(stage, cfg, round_dir, index, engines, wait=True)
+    while another runner holds the shard's claim, wait for it and take its result. `produce` makes the
+    shard's rows instead of the engine (a stage whose model runs in another library, such as lm-eval)."""
+    entry = _run_shard(stage, cfg, round_dir, index, engines, wait=True, produce=produce)
     assert entry is not None  # a waiting runner always comes back with the shard
     return entry
 
@@ -116,10 +145,16 @@ def try_run_shard(
 
 
 def _run_shard(
-    stage: str, cfg: RoundConfig, round_dir: str, index: int, engines: EngineProvider, wait: bool
+    stage: str,
+    cfg: RoundConfig,
+    round_dir: str,
+    index: int,
+    engines: EngineProvider,
+    wait: bool,
+    produce: ProduceFn | None = None,
 ) -> ShardManifest | None:
-    if stage not in MODEL_STAGES:
-        raise ValueError(f"unknown model stage {stage!r}; allowed: {', '.join(MODEL_STAGES)}")
+    if stage not in SHARD_STAGES:
+        raise ValueError(f"unknown model stage {stage!r}; allowed: {', '.join(SHARD_STAGES)}")
     in_url = stage_url(round_dir, input_stage(stage))
     in_rows, in_entry = shards.read_shard(in_url, index, cfg.run.format)
     out_url = output_url(round_dir, stage)
@@ -144,6 +179,8 @@ def _run_shard(
         if done is not None:  # written by the runner whose claim we waited for
             log.info("%s: written by another runner meanwhile, skipped", what)
             return done
+        if produce is not None:
+            return _produce_shard(stage, cfg, index, in_rows, out_url, input_sha, settings, produce, claim)
         return _generate_shard(stage, cfg, index, in_rows, out_url, input_sha, settings, engines, claim)
     finally:
         claim.release()
@@ -196,6 +233,33 @@ def _generate_shard(
     written = shards.write_shard(out_url, index, kept, dropped, cfg.run.format, entry)
     log.info("%s shard %d: %d in, %d out, %.1fs", stage, index, len(in_rows), len(kept), seconds)
     return written
+
+
+def _produce_shard(
+    stage: str,
+    cfg: RoundConfig,
+    index: int,
+    in_rows: list[dict[str, Any]],
+    out_url: str,
+    input_sha: str,
+    settings: str,
+    produce: ProduceFn,
+    claim: locks.Lease,
+) -> ShardManifest:
+    start = time.perf_counter()
+    rows, stats, model = produce(in_rows)
+    entry = ShardManifest(
+        stage=stage,
+        shard=index,
+        rows_in=len(in_rows),
+        input_sha256=input_sha,
+        settings_hash=settings,
+        seconds=round(time.perf_counter() - start, 3),
+        model=model,
+        stats=stats,
+    )
+    claim.check()
+    return shards.write_shard(out_url, index, rows, [], cfg.run.format, entry)
 
 
 def _read_entries(url: str, count: int) -> list[ShardManifest]:

@@ -201,9 +201,10 @@ def judge_agreement(verdicts: Iterable[tuple[int | None, int | None]]) -> dict[s
 
     Each element is (preferred position when `better` was Response 1, preferred position when `worse` was
     Response 1), a position being 1, 2 or None for an unparseable verdict. Shares are None when undefined.
-    agreement: share of valid verdicts for the better answer; both_orders_correct: share of items (all of
-    them, invalid ones count as wrong) where both verdicts chose it; first_position_share: share of valid
-    verdicts for Response 1.
+    agreement: share of all 2 * items verdicts for the better answer (an unparseable verdict counts as
+    wrong: a judge that says nothing on most items has not shown it can be trusted); both_orders_correct:
+    share of items where both verdicts chose it; valid_share: share of verdicts that parsed;
+    first_position_share: share of valid verdicts for Response 1 (a bias measure, so over valid ones).
     """
     items = valid = correct = both = first = 0
     for better_first, worse_first in verdicts:
@@ -222,9 +223,12 @@ def judge_agreement(verdicts: Iterable[tuple[int | None, int | None]]) -> dict[s
         both += all(ok)
     return {
         "items": items,
+        "verdicts": 2 * items,
         "valid_verdicts": valid,
         "invalid_verdicts": 2 * items - valid,
-        "agreement": correct / valid if valid else None,
+        "correct_verdicts": correct,
+        "agreement": correct / (2 * items) if items else None,
+        "valid_share": valid / (2 * items) if items else None,
         "both_orders_correct": both / items if items else None,
         "first_position_share": first / valid if valid else None,
     }

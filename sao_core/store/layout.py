@@ -1,6 +1,7 @@
 """Where a round's stages live and what their outputs depend on: folders, shard counts, settings hashes.
 
 round_dir = prepare_round(cfg)                  # {root}/{campaign}/round_{k:03d}-{config_hash}/
+run_config_url(round_dir, cfg)                  # this run's own full config: {round}/configs/{full hash}.yaml
 stage_url(round_dir, "responses")               # the stage's folder
 stage_settings_hash(cfg, "responses")           # what the stage's output depends on besides its input
 shard_target("responses", cfg, round_dir, 3)    # where shard 3 goes and what makes it count as done
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +24,7 @@ from pydantic import BaseModel
 
 from sao_core.config import RoundConfig, build_config, config_to_dict, config_to_yaml
 from sao_core.errors import ConfigError, StorageError
+from sao_core.redact import redact
 from sao_core.store import shards, storage
 from sao_core.store.locks import LEASE_TTL_S
 
@@ -36,6 +37,16 @@ INPUT_STAGE = {
     "judgements": "responses",
     "pairs": "judgements",
 }
+# The evaluation's stages, under its own folder ({model}/eval/{evaluation_settings_hash}/, used where the
+# data stages use the round folder): each contender answers the instruction shards, then the judge rates
+# the comparison and trust cases in both orders. Downstream (lm-eval) has a folder of its own
+# ({model}/eval/downstream-{downstream_settings_hash}/), one shard per model scored.
+CONTENDERS = ("candidate", "current", "original")
+EVAL_PROMPTS, EVAL_CASES, DOWNSTREAM_MODELS = "eval_prompts", "eval_cases", "downstream_models"
+EVAL_MODEL_STAGES = (*(f"answers-{c}" for c in CONTENDERS), "verdicts", "downstream")
+INPUT_STAGE |= {f"answers-{c}": EVAL_PROMPTS for c in CONTENDERS}
+INPUT_STAGE |= {"verdicts": EVAL_CASES, "downstream": DOWNSTREAM_MODELS}
+SHARD_STAGES = (*MODEL_STAGES, *EVAL_MODEL_STAGES)  # what the shard runner and the fan-out run
 
 
 def stage_url(round_dir: str, stage: str) -> str:
@@ -57,23 +68,46 @@ def output_url(round_dir: str, stage: str) -> str:
 
 
 def prepare_round(cfg: RoundConfig) -> str:
-    """Create the round folder with resolved_config.yaml and its hash; return the folder URL.
+    """Create the round folder with resolved_config.yaml, its hash and this run's own full config
+    (run_config_url); return the folder URL.
 
+    Runs whose settings differ only outside the round hash (training, fan-out, promotion, the gate's
+    thresholds) share the folder, and each reads its settings back from its own configs/{full hash}.yaml,
+    never from another run's. resolved_config.yaml stays the round's record of its data settings (the
+    same for every run of the folder; the last run's full text, which older tools and rounds read).
     Files already there with the same text are left as they are: a resumed round, or a second runner of
     it, rewrites nothing."""
     url = round_url(cfg)
-    for name, text in (
-        ("resolved_config.yaml", config_to_yaml(cfg)),
+    text = config_to_yaml(cfg)
+    for name, content in (
+        ("resolved_config.yaml", text),
         ("config_hash", hash_config(cfg) + "\n"),
+        (f"{RUN_CONFIGS}/{full_config_hash(cfg)}.yaml", text),
     ):
         target = storage.join(url, name)
         try:
-            if storage.read_text(target) == text:
+            if storage.read_text(target) == content:
                 continue
         except (FileNotFoundError, StorageError, UnicodeDecodeError):
             pass
-        storage.write_text(target, text)
+        storage.write_text(target, content)
     return url
+
+
+RUN_CONFIGS = "configs"  # {round}/configs/{full hash}.yaml: each run's own settings
+
+
+def full_config_hash(cfg: RoundConfig) -> str:
+    """Content hash of every key of the config (hash_config covers only what the round's data depends on):
+    two runs that differ in anything, training.beta or a promotion threshold included, get two."""
+    canonical = json.dumps(config_to_dict(cfg), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def run_config_url(round_dir: str, cfg: RoundConfig) -> str:
+    """Where prepare_round wrote this run's full config: what every task of the run reads its settings
+    from (tasks.config.resolve_config hands it out as round_ref["config_url"])."""
+    return storage.join(round_dir, RUN_CONFIGS, f"{full_config_hash(cfg)}.yaml")
 
 
 def stage_settings_hash(cfg: RoundConfig, stage: str) -> str:
@@ -82,6 +116,8 @@ def stage_settings_hash(cfg: RoundConfig, stage: str) -> str:
     Sections are read through `data_settings`, so what only the quality gate reads (judging.min_valid_rate)
     or what only makes the fake engine fail (engine.fake.fail_calls) does not redo a finished shard.
     """
+    if stage in EVAL_MODEL_STAGES:  # their folder is named by the same hash (evaluation_url)
+        return downstream_settings_hash(cfg) if stage == "downstream" else evaluation_settings_hash(cfg)
     data = data_settings(cfg)
     parts: dict[str, Any] = {"model": data["model"], "seed": cfg.run.seed}
     if stage in ("prompts", "responses", "judging", "judgements"):
@@ -116,9 +152,10 @@ class ShardTarget:
 
 
 def shard_target(stage: str, cfg: RoundConfig, round_dir: str, index: int) -> ShardTarget:
-    """The output folder, input digest and settings hash that a finished shard's manifest must match."""
-    if stage not in MODEL_STAGES:
-        raise ValueError(f"unknown model stage {stage!r}; allowed: {', '.join(MODEL_STAGES)}")
+    """The output folder, input digest and settings hash that a finished shard's manifest must match.
+    (`round_dir` is the evaluation's folder for an evaluation stage.)"""
+    if stage not in SHARD_STAGES:
+        raise ValueError(f"unknown model stage {stage!r}; allowed: {', '.join(SHARD_STAGES)}")
     in_url = stage_url(round_dir, input_stage(stage))
     entry = shards.read_shard_manifest(in_url, index)
     if entry is None or not entry.complete:
@@ -156,34 +193,51 @@ def claim_wait(cfg: RoundConfig) -> float:
 
 
 def load_config(url: str, overrides: list[str] | tuple[str, ...] = ()) -> RoundConfig:
-    """Load a YAML recipe from a local path or any fsspec URL and apply `a.b=c` overrides."""
+    """Load a YAML recipe from a local path or any fsspec URL and apply `a.b=c` overrides.
+
+    A file that is missing, a folder, unreadable, not UTF-8, not YAML, empty or only comments is refused
+    by name; so is every bad key. Messages are redacted (sao_core.redact): no URL credential in them."""
     from sao_core.store import storage
 
+    shown = redact(url)
     try:
         text = storage.read_text(url)
     except FileNotFoundError as e:
-        raise ConfigError(f"config file not found: {url}") from e
+        raise ConfigError(f"config file not found: {shown}") from e
     except UnicodeDecodeError as e:
-        raise ConfigError(f"config file {url} is not UTF-8 text: {e}") from e
+        raise ConfigError(f"config file {shown} is not UTF-8 text: {e}") from e
+    except (IsADirectoryError, NotADirectoryError, PermissionError, StorageError) as e:
+        # A store that does not answer (TransientStorageError) is not among them: a retry may read it.
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise ConfigError(f"config file {shown} cannot be read: {redact(reason)}") from e
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise ConfigError(f"config file {url} is not valid YAML: {e}") from e
-    if data is not None and not isinstance(data, dict):
+        raise ConfigError(f"config file {shown} is not valid YAML: {e}") from e
+    if data is None:
+        # An empty recipe would run a whole round on defaults without a word; `{}` says so on purpose.
         raise ConfigError(
-            f"config file {url} must hold a mapping at the top level, got {type(data).__name__}"
+            f"config file {shown} is empty (or only comments): write the sections to set, e.g. "
+            "'personas: {n: 8}', or '{}' to run on every default"
+        )
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"config file {shown} must hold a mapping at the top level, got {type(data).__name__}"
         )
     try:
         return build_config(data, overrides)
     except ConfigError as e:
-        raise ConfigError(f"{url}: {e}") from e
+        # Not chained: the validation error behind it repeats every input value, a URL's credentials
+        # included, and tracebacks (Prefect's logs) print causes; this message names the key already.
+        raise ConfigError(redact(f"{shown}: {e}")) from None
 
 
 # Keys that say how a round's data is made, not what it is: a round keeps its folder (and every finished
 # shard) when they change, so a longer timeout after a shard timed out, or a lower gate after the gate
 # failed, redoes nothing. Only what changes the output may name where the output goes.
 _NOT_DATA_KEYS: dict[str, tuple[str, ...]] = {
-    "run": ("root", "allowed_schemes"),  # where the artifacts live; which references are allowed
+    # where the artifacts live; which references and engine URLs are allowed
+    "run": ("root", "allowed_schemes", "allowed_base_url_schemes"),
     # whether a model may run its own code: a model that needs it fails to load without it, and one that
     # loads writes the same text either way
     "model": ("trust_remote_code",),
@@ -205,7 +259,7 @@ _NOT_DATA_KEYS: dict[str, tuple[str, ...]] = {
     "judging": ("min_valid_rate",),  # likewise
 }
 # Sections with a hash of their own (training names model/{training hash}/) or that say where shards run.
-_OWN_HASH_SECTIONS = ("training", "fanout", "promotion")
+_OWN_HASH_SECTIONS = ("training", "fanout", "promotion", "campaign")
 # The evaluation section scores the trained policy, except for what chooses the evaluation set and the
 # n-gram size: the prompts stage drops prompts that overlap that set (stages.runner.EvalOverlap).
 _EVALUATION_DATA_KEYS = ("enabled", "prompts", "decontamination_n")
@@ -249,12 +303,10 @@ def hash_config(cfg: BaseModel) -> str:
 def round_url(cfg: RoundConfig) -> str:
     """The round folder, {root}/{campaign}/round_{k:03d}-{config_hash} (DESIGN.md).
 
-    A relative local root is made absolute: the folder (and every cache key built on it) must name
-    one place, whichever directory the command ran from.
+    The root goes through storage.normalise_url (`~` expanded, a relative path made absolute), as the
+    campaign records and lock do: the folder (and every cache key built on it) must name one place.
     """
-    root = cfg.run.root.rstrip("/")
-    if "://" not in root:
-        root = os.path.abspath(root)
+    root = storage.normalise_url(cfg.run.root)
     return f"{root}/{cfg.run.campaign}/round_{cfg.run.round:03d}-{hash_config(cfg)}"
 
 
@@ -270,3 +322,65 @@ def round_settings(round_dir: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise StorageError(f"{url} does not hold a mapping")
     return data
+
+
+# --- the evaluation's folders ----------------------------------------------------------------------
+
+
+def _engine_data(engine: BaseModel | None) -> dict[str, Any] | None:
+    """An engine section less what does not change its text (as data_settings does for the round's)."""
+    if engine is None:
+        return None
+    data = config_to_dict(engine)
+    for key in _NOT_DATA_KEYS["engine"]:
+        data.pop(key, None)
+    if data.get("name") != "transformers":
+        data.pop("batch_size", None)
+    data.get("fake", {}).pop("fail_calls", None)
+    return data
+
+
+def evaluation_settings_hash(cfg: RoundConfig) -> str:
+    """What the evaluation's results depend on besides the candidate (whose folder holds them): the
+    evaluation section less downstream, the current model, the engines that answer and judge, the judge
+    prompt's prefill and parsing, the seed and the shard format. It names {model}/eval/{hash}/, so an
+    evaluation made with other settings is never served for these (issue 17, 8b)."""
+    e = config_to_dict(cfg.evaluation)
+    for key in ("downstream", "enabled", "decontamination_n", "engine", "judge"):
+        e.pop(key, None)
+    judge = cfg.evaluation.judge
+    parts = {
+        "evaluation": e,
+        "model": data_settings(cfg)["model"],
+        "engine": _engine_data(cfg.evaluation.engine or cfg.engine),
+        "judge_model": config_to_dict(judge.model) if judge.model else None,
+        "judge_engine": _engine_data(judge.engine or cfg.engine),
+        "judging": {"prefill": cfg.judging.prefill, "lenient": cfg.judging.lenient},
+        "seed": cfg.run.seed,
+        "format": cfg.run.format,
+        "shard_size": cfg.run.shard_size,
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def downstream_settings_hash(cfg: RoundConfig) -> str:
+    """What the lm-eval scores depend on besides the candidate: the downstream section, the current
+    model (the baseline), the device and dtype they run in, and the seed."""
+    parts = {
+        "downstream": config_to_dict(cfg.evaluation.downstream),
+        "model": data_settings(cfg)["model"],
+        "device": cfg.engine.device,
+        "dtype": cfg.engine.dtype,
+        "seed": cfg.run.seed,
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def evaluation_url(model_url: str, cfg: RoundConfig) -> str:
+    """{model}/eval/{evaluation_settings_hash}: the evaluation's stages and its manifest."""
+    return storage.join(model_url, "eval", evaluation_settings_hash(cfg))
+
+
+def downstream_url(model_url: str, cfg: RoundConfig) -> str:
+    """{model}/eval/downstream-{downstream_settings_hash}: the lm-eval runs and downstream.json."""
+    return storage.join(model_url, "eval", f"downstream-{downstream_settings_hash(cfg)}")

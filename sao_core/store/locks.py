@@ -7,16 +7,22 @@ campaign's round, across processes and machines that share nothing but the store
     with campaign_lock(root, "nightly", holder="flow run 1f3c", ttl_s=120, wait_s=3600):
         ...                                                                  # one round of the campaign at a time
 
-A lease is a small JSON file made with a create-only write (storage.write_bytes_exclusive: a hard link on
+A lease is a small JSON file made with a create-only write (atomic.write_bytes_exclusive: a hard link on
 local disks, `If-None-Match: *` on S3), so of two processes one creates it and the other finds it there.
 It names its holder (host, process, a random token) and when it expires. A thread renews it every third
 of `ttl_s` while it is held, so a holder that dies or freezes loses it within `ttl_s`, on any machine; a
 holder on this machine whose process is gone loses it at once. Renewal stops after `max_hold_s` (a
 shard's engine.shard_timeout_s): a holder stuck past its own time limit lets others in.
 
-A stale lease is taken over in two create-only steps: first a marker named after that lease (of two
-takers, one creates it), then, once the stale lease is checked to be still the same and removed, the
-lease itself. Two takers never both come away holding it.
+Every change of a lease that exists is conditional on the very bytes last read (atomic.replace_if and
+remove_if: a lock of the folder on local disks, If-Match on the ETag on S3, a lock in memory://), so:
+- renewal replaces only the record its holder wrote last, and never after that record's own expiry
+  (a holder that stalled past it may already have been replaced): LeaseLost instead;
+- a stale lease is taken over by removing exactly the stale record read, then creating ours: of two
+  takers, one removes it and the other finds it gone or changed, and the create-only write lets one in.
+Nothing else is written on the way, so a taker that crashes half-way leaves nothing that blocks the
+next one (an earlier version left a take-over marker that did, for ever). Leases live only on stores
+with these writes: a local or shared folder, s3:// and memory:// (atomic.ATOMIC_SCHEMES).
 
 A lease this process released but could not remove (the store down at that moment) is remembered here, by
 URL and token: its record is still there and still looks live, but this process knows it holds nothing
@@ -26,7 +32,6 @@ out the ttl for itself. Other processes still wait for it to expire.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -35,14 +40,14 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
 from typing import Any, TypeVar
 
 from sao_core.errors import LeaseLost, LeaseTimeout, StorageConflict, StorageError
-from sao_core.store import storage
+from sao_core.store import atomic, storage
 
 log = logging.getLogger(__name__)
 
@@ -161,8 +166,9 @@ class Lease:
     acquired: float
     max_hold_s: float | None = None
     taken_from: str | None = None  # why the lease before ours was stale, when we took it over
-    marker: str | None = None  # the take-over marker we created
     lost: str | None = None  # why we no longer hold it
+    written: bytes = b""  # the record as we wrote it last: what a renewal or release may replace
+    expires: float = 0.0  # when that record expires: no renewal after it
     _stop: threading.Event = field(default_factory=threading.Event, repr=False)
     _thread: threading.Thread | None = field(default=None, repr=False)
 
@@ -179,9 +185,19 @@ class Lease:
         }
         return (json.dumps(data, indent=2) + "\n").encode("utf-8")
 
+    def _expired(self, now: float) -> bool:
+        if now < self.expires:
+            return False
+        if not self.lost:
+            self.lost = (
+                f"it expired {now - self.expires:.1f} s ago, unrenewed (its holder stalled, or the store "
+                "was away), so another may hold it now"
+            )
+        return True
+
     def held(self) -> bool:
-        """Whether the lease in the store is still ours (read afresh)."""
-        if self.lost:
+        """Whether the lease is still ours: not past the expiry we wrote, and our record in the store."""
+        if self.lost or self._expired(time.time()):
             return False
         data = read_lease(self.url)
         if not data or data.get("token") != self.token:
@@ -195,7 +211,8 @@ class Lease:
             raise LeaseLost(f"{self.what}: lost {self.url} ({self.lost}); nothing written")
 
     def renew(self) -> bool:
-        """Push the expiry on by ttl_s; False (and stop renewing) when it is no longer ours or past max_hold_s."""
+        """Push the expiry on by ttl_s, replacing only the record we wrote last and only before it expires;
+        LeaseLost when it is no longer ours; False (stop renewing) past max_hold_s; True otherwise."""
         now = time.time()
         if self.max_hold_s is not None and now - self.acquired > self.max_hold_s:
             log.warning(
@@ -203,20 +220,30 @@ class Lease:
                 now - self.acquired, self.max_hold_s,
             )  # fmt: skip
             return False
+        if self.lost or self._expired(now):
+            raise LeaseLost(f"{self.what}: lost {self.url} ({self.lost}); not renewed")
+        body = self.body(now)
         try:
-            if not self.held():
-                log.warning("%s: lease %s lost (%s)", self.what, self.url, self.lost)
-                return False
-            storage.write_bytes(self.url, self.body(now))
+            atomic.replace_if(self.url, self.written, body)
+        except StorageConflict as e:
+            data = read_lease(self.url)
+            self.lost = f"now held by {describe(data)}" if data else "removed by another process"
+            raise LeaseLost(f"{self.what}: lost {self.url} ({self.lost}); not renewed") from e
         except (OSError, StorageError) as e:  # the store is briefly away: the next try may reach it
             log.warning("%s: could not renew %s: %s", self.what, self.url, e)
+            return True
+        self.written, self.expires = body, now + self.ttl_s
         return True
 
     def start_renewing(self) -> None:
         def loop() -> None:
             interval = max(self.ttl_s / 3, MIN_POLL_S)
             while not self._stop.wait(interval):
-                if not self.renew():
+                try:
+                    if not self.renew():
+                        return
+                except LeaseLost as e:
+                    log.warning("%s", e)
                     return
 
         self._thread = threading.Thread(target=loop, name=f"lease {self.what}", daemon=True)
@@ -227,66 +254,63 @@ class Lease:
         self._stop.set()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=30)
-        removed = False
         try:
-            if self.held():
-                _remove(self.url)
-            removed = True
-            if self.marker:
-                _remove(self.marker)
+            # Only our own record, as we wrote it last: after a take-over it is someone else's.
+            atomic.remove_if(self.url, self.written)
+        except StorageConflict:
+            pass
         except (OSError, StorageError) as e:  # left behind, it expires within ttl_s
-            if not removed:  # its record still looks live: let this process's next try take it back
-                _remember_unreleased(self.url, self.token)
+            # its record still looks live: let this process's next try take it back
+            _remember_unreleased(self.url, self.token)
             log.warning(
                 "%s: could not release %s: %s (others wait until it expires, within %.0f s; "
                 "this process takes it back at once)", self.what, self.url, e, self.ttl_s,
             )  # fmt: skip
 
 
-def _remove(url: str) -> None:
+def _read_raw(url: str) -> bytes | None:
     storage.forget_listing(url)
-    with suppress(FileNotFoundError):
-        storage.remove(url)
-
-
-def _marker_url(url: str, stale: dict[str, Any], raw_token: str) -> str:
-    key = hashlib.sha256(f"{stale.get('token', '')}|{raw_token}".encode()).hexdigest()[:16]
-    base, _, name = url.rpartition("/")
-    return f"{base}/{name}.taken-{key}"
-
-
-def _take_marker(url: str, stale: dict[str, Any], token: str) -> str | None:
-    """Create the take-over marker for the stale lease `stale` at `url` and remove that lease; the marker's
-    URL, or None when another taker got the marker first or the lease changed since it was read."""
-    marker = _marker_url(url, stale, json.dumps(stale, sort_keys=True))
     try:
-        storage.write_bytes_exclusive(marker, token.encode())
+        return storage.read_bytes(url)
+    except FileNotFoundError:
+        return None
+
+
+def _parse(raw: bytes | None) -> dict[str, Any] | None:
+    """A lease record as read_lease gives it: None when there is none, {} when it cannot be read."""
+    if raw is None:
+        return None
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _remove_stale(url: str, raw: bytes) -> bool:
+    """Remove the stale record `raw` at `url`, unless it changed since it was read (renewed, released or
+    taken by another); False when it did, or the store did not let us now (the next try may)."""
+    try:
+        atomic.remove_if(url, raw)
     except StorageConflict:
-        return None
-    if read_lease(url) != stale:  # renewed, released or taken since we read it: not ours to remove
-        _remove(marker)
-        return None
-    _remove(url)
-    if "token" in stale:
-        _forget_unreleased(url, str(stale["token"]))
-    return marker
-
-
-def _clear_released_here(url: str, data: dict[str, Any]) -> None:
-    """Remove a lease this process released but could not remove (see released_here), the safe way."""
-    try:
-        marker = _take_marker(url, data, uuid.uuid4().hex)
-        if marker is not None:
-            _remove(marker)
-    except (OSError, StorageError) as e:  # still there: this process keeps treating it as free
-        log.warning("could not remove %s, released earlier by this process: %s", url, e)
+        return False
+    except (OSError, StorageError) as e:
+        log.warning("could not remove the stale lease %s: %s", url, e)
+        return False
+    data = _parse(raw)
+    if data and "token" in data:
+        _forget_unreleased(url, str(data["token"]))
+    return True
 
 
 def _create(lease: Lease) -> bool:
+    now = time.time()
+    body = lease.body(now)
     try:
-        storage.write_bytes_exclusive(lease.url, lease.body(time.time()))
+        atomic.write_bytes_exclusive(lease.url, body)
     except StorageConflict:
         return False
+    lease.written, lease.expires = body, now + lease.ttl_s
     return True
 
 
@@ -313,25 +337,22 @@ def try_acquire(
     if _create(lease):
         lease.start_renewing()
         return lease
-    stale = read_lease(url)
+    raw = _read_raw(url)
+    stale = _parse(raw)
     reason = stale_reason(stale)
     if reason is None and released_here(url, stale):
         reason = "released by this process, which could not remove it then"
     if reason is None:
         return None
-    if stale is None:  # released since our try
-        if not _create(lease):
-            return None
+    # Remove exactly the stale record read, then create ours: of two takers one removes it and the other
+    # finds it gone (and loses the create) or changed (and steps back).
+    if raw is not None and not _remove_stale(url, raw):
+        return None
+    if not _create(lease):
+        return None
+    if raw is None:  # released since our first try: created, not taken over
         lease.start_renewing()
         return lease
-    # Two create-only steps, so that of two takers of the same stale lease only one goes on.
-    marker = _take_marker(url, stale, lease.token)
-    if marker is None:
-        return None
-    lease.marker = marker
-    if not _create(lease):
-        _remove(marker)
-        return None
     lease.taken_from = reason
     log.warning("%s: took over %s from %s: %s", what, url, describe(stale), reason)
     lease.start_renewing()
@@ -360,13 +381,23 @@ def _wait_for(
         if result is not None:
             return result, announced
         if not announced:
-            log.warning("%s: %s is held by %s; %s", what, url, describe(data), waiting)
+            log.warning("%s: %s %s; %s", what, url, _held_by(data), waiting)
             announced = True
         if deadline is not None and time.monotonic() > deadline:
-            raise LeaseTimeout(
-                f"{what}: {url} is still held by {describe(data)} after waiting {wait_s:.0f} s"
-            )
+            raise LeaseTimeout(f"{what}: {url} {_held_by(data, still=True)} after waiting {wait_s:.0f} s")
         time.sleep(poll_interval(ttl_s))
+
+
+def _held_by(data: dict[str, Any] | None, still: bool = False) -> str:
+    """What stands in the way, in words: a live holder, or a lease that is stale but not yet taken over
+    (an expired lease is not "held")."""
+    reason = stale_reason(data)
+    if reason is None or data is None:
+        return f"{'is still' if still else 'is'} held by {describe(data)}"
+    return (
+        f"{'still has' if still else 'has'} a stale lease of {describe(data)} ({reason}) that could not "
+        "be taken over yet"
+    )
 
 
 def acquire(
@@ -410,12 +441,14 @@ def hold(
 
 
 def _free(url: str) -> tuple[bool | None, dict[str, Any] | None]:
-    """One look at the lease at `url`: True when nobody live holds it, else None; and the lease as read."""
-    data = read_lease(url)
+    """One look at the lease at `url`: True when nobody live holds it, else None; and the lease as read.
+    A lease this process released but could not remove is removed now, if it is still that one."""
+    raw = _read_raw(url)
+    data = _parse(raw)
     if stale_reason(data) is not None:
         return True, data
-    if data is not None and released_here(url, data):
-        _clear_released_here(url, data)
+    if raw is not None and released_here(url, data):
+        _remove_stale(url, raw)
         return True, data
     return None, data
 
@@ -431,11 +464,8 @@ def wait_until_free(urls: list[str], what: str, ttl_s: float, wait_s: float | No
 
 
 def campaign_lock_url(root: str, campaign: str) -> str:
-    """{root}/{campaign}/_lock.json (a local root made absolute, as campaign.campaign_url does)."""
-    root = root.rstrip("/")
-    if "://" not in root:
-        root = os.path.abspath(os.path.expanduser(root))
-    return storage.join(root, campaign, CAMPAIGN_LOCK)
+    """{root}/{campaign}/_lock.json, the root spelt by storage.normalise_url (as every campaign location)."""
+    return storage.join(storage.normalise_url(root), campaign, CAMPAIGN_LOCK)
 
 
 @contextmanager

@@ -23,7 +23,6 @@ import json
 import logging
 import os
 import sys
-import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -32,7 +31,7 @@ from typing import Any, TypeVar
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from sao_core.errors import StorageConflict, StorageError, TransientStorageError
+from sao_core.errors import StorageError, TransientStorageError
 
 log = logging.getLogger(__name__)
 
@@ -75,10 +74,10 @@ def sha256_bytes(data: bytes) -> str:
 # ServiceUnavailable (EBUSY), codes it does not know, such as a proxy's 502 (EIO).
 _TRANSIENT_ERRNOS = {errno.EREMOTEIO, errno.EBUSY, errno.EIO, errno.EAGAIN, errno.ETIMEDOUT}
 _ANSWERS = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError)
-_DISK_FULL = {errno.ENOSPC, errno.EDQUOT}
+DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
 
 
-def _s3_code(error: BaseException) -> str:
+def s3_code(error: BaseException) -> str:
     """The S3 error code behind an error s3fs translated ("" when there is none)."""
     seen: BaseException | None = error
     while seen is not None:
@@ -112,7 +111,7 @@ def _is_remote(fs: fsspec.AbstractFileSystem) -> bool:
     return not isinstance(fs, LocalFileSystem) and "memory" not in protocols
 
 
-def _retrying(
+def retrying(
     what: str,
     url: str,
     fs: fsspec.AbstractFileSystem,
@@ -152,14 +151,14 @@ def _retrying(
     raise AssertionError("unreachable")  # the loop returns or raises
 
 
-def _disk_full(url: str, size: int, error: OSError) -> StorageError:
+def disk_full_error(url: str, size: int, error: OSError) -> StorageError:
     return StorageError(
         f"cannot write {url}: no space left on the device ({size} bytes to write; {error.strerror}); "
         "free some space and run again: finished shards are kept"
     )
 
 
-def _write_temp(url: str, path: str, data: bytes) -> str:
+def write_temp(url: str, path: str, data: bytes) -> str:
     """The bytes in a hidden temporary file beside `path`, flushed to disk; its name. Nothing is left
     behind when it fails; a full disk is a StorageError naming `url`."""
     folder, name = os.path.split(path)
@@ -173,17 +172,17 @@ def _write_temp(url: str, path: str, data: bytes) -> str:
             f.flush()
             os.fsync(f.fileno())
     except OSError as e:
-        _remove_quietly(tmp)
-        if e.errno in _DISK_FULL:
-            raise _disk_full(url, len(data), e) from e
+        remove_quietly(tmp)
+        if e.errno in DISK_FULL_ERRNOS:
+            raise disk_full_error(url, len(data), e) from e
         raise
     except BaseException:
-        _remove_quietly(tmp)
+        remove_quietly(tmp)
         raise
     return tmp
 
 
-def _remove_quietly(path: str) -> None:
+def remove_quietly(path: str) -> None:
     with contextlib.suppress(FileNotFoundError):
         os.remove(path)
 
@@ -193,7 +192,7 @@ def _remove_quietly(path: str) -> None:
 
 def exists(url: str) -> bool:
     fs, path = url_to_fs(url)
-    return bool(_retrying("check", url, fs, lambda: fs.exists(path)))
+    return bool(retrying("check", url, fs, lambda: fs.exists(path)))
 
 
 def read_input(url: str, where: str, error: type[Exception]) -> bytes:
@@ -212,7 +211,7 @@ def read_input(url: str, where: str, error: type[Exception]) -> bytes:
 def read_bytes(url: str) -> bytes:
     fs, path = url_to_fs(url)
     try:
-        return bytes(_retrying("read", url, fs, lambda: fs.cat_file(path)))
+        return bytes(retrying("read", url, fs, lambda: fs.cat_file(path)))
     except FileNotFoundError:
         raise
     except IsADirectoryError as e:
@@ -227,104 +226,15 @@ def write_bytes(url: str, data: bytes) -> None:
     """Write a whole file atomically: temp name + rename locally, one PUT on object stores."""
     fs, path = url_to_fs(url)
     if isinstance(fs, LocalFileSystem):
-        tmp = _write_temp(url, path, data)
+        tmp = write_temp(url, path, data)
         try:
             os.replace(tmp, path)
         finally:
-            _remove_quietly(tmp)
+            remove_quietly(tmp)
     else:
         # s3fs: pipe_file is a single put_object (multipart, also all-or-nothing, above 5 GB); sent again
         # after a lost reply it writes the same bytes, so a retry is safe.
-        _retrying("write", url, fs, lambda: fs.pipe_file(path, data))
-
-
-_MEMORY_CREATE_LOCK = threading.Lock()
-# What S3 answers while another conditional write of the same key is in flight (409), as s3fs gives it.
-_CONFLICT_CODES = {"ConditionalRequestConflict", "OperationAborted", "409"}
-
-
-def _is_transient_for_create(error: BaseException) -> bool:
-    if isinstance(error, OSError) and error.errno == errno.EBUSY and _s3_code(error) in _CONFLICT_CODES:
-        return False  # another writer, not a fault: StorageConflict below
-    return is_transient(error)
-
-
-def write_bytes_exclusive(url: str, data: bytes) -> None:
-    """Create a file that must not exist yet; StorageConflict when it does (another writer got there first).
-
-    Local disks: the bytes go to a temporary name and are hard-linked into place, which fails if the name
-    exists, so the file appears whole or not at all. S3: one PUT with `If-None-Match: *` (s3fs's
-    mode="create"), refused by the store when the key exists; the object is read back, so a store that
-    ignores the condition is caught when it let another writer replace ours. A PUT whose reply was lost
-    is sent again (by botocore or here) and refused, as the key now holds our own bytes: when what is there
-    is byte for byte what we wrote, the write is ours. memory://: under a lock. Other stores get fsspec's
-    create mode, which checks and then writes (not atomic).
-    """
-    fs, path = url_to_fs(url)
-    if isinstance(fs, LocalFileSystem):
-        _create_local(url, path, data)
-        return
-    protocols = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
-    if "memory" in protocols:
-        with _MEMORY_CREATE_LOCK:
-            if fs.exists(path):
-                raise StorageConflict(f"{url} already exists")
-            fs.pipe_file(path, data)
-        return
-    try:
-        _retrying(
-            "create", url, fs, lambda: fs.pipe_file(path, data, mode="create"), _is_transient_for_create
-        )
-    except FileExistsError as e:  # s3fs: 412 PreconditionFailed
-        if _read_back(url, fs, path) == data:
-            log.info("%s holds the very bytes written: ours, sent again after a lost reply", url)
-            return
-        raise StorageConflict(f"{url} already exists") from e
-    except OSError as e:
-        # S3 answers 409 ConditionalRequestConflict while another conditional write of the key is in flight.
-        if e.errno == errno.EBUSY:
-            raise StorageConflict(f"{url} is being written by another writer") from e
-        raise
-    if _read_back(url, fs, path) != data:
-        raise StorageConflict(f"{url} was replaced by another writer (the store ignored If-None-Match)")
-
-
-def _read_back(url: str, fs: fsspec.AbstractFileSystem, path: str) -> bytes | None:
-    """What the store holds at `path` now (None: removed since, by another writer)."""
-    fs.invalidate_cache(path)
-    try:
-        return bytes(_retrying("read", url, fs, lambda: fs.cat_file(path)))
-    except FileNotFoundError:
-        return None
-
-
-def _create_local(url: str, path: str, data: bytes) -> None:
-    tmp = _write_temp(url, path, data)
-    try:
-        try:
-            os.link(tmp, path)
-        except FileExistsError as e:
-            raise StorageConflict(f"{url} already exists") from e
-        except OSError as e:
-            if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EXDEV, errno.EOPNOTSUPP):
-                raise
-            # A filesystem without hard links: O_EXCL still makes the name ours alone.
-            try:
-                f = open(path, "xb")  # noqa: SIM115 (the name is ours from here: removed if the write fails)
-            except FileExistsError as e2:
-                raise StorageConflict(f"{url} already exists") from e2
-            try:
-                with f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
-            except OSError as e3:
-                _remove_quietly(path)  # never a torn record under the final name
-                if e3.errno in _DISK_FULL:
-                    raise _disk_full(url, len(data), e3) from e3
-                raise
-    finally:
-        _remove_quietly(tmp)
+        retrying("write", url, fs, lambda: fs.pipe_file(path, data))
 
 
 def forget_listing(url: str) -> None:
@@ -353,7 +263,7 @@ def list_files(url: str, pattern: str = "*") -> list[str]:
     """Full URLs of the files under a folder that match a glob pattern, sorted."""
     fs, path = url_to_fs(url)
     protocol = fs.protocol[0] if isinstance(fs.protocol, (tuple, list)) else fs.protocol
-    found = sorted(_retrying("list", url, fs, lambda: fs.glob(f"{path.rstrip('/')}/{pattern}")))
+    found = sorted(retrying("list", url, fs, lambda: fs.glob(f"{path.rstrip('/')}/{pattern}")))
     if isinstance(fs, LocalFileSystem):
         return found
     return [f"{protocol}://{p.lstrip('/')}" for p in found]
@@ -363,17 +273,17 @@ def remove(url: str, recursive: bool = False) -> None:
     fs, path = url_to_fs(url)
     if exists(url):
         with contextlib.suppress(FileNotFoundError):  # removed by a try whose reply was lost
-            _retrying("remove", url, fs, lambda: fs.rm(path, recursive=recursive))
-
-
-# --- naming places ----------------------------------------------------------------------------------
+            retrying("remove", url, fs, lambda: fs.rm(path, recursive=recursive))
 
 
 # --- where things are ----------------------------------------------------------------------------------
 
 
 def normalise_url(url: str) -> str:
-    """A URL without its trailing slash; a local path made absolute (as layout.round_url does)."""
+    """The one spelling of a store location: no trailing slash; a local path with `~` expanded and made
+    absolute, so that every folder, record, lock and cache key built on it names one place, whichever
+    directory the command ran from (`~/sao-art`, never `./~/sao-art`). Every place that turns a root or
+    folder into a location goes through here: layout.round_url, the campaign records and lock, training."""
     url = url.rstrip("/")
     return url if "://" in url else os.path.abspath(os.path.expanduser(url))
 

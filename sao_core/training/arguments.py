@@ -39,6 +39,41 @@ def deploy_path(path: str, key: str) -> str:
     )
 
 
+# The package each of TRL's reporters needs (transformers.integrations); tensorboardX also serves.
+_REPORTER_PACKAGES = {
+    "tensorboard": ("tensorboard", "tensorboardX"),
+    "mlflow": ("mlflow",),
+    "wandb": ("wandb",),
+}
+
+
+def reporters(tcfg: TrainingConfig) -> list[str]:
+    """training.report_to as TRL's `report_to`: the reporters named, each with its package installed
+    (ConfigError naming the one missing); [] for none."""
+    import importlib.util
+
+    chosen: list[str] = [r for r in tcfg.report_to if r != "none"]
+    for name in chosen:
+        if not any(importlib.util.find_spec(m) for m in _REPORTER_PACKAGES[name]):
+            raise ConfigError(
+                f"training.report_to names {name!r}, but this environment has none of "
+                f"{', '.join(_REPORTER_PACKAGES[name])} installed: install it or drop it from report_to"
+            )
+    return chosen
+
+
+def report_into(trainer: Any, logging_dir: str) -> None:
+    """Have the TensorBoard reporter write its event files under `logging_dir` (the run's logs/, which its
+    output keeps) rather than under output_dir/runs/, inside the checkpoints a finished run removes.
+    transformers 5 dropped TrainingArguments.logging_dir; its callback reads its folder from itself
+    (or TENSORBOARD_LOGGING_DIR, which would reach every run in the process)."""
+    from transformers.integrations import TensorBoardCallback
+
+    for callback in trainer.callback_handler.callbacks:
+        if isinstance(callback, TensorBoardCallback):
+            callback.logging_dir = logging_dir
+
+
 def check_objective(objective: str) -> None:
     if objective not in OBJECTIVES:
         raise ConfigError(f"training.objective {objective!r} is unknown; allowed: {', '.join(OBJECTIVES)}")
@@ -62,8 +97,10 @@ def build_peft_config(tcfg: TrainingConfig) -> Any:
 
 
 def build_trl_config(tcfg: TrainingConfig, output_dir: str, world_size: int, use_cpu: bool) -> Any:
-    """TRL's config for the objective, with every setting we rely on set explicitly."""
+    """TRL's config for the objective, with every setting we rely on set explicitly (training.report_to
+    included: see reporters and report_into)."""
     check_objective(tcfg.objective)
+    report_to = reporters(tcfg)
     if use_cpu and tcfg.precision == "fp16":
         raise ConfigError("training.precision 'fp16' needs a GPU; use 'bf16' or 'fp32' on CPU")
     deepspeed = deploy_path(tcfg.deepspeed, "training.deepspeed") if tcfg.deepspeed else None
@@ -97,7 +134,7 @@ def build_trl_config(tcfg: TrainingConfig, output_dir: str, world_size: int, use
         save_steps=tcfg.checkpoint_steps,
         save_total_limit=tcfg.save_total_limit,
         save_only_model=False,  # optimizer, scheduler and RNG states are what make a resume exact
-        report_to="none",
+        report_to=report_to or "none",
         disable_tqdm=True,
         log_level="warning",
         log_level_replica="error",

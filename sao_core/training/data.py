@@ -243,14 +243,17 @@ def measure_lengths(ds: Dataset, tokenizer: Any, adds_bos: bool) -> tuple[list[i
     )
 
 
-def prepare_pairs(url: str, tokenizer: Any, tcfg: TrainingConfig) -> Pairs:
-    """Load and check the pairs, then drop (and count) rows longer than max_length / max_prompt_length,
-    and rows whose prompt_id an earlier row has (a pairs file written twice over, or by hand).
+def prepare_pairs(
+    url: str, tokenizer: Any, tcfg: TrainingConfig, loaded: tuple[Dataset, list[str], str] | None = None
+) -> Pairs:
+    """Load and check the pairs (or take what load_pairs gave), then drop (and count) rows longer than
+    max_length / max_prompt_length, and rows whose prompt_id an earlier row has (a pairs file written
+    twice over, or by hand).
 
     SimPO's code truncates long answers instead; we drop them, because a truncated answer changes the
-    length-normalised reward the pair is trained on. No row left is an error.
+    length-normalised reward the pair is trained on. No row left is an error naming the rows and why.
     """
-    ds, files, sha = load_pairs(url)
+    ds, files, sha = loaded or load_pairs(url)
     prompt_ids = (
         [str(x) for x in ds["prompt_id"]]
         if "prompt_id" in ds.column_names
@@ -276,7 +279,8 @@ def prepare_pairs(url: str, tokenizer: Any, tcfg: TrainingConfig) -> Pairs:
             f"every one of the {len(ds)} pairs in {url} is longer than training.max_length={tcfg.max_length} "
             f"or its prompt longer than training.max_prompt_length={tcfg.max_prompt_length} tokens "
             f"(shortest pair {min(max(c, r) for c, r in zip(chosen_len, rejected_len, strict=True))} tokens, "
-            f"shortest prompt {min(prompt_len)})"
+            f"shortest prompt {min(prompt_len)}): "
+            + _too_long_rows(files, prompt_ids, prompt_len, chosen_len, rejected_len, tcfg)
         )
     tokens = [c + r for c, r in zip(chosen_len, rejected_len, strict=True)]
     rows_in = len(ds)
@@ -285,6 +289,31 @@ def prepare_pairs(url: str, tokenizer: Any, tcfg: TrainingConfig) -> Pairs:
     ds = ds.select_columns([*PAIR_COLUMNS, ROW_COLUMN])
     drops = {k: v for k, v in drops.items() if v}
     return Pairs(ds, files, sha, rows_in, prompt_ids, tokens, drops, tokenizer)
+
+
+def _too_long_rows(
+    files: list[str],
+    prompt_ids: list[str],
+    prompt_len: list[int],
+    chosen_len: list[int],
+    rejected_len: list[int],
+    tcfg: TrainingConfig,
+    shown: int = 3,
+) -> str:
+    """Which rows are too long and why, the first `shown` of them, for the error that no row is left."""
+    why: list[str] = []
+    for i, (p, c, r) in enumerate(zip(prompt_len, chosen_len, rejected_len, strict=True)):
+        if len(why) == shown:
+            why.append(f"and {len(prompt_len) - shown} more")
+            break
+        if p > tcfg.max_prompt_length:
+            reason = f"prompt {p} tokens > training.max_prompt_length {tcfg.max_prompt_length}"
+        elif max(c, r) > tcfg.max_length:
+            reason = f"prompt+answer {max(c, r)} tokens > training.max_length {tcfg.max_length}"
+        else:
+            reason = "a repeat of an earlier prompt_id"
+        why.append(f"{_locate_row(files, i)} (prompt_id {prompt_ids[i]}): {reason}")
+    return "; ".join(why) + "; raise the limits or shorten the pairs"
 
 
 def repeated_rows(rows: int, per_device_batch_size: int, world_size: int, epochs: float = 1.0) -> int:

@@ -18,7 +18,7 @@ from sao_core.store import locks, storage
 from sao_core.store.layout import round_url
 from sao_core.store.models import resolve_model
 from sao_core.training.arguments import REPO_ROOT, check_objective, deploy_path, gradient_accumulation_steps
-from sao_core.training.data import Pairs, prepare_pairs
+from sao_core.training.data import Pairs, load_pairs, prepare_pairs
 from sao_core.training.outputs import finished_manifest, run_identity, train_claim_url, training_hash
 from sao_core.training.run import LAUNCHED_BY, load_tokenizer, local_adapter, run_training, say
 
@@ -26,7 +26,11 @@ DEFAULT_ACCELERATE_CONFIG = "deployments/accelerate/ddp.yaml"
 
 
 def check_inputs(cfg: RoundConfig, pairs_url: str) -> Pairs:
-    """Every check that needs no training: objective, batch split, deployment files, model path, pairs."""
+    """Every check that needs no training: objective, batch split, deployment files, pairs, model path.
+
+    The pairs' columns and rows are checked before the model is found or its tokenizer loaded (a hub id
+    downloads the weights): a pairs file that cannot train fails in seconds. Their lengths need the
+    tokenizer, and are measured after."""
     tcfg = cfg.training
     check_objective(tcfg.objective)
     gradient_accumulation_steps(tcfg, tcfg.num_processes)
@@ -34,6 +38,7 @@ def check_inputs(cfg: RoundConfig, pairs_url: str) -> Pairs:
         deploy_path(tcfg.deepspeed, "training.deepspeed")
     if tcfg.launcher == "accelerate":
         deploy_path(tcfg.accelerate_config or DEFAULT_ACCELERATE_CONFIG, "training.accelerate_config")
+    loaded = load_pairs(pairs_url)
     model_path = resolve_model(cfg.model.path)
     if cfg.model.adapter:
         if tcfg.deepspeed:
@@ -44,7 +49,10 @@ def check_inputs(cfg: RoundConfig, pairs_url: str) -> Pairs:
             )
         local_adapter(cfg.model.adapter)  # a URL is fetched into the model cache here, once for every rank
     return prepare_pairs(
-        pairs_url, load_tokenizer(model_path, cfg.model.revision, cfg.model.trust_remote_code), tcfg
+        pairs_url,
+        load_tokenizer(model_path, cfg.model.revision, cfg.model.trust_remote_code),
+        tcfg,
+        loaded=loaded,
     )
 
 
@@ -105,7 +113,9 @@ def stream_command(
 
 
 def _absolute(url: str) -> str:
-    return str(Path(url).expanduser().resolve()) if "://" not in url else url
+    # The same spelling as the parent's claims and records (storage.normalise_url), not a symlink-resolved
+    # one: a rank must write under the very URL the launching process holds the claim of.
+    return storage.normalise_url(url)
 
 
 def _absolute_model_paths(cfg: RoundConfig) -> RoundConfig:

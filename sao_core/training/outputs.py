@@ -30,6 +30,9 @@ _LAUNCH_KEYS = (
     "save_total_limit",
     "keep_checkpoints",
     "logging_steps",
+    # where the logged steps are also reported (tensorboard, mlflow, wandb): the same run learns the same
+    # thing, so a run of today's default (none) keeps the hash it had before the key existed
+    "report_to",
 )
 # Keys that run.json and manifest.json once recorded under another name: a run begun before the
 # rename still resumes, and a finished one is still found.
@@ -238,7 +241,7 @@ def write_outputs(
     tcfg: TrainingConfig,
 ) -> None:
     if remote:
-        for name in ("adapter", "full"):
+        for name in ("adapter", "full", "logs"):  # logs: training.report_to's event files
             if (staging / name).is_dir():
                 upload_folder(staging / name, storage.join(output_url, name))
     storage.write_json(

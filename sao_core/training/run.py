@@ -20,7 +20,13 @@ from sao_core.store import storage
 from sao_core.store.layout import hash_config
 from sao_core.store.locks import process_gone
 from sao_core.store.models import load_kwargs, model_revision, resolve_adapter, resolve_model
-from sao_core.training.arguments import build_peft_config, build_trl_config, check_objective, trainer_class
+from sao_core.training.arguments import (
+    build_peft_config,
+    build_trl_config,
+    check_objective,
+    report_into,
+    trainer_class,
+)
 from sao_core.training.data import ROW_COLUMN, Pairs, pairs_sha256, prepare_pairs, repeated_rows
 from sao_core.training.outputs import (
     backend,
@@ -242,6 +248,7 @@ def prepare_training(
         processing_class=tokenizer,
         peft_config=build_peft_config(tcfg),
     )
+    report_into(trainer, str(Path(staging) / "logs"))
     trainer.rows_seen = []
     trainer.data_collator = _RowTaggingCollator(trainer.data_collator)
     from transformers.trainer_callback import PrinterCallback

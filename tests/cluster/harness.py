@@ -7,6 +7,11 @@
     one process worker on sao-cpu (rounds), N on sao-gpu-batch (`--limit 1`: one batch each) and one
     on sao-train (`--limit 1`: the runs of training.deployment; train_worker=False leaves it out).
 
+As on a real cluster, `sao deploy` runs from a shell without SAO_PROJECT_DIR, and the workers run the
+project from a folder of their own: a copy of this one at another path (Cluster.project_dir), named by
+their SAO_PROJECT_DIR, which prefect.yaml's pull step resolves when each run starts. The workers
+themselves start elsewhere (the logs folder), so a run finds its code through the pull step or not at all.
+
 Everything started here is stopped by its PID on the way out, even after an error: workers get SIGINT
 twice (they ignore SIGTERM) and then SIGKILL, the flow-run processes they leave behind SIGKILL, the
 server SIGINT, PostgreSQL `pg_ctl stop`. The logs stay in the folder given, for a failed run to be read.
@@ -217,6 +222,7 @@ class Cluster:
     logs: Path
     workers: dict[str, subprocess.Popen] = field(default_factory=dict)
     deploy_output: str = ""
+    project_dir: Path = REPO  # the workers' SAO_PROJECT_DIR
 
     def get(self, path: str) -> Any:
         r = httpx.get(f"{self.api}{path}", timeout=30)
@@ -280,12 +286,27 @@ def _base_env(prefect_home: Path, api: str, s3: str | None) -> dict[str, str]:
         PREFECT_API_URL=api,
         PREFECT_SERVER_ANALYTICS_ENABLED="false",
         PREFECT_CLI_PROMPT="false",
-        SAO_PROJECT_DIR=str(REPO),
         PYTHONUNBUFFERED="1",
     )
+    env.pop("SAO_PROJECT_DIR", None)
     if s3 is not None:
         env.update(s3_env(s3))
     return env
+
+
+def copy_project(dest: Path) -> Path:
+    """The project's files (tracked, and new ones git does not ignore) copied under `dest`: the folder a
+    worker's SAO_PROJECT_DIR names, at a path other than the deploying machine's."""
+    listed = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard", "-z"],
+        cwd=REPO, capture_output=True, text=True, check=True, timeout=60,
+    ).stdout  # fmt: skip
+    for name in filter(None, listed.split("\0")):
+        source = REPO / name
+        if source.is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, dest / name)
+    return dest
 
 
 def run_sao_deploy(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
@@ -360,7 +381,9 @@ def local_cluster(
         wait_healthy(f"{api}/health", server, server_log, every_s=1.0, what="prefect server")
         t_server = time.monotonic() - started
 
-        cluster = Cluster(api=api, bucket=bucket, env=env, logs=logs)
+        project = Path(tempfile.mkdtemp(prefix="sao-worker-project-"))
+        stack.callback(shutil.rmtree, project, ignore_errors=True)
+        cluster = Cluster(api=api, bucket=bucket, env=env, logs=logs, project_dir=copy_project(project))
         deploy = run_sao_deploy(env, *deploy_args)
         (logs / "sao-deploy.log").write_text(deploy.stdout + deploy.stderr)
         assert deploy.returncode == 0, f"sao deploy failed:\n{deploy.stdout[-3000:]}\n{deploy.stderr[-3000:]}"
@@ -371,6 +394,7 @@ def local_cluster(
             **env,
             "PREFECT_WORKER_QUERY_SECONDS": "1",
             "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(HEARTBEAT_FREQUENCY_S),
+            "SAO_PROJECT_DIR": str(cluster.project_dir),
             **(worker_env or {}),
         }
         specs = [("cpu", "sao-cpu", [])] + [(n, "sao-gpu-batch", ["--limit", "1"]) for n in gpu_workers]
@@ -390,7 +414,9 @@ def local_cluster(
                 "--name",
                 name,
             ]
-            proc = start([*argv, *extra], env_of_workers, logs / f"worker-{name}.log", new_session=False)
+            proc = start(
+                [*argv, *extra], env_of_workers, logs / f"worker-{name}.log", cwd=logs, new_session=False
+            )
             cluster.workers[name] = proc
             stack.callback(stop_worker, proc)
         _wait_workers_online(cluster, online)

@@ -15,6 +15,9 @@ What is checked:
   automation of `sao deploy`, and the same follows;
 - a round with `training.deployment` trains as a flow run of sao-train/train on the sao-train
   worker, waits for it, and reports the model that run wrote to the bucket;
+- a round with fan-out and `training.deployment` runs its evaluation's answers and verdicts and its
+  downstream lm-eval as gpu-batch runs too, and its own process imports no model library and opens no
+  weight file (an audit hook in its job's environment says so);
 - two rounds triggered at once run one after the other (the deployment's ENQUEUE limit);
 - the nightly schedule is the one `sao deploy` set in its variables, and a second `sao deploy`
   changes nothing that was there.
@@ -25,6 +28,9 @@ About 5 minutes on 2 idle cores (7 under load): one cluster for the module, smal
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -35,7 +41,15 @@ import psutil
 import pytest
 
 from sao_core.store import shards, storage
-from sao_core.store.layout import MODEL_STAGES, load_config, output_url, round_url, stage_url
+from sao_core.store.layout import (
+    MODEL_STAGES,
+    downstream_url,
+    evaluation_url,
+    load_config,
+    output_url,
+    round_url,
+    stage_url,
+)
 from sao_core.training import default_output_url
 from tests.cluster.harness import (
     CRON,
@@ -208,6 +222,18 @@ def test_nightly_schedule_is_the_one_sao_deploy_set(cluster: Cluster):
     print(f"\nschedule and redeploy: {time.monotonic() - started:.1f} s", flush=True)
 
 
+def test_deployments_leave_the_project_folder_to_each_worker(cluster: Cluster):
+    """`sao deploy` ran without SAO_PROJECT_DIR, so every deployment keeps prefect.yaml's pull step as a
+    template that each worker resolves to its own folder (the runs' project_dir is checked below)."""
+    assert cluster.project_dir != REPO
+    for name in (ROUND_DEPLOYMENT, "sao-gpu-batch/gpu-batch", TRAIN_DEPLOYMENT):
+        deployment = cluster.get(f"/deployments/name/{name}")
+        assert deployment["pull_steps"] == [
+            {"prefect.deployments.steps.set_working_directory": {"directory": "{{ $SAO_PROJECT_DIR }}"}}
+        ], (name, deployment["pull_steps"])
+        assert str(REPO) not in json.dumps(deployment), name
+
+
 def test_round_fans_model_stages_out_to_both_gpu_workers(cluster: Cluster):
     started = time.monotonic()
     overrides = overrides_for(cluster, "rounds-fanout")
@@ -219,7 +245,12 @@ def test_round_fans_model_stages_out_to_both_gpu_workers(cluster: Cluster):
     all_batch_ids = []
     # tasks/fanout.py tags each batch run with its round folder (a round number repeats across campaigns).
     round_tag = f"sao-round-dir:{round_dir.rstrip('/').rsplit('/', 1)[-1]}"
-    for stage in MODEL_STAGES:
+    # The judgements ran on the responses' batch runs, on the engine that wrote the responses: no batch
+    # run of their own, one model load for both stages.
+    assert batch_runs(cluster, round_dir, "judgements") == []
+    assert batch_records(round_dir, "judgements") == []
+    chains = {"prompts": ["prompts"], "responses": ["responses", "judgements"]}
+    for stage, chain in chains.items():
         runs = batch_runs(cluster, round_dir, stage)
         assert sorted(r["name"] for r in runs) == [f"{stage}-batch-00-try-1", f"{stage}-batch-01-try-1"]
         tags = [set(r["tags"]) for r in runs]
@@ -231,6 +262,10 @@ def test_round_fans_model_stages_out_to_both_gpu_workers(cluster: Cluster):
         assert sorted(r["flow_run_id"] for r in records) == sorted(r["id"] for r in runs)
         assert len({r["pid"] for r in records}) == 2, records
         assert all(r["engine_builds"] == 1 for r in records if r["shards"]), records
+        assert all(r["stages"] == chain for r in records), records
+        assert all(sorted(r["rows_out_by_stage"]) == sorted(chain) for r in records), records
+        # Each run worked in the workers' project folder (their SAO_PROJECT_DIR), not the deployer's.
+        assert {r["project_dir"] for r in records} == {str(cluster.project_dir.resolve())}, records
         shards = sorted(i for r in records for i in r["shards"])
         assert shards == [0, 1, 2, 3], f"{stage}: each of the 4 shards in exactly one batch: {shards}"
 
@@ -242,7 +277,7 @@ def test_round_fans_model_stages_out_to_both_gpu_workers(cluster: Cluster):
         assert (f"tiny-{stage}-counts", "table") in keys, (stage, keys)
     assert ("tiny-round-report", "markdown") in keys
     batch_keys = {a["key"] for a in artifacts_of(cluster, all_batch_ids)}
-    assert {f"{s}-batch-{b:02d}" for s in MODEL_STAGES for b in (0, 1)} <= batch_keys, batch_keys
+    assert {f"{s}-batch-{b:02d}" for s in chains for b in (0, 1)} <= batch_keys, batch_keys
     print(f"\nfan-out round: {time.monotonic() - started:.1f} s", flush=True)
 
 
@@ -310,7 +345,8 @@ def test_a_round_trains_on_the_train_deployment(cluster: Cluster):
 class Frozen:
     """A batch run's process stopped (SIGSTOP) between two of its shards."""
 
-    stage: str
+    stage: str  # the batch runs' stage
+    watched: str  # the stage whose manifests showed the run mid-batch: the last of its chain
     run_id: str
     pid: int
     shards: list[int]
@@ -323,7 +359,7 @@ class Frozen:
 
 
 def freeze_batch_mid_stage(
-    cluster: Cluster, round_dir: str, stage: str, timeout_s: float = 300.0
+    cluster: Cluster, round_dir: str, stage: str, watched: str, timeout_s: float = 300.0
 ) -> Frozen | None:
     """Stop the process of `stage`'s first batch once some of its shards are written and not all.
 
@@ -348,8 +384,8 @@ def freeze_batch_mid_stage(
         # Gone already (the batch finished), or not the process a worker started.
         assert state_type(cluster.read_run(run["id"])) in FINAL, f"pid {pid} of {name} is no worker's child"
         return None
-    shards = list(run["parameters"]["shards"])
-    manifests = {i: shards.shard_manifest_url(output_url(round_dir, stage), i) for i in shards}
+    batch_shards = list(run["parameters"]["shards"])
+    manifests = {i: shards.shard_manifest_url(output_url(round_dir, watched), i) for i in batch_shards}
 
     def written() -> list[int]:
         fs = fresh_fs()
@@ -366,17 +402,19 @@ def freeze_batch_mid_stage(
             return None
         time.sleep(0.05)
     done = written()
-    if len(done) == len(shards):
+    if len(done) == len(batch_shards):
         process.resume()
         return None
     fs = fresh_fs()
     before = {i: (fs.cat_file(manifests[i]), fs.info(manifests[i])["LastModified"]) for i in done}
-    return Frozen(stage, run["id"], pid, shards, before, process)
+    return Frozen(stage, watched, run["id"], pid, batch_shards, before, process)
 
 
 def freeze_a_batch(cluster: Cluster, round_dir: str) -> Frozen:
-    for stage in ("responses", "judgements"):  # a second chance if the first batch was too quick
-        frozen = freeze_batch_mid_stage(cluster, round_dir, stage)
+    # A responses batch writes each shard's responses and then its judgements: a shard is whole once its
+    # judgement is written. Prompts are a second chance if that batch was too quick.
+    for stage, watched in (("responses", "judgements"), ("prompts", "prompts")):
+        frozen = freeze_batch_mid_stage(cluster, round_dir, stage, watched)
         if frozen is not None:
             print(
                 f"\nstopped {stage} batch 0 (pid {frozen.pid}) with shards {sorted(frozen.done_before)} "
@@ -408,13 +446,13 @@ def check_resubmitted(cluster: Cluster, round_dir: str, frozen: Frozen, total: i
 
     # Shards finished before the stop: same manifest, same write time, no task run in try 2.
     fs = fresh_fs()
-    out_url = output_url(round_dir, frozen.stage)
+    out_url = output_url(round_dir, frozen.watched)
     for index, (content, modified) in frozen.done_before.items():
         url = shards.shard_manifest_url(out_url, index)
         assert fs.cat_file(url) == content and fs.info(url)["LastModified"] == modified, index
     retried_tasks = set(task_run_names(cluster, [r["id"] for r in retries]))
-    assert not {f"{frozen.stage}-shard-{i:05d}" for i in frozen.done_before} & retried_tasks, retried_tasks
-    assert {f"{frozen.stage}-shard-{i:05d}" for i in missing} <= retried_tasks, retried_tasks
+    assert not {f"{frozen.watched}-shard-{i:05d}" for i in frozen.done_before} & retried_tasks, retried_tasks
+    assert {f"{frozen.watched}-shard-{i:05d}" for i in missing} <= retried_tasks, retried_tasks
     return resent
 
 
@@ -503,3 +541,110 @@ def test_two_rounds_triggered_at_once_run_one_after_the_other(cluster: Cluster):
     assert "AwaitingConcurrencySlot" in state_names(cluster, second["id"])
     assert "AwaitingConcurrencySlot" not in state_names(cluster, first["id"])
     print(f"\nqueued rounds: {time.monotonic() - started:.1f} s", flush=True)
+
+
+# Put on PYTHONPATH in the round's own process only (its job variables): a line per process start, per
+# import of a model library and per weight file opened, so the test sees any model the round loads there.
+LOAD_AUDIT = """
+import os, sys
+
+_log = os.environ.get("SAO_TEST_LOAD_LOG")
+
+
+def _record(line):
+    with open(_log, "a") as f:
+        f.write(f"{os.getpid()} {line}\\n")
+
+
+def _audit(event, args):
+    if event == "import" and args[0] in ("torch", "vllm", "lm_eval", "transformers"):
+        _record(f"import {args[0]}")
+    elif event == "open" and isinstance(args[0], str) and args[0].endswith((".safetensors", ".bin", ".gguf")):
+        _record(f"open {args[0]}")
+
+
+if _log:
+    _record("start")
+    sys.addaudithook(_audit)
+"""
+
+
+def test_with_deployments_the_round_process_loads_no_model(cluster: Cluster, tmp_path: Any):
+    """fanout.mode deployment and training.deployment: the evaluation's answers and verdicts and the
+    downstream lm-eval runs go to the gpu-batch pool like the data stages, training to sao-train; the
+    round's own process (the orchestrator image: no GPU, no vLLM) imports no model library and opens no
+    weight file, while the batch runs record their engine builds."""
+    started = time.monotonic()
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(LOAD_AUDIT)
+    audit = {"PYTHONPATH": str(hooks), "SAO_TEST_LOAD_LOG": str(tmp_path / "loads.log")}
+    # The audit sees a load: a process that imports torch and opens a weight file is recorded.
+    probe = tmp_path / "probe.safetensors"
+    probe.write_bytes(b"0")
+    subprocess.run(
+        [sys.executable, "-c", f"import torch; open({str(probe)!r}, 'rb').close()"],
+        env={**os.environ, **audit, "SAO_TEST_LOAD_LOG": str(tmp_path / "probe.log")},
+        check=True,
+        timeout=120,
+    )
+    seen = (tmp_path / "probe.log").read_text().split("\n")
+    assert any(line.endswith(" import torch") for line in seen) and any(str(probe) in line for line in seen)
+
+    overrides = overrides_for(
+        cluster,
+        "rounds-evaluate",
+        "personas.n=4",
+        "run.shard_size=2",
+        f"training.deployment={TRAIN_DEPLOYMENT}",
+        "training.merge=true",  # as the round deployment's campaign does (see the train test above)
+        "evaluation.enabled=true",
+        # The contenders' answers on a real model loader, so the batch runs do load one.
+        "evaluation.engine={name: transformers, device: cpu, dtype: float32, batch_size: 8}",
+        "evaluation.n=4",
+        "evaluation.trust_n=4",
+        "evaluation.max_tokens=8",
+        "evaluation.bootstrap=100",
+        "evaluation.downstream.limit=2",
+    )
+    cfg = load_config(TINY, overrides)
+    model_url = default_output_url(cfg)
+    eval_dir, ds_dir = evaluation_url(model_url, cfg), downstream_url(model_url, cfg)
+    run_id = cluster.trigger_round(TINY, overrides, job_variables={"env": audit})
+    run = cluster.wait_final(run_id, ROUND_TIMEOUT_S)
+    assert state_type(run) == "COMPLETED", f"{run['state']}\n{cluster.log_tails()}"
+
+    # The round's process started with the audit and recorded nothing else: no model library, no weights.
+    lines = (tmp_path / "loads.log").read_text().splitlines()
+    assert lines and all(line.endswith(" start") for line in lines), lines
+
+    # Each evaluation stage ran on both gpu-batch workers, one engine build per batch that answered.
+    for stage, loads in (("answers-candidate", 1), ("answers-current", 1), ("verdicts", 1)):
+        runs = batch_runs(cluster, eval_dir, stage)
+        assert sorted(r["name"] for r in runs) == [f"{stage}-batch-00-try-1", f"{stage}-batch-01-try-1"]
+        assert all(state_type(r) == "COMPLETED" for r in runs), [(r["name"], r["state"]) for r in runs]
+        assert check_workers_ran(cluster, runs) == set(GPU_WORKERS), stage
+        records = batch_records(eval_dir, stage)
+        assert sorted(r["flow_run_id"] for r in records) == sorted(r["id"] for r in runs)
+        assert all(r["engine_builds"] == loads for r in records), records
+    fresh_fs()
+    answers = shards.read_stage_manifest(storage.join(eval_dir, "answers-candidate"))
+    assert answers["engine"] == "transformers" and answers["rows_out"] == 4, answers
+    evaluation = storage.read_json(storage.join(eval_dir, "manifest.json"))
+    assert evaluation["prompts"] == 4 and evaluation["trust"]["items"] == 4, evaluation
+    assert evaluation["settings_hash"] == eval_dir.rsplit("/", 1)[-1]
+
+    # Downstream: one lm-eval shard per model, each on a gpu-batch run.
+    runs = batch_runs(cluster, ds_dir, "downstream")
+    assert len(runs) == 2 and all(state_type(r) == "COMPLETED" for r in runs), runs
+    assert sorted(i for r in batch_records(ds_dir, "downstream") for i in r["shards"]) == [0, 1]
+    scores = storage.read_json(storage.join(ds_dir, "downstream.json"))
+    assert set(scores["candidate"]["tasks"]) == set(cfg.evaluation.downstream.tasks), scores
+
+    # Training ran as its own deployment's run.
+    deployment = cluster.get(f"/deployments/name/{TRAIN_DEPLOYMENT}")
+    trains = cluster.post(
+        "/flow_runs/filter", {"flow_runs": {"deployment_id": {"any_": [deployment["id"]]}}, "limit": 50}
+    )
+    assert [state_type(r) for r in trains if r["parameters"].get("output_url") == model_url] == ["COMPLETED"]
+    print(f"\nround with its evaluation on the pools: {time.monotonic() - started:.1f} s", flush=True)

@@ -18,10 +18,10 @@ from sao_core.config import EngineConfig, FakeEngineConfig, ModelConfig
 from sao_core.engines import ChatRequest, Sampling, make_engine
 from sao_core.engines.fake import FakeEngine
 from sao_core.engines.openai import OpenAIEngine
-from sao_core.errors import ConfigError, EngineError, ModelNotFoundError
+from sao_core.errors import EngineError, ModelNotFoundError
 from sao_core.store import storage
 from sao_core.store.models import model_revision, resolve_adapter
-from tests.stub_openai import StubServer
+from tests.stub_openai import StubServer, serve_runtime_lora
 
 GREEDY = Sampling(temperature=0.0, top_p=1.0, max_tokens=64, seed=0)
 ADAPTER_FILES = {"adapter_config.json": b'{"r": 4}', "adapter_model.safetensors": b"lora-round-1"}
@@ -154,16 +154,46 @@ def test_an_adapter_the_engine_cannot_read_is_named_by_its_served_name(served: S
     assert {c["model"] for c in served.calls} == {"policy"}
 
 
-def test_the_openai_engine_refuses_an_adapter_it_is_not_told_the_name_of(served: StubServer) -> None:
+def test_an_adapter_no_server_was_started_with_is_loaded_at_run_time_and_unloaded() -> None:
     url = write_adapter("memory://round_001/model/adapter")
-    with pytest.raises(ConfigError) as info:
-        openai_engine(served.url, None, adapter=url)
-    assert str(info.value) == (
-        f"model.adapter is {url!r}, but the openai engine cannot apply an adapter itself: serve it "
-        "(vllm serve BASE --enable-lora --lora-modules NAME=ADAPTER_FOLDER) and set "
-        "engine.served_adapter_name to NAME"
-    )
-    assert served.models_calls == 0 and not served.calls  # refused before asking the server anything
+    stubs = [serve_runtime_lora(StubServer(model="smollm2", answer=answer_with_model)) for _ in range(2)]
+    try:
+        engine = EngineConfig(
+            name="openai", base_urls=tuple(s.url for s in stubs), served_model_name="smollm2"
+        )
+        policy = make_engine(engine, ModelConfig(path="bundled:smollm2-135m-instruct", adapter=url))
+        name = policy.served_model
+        assert name.startswith("sao-lora-")
+        body = {"lora_name": name, "lora_path": resolve_adapter(url)}
+        assert [s.lora_log for s in stubs] == [[("load", body)], [("load", body)]]  # type: ignore[attr-defined]
+        answers = texts(policy)
+        assert all(t.startswith(f"{name} says:") for row in answers for t in row)
+        assert {c["model"] for s in stubs for c in s.calls} == {name}
+        policy.close()
+        unload = ("unload", {"lora_name": name})
+        assert [s.lora_log[-1] for s in stubs] == [unload, unload]  # type: ignore[attr-defined]
+        # The base answers as itself from the same engine section, the adapter gone.
+        base = make_engine(engine, ModelConfig(path="bundled:smollm2-135m-instruct"))
+        assert texts(base)[0][0].startswith("smollm2 says:")
+    finally:
+        for s in stubs:
+            s.stop()
+
+
+def test_a_server_that_cannot_load_adapters_at_run_time_is_named() -> None:
+    url = write_adapter("memory://round_001/model/adapter")
+    stub = serve_runtime_lora(StubServer(model="smollm2", answer=answer_with_model), allowed=False)
+    try:
+        with pytest.raises(
+            EngineError,
+            match=r"cannot load adapters at run time \(HTTP 404.*VLLM_ALLOW_RUNTIME_LORA_UPDATING=True and --enable-lora",
+        ):
+            make_engine(
+                EngineConfig(name="openai", base_urls=(stub.url,)), ModelConfig(path="smollm2", adapter=url)
+            )
+        assert not stub.calls  # no chat call reached it
+    finally:
+        stub.stop()
 
 
 def test_the_openai_engine_refuses_a_base_model_for_an_adapter_and_the_reverse(served: StubServer) -> None:

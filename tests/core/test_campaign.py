@@ -10,11 +10,21 @@ import threading
 
 import pytest
 
-from sao_core.campaign import ledger, planning
+from sao_core.campaign import ledger, outcomes, planning
 from sao_core.campaign.ledger import Promotion
 from sao_core.config import build_config
-from sao_core.errors import CampaignError, ModelNotFoundError, StorageConflict, StorageError
-from sao_core.store import shards, storage, trained
+from sao_core.errors import (
+    CampaignError,
+    FanoutError,
+    LeaseLost,
+    ModelNotFoundError,
+    RoundQualityError,
+    StorageConflict,
+    StorageError,
+    TrainingError,
+    TransientStorageError,
+)
+from sao_core.store import atomic, shards, storage, trained
 from sao_core.store.layout import prepare_round, stage_url
 from sao_core.store.shards import ShardManifest
 from tests.core.fake_training import fake_training_run
@@ -262,9 +272,9 @@ def test_start_model_round_one_from_the_config_later_rounds_from_current(tmp_pat
 
 
 def _wait_at_first_write(barrier, conflicts: list[str]):
-    """storage.write_bytes_exclusive, but the first call of each writer waits for the others: every writer
+    """atomic.write_bytes_exclusive, but the first call of each writer waits for the others: every writer
     has read the same latest record and tries the same number at the same moment."""
-    real = storage.write_bytes_exclusive
+    real = atomic.write_bytes_exclusive
     waited = threading.local()
 
     def write(url: str, data: bytes) -> None:
@@ -295,7 +305,7 @@ def _check_both_recorded(root: str, models: list[str]) -> None:
 def test_two_promotions_racing_in_threads_are_both_recorded_in_order(root, monkeypatch):
     rounds = [make_round(root, k) for k in (1, 2)]
     barrier, conflicts = threading.Barrier(2), []
-    monkeypatch.setattr(storage, "write_bytes_exclusive", _wait_at_first_write(barrier, conflicts))
+    monkeypatch.setattr(atomic, "write_bytes_exclusive", _wait_at_first_write(barrier, conflicts))
     results: list[Promotion | BaseException] = []
 
     def run(round_dir: str, model: str) -> None:
@@ -317,7 +327,7 @@ def test_two_promotions_racing_in_threads_are_both_recorded_in_order(root, monke
 def _promote_in_child(root, round_dir, model, barrier, queue) -> None:
     """A second process promoting: spawned, so it shares nothing with the test but the store."""
     conflicts: list[str] = []
-    storage.write_bytes_exclusive = _wait_at_first_write(barrier, conflicts)
+    atomic.write_bytes_exclusive = _wait_at_first_write(barrier, conflicts)
     try:
         record = ledger.promote(root, CAMPAIGN, round_dir, model, why="race between processes")
         queue.put(("ok", record.seq, conflicts))
@@ -349,7 +359,7 @@ def test_a_writer_that_keeps_losing_gives_up_clearly(tmp_path, monkeypatch):
     def always_taken(url: str, data: bytes) -> None:
         raise StorageConflict(f"{url} already exists")
 
-    monkeypatch.setattr(storage, "write_bytes_exclusive", always_taken)
+    monkeypatch.setattr(atomic, "write_bytes_exclusive", always_taken)
     with pytest.raises(StorageConflict, match="gave up after 3 tries"):
         ledger.promote(root, CAMPAIGN, round_dir, model, why="x", attempts=3)
 
@@ -369,3 +379,209 @@ def test_a_model_finished_by_another_process_is_found_despite_cached_listings(s3
         storage.join(model.removeprefix("s3://"), "manifest.json"), manifest
     )
     assert ledger.promote(root, CAMPAIGN, round_dir, model, why="trained elsewhere").seq == 1
+
+
+# --- issue 17: only campaign rounds promote, compare-and-set, every round ends with an outcome ----------
+
+
+def _passed_decision() -> dict:
+    return {
+        "promote": True,
+        "reason": "rule held",
+        "failed": [],
+        "checks": [{"rule": "win rate", "passed": True, "detail": "won"}],
+    }
+
+
+def _ref(round_dir: str) -> dict:
+    return {"round_dir": round_dir, "config_url": storage.join(round_dir, "resolved_config.yaml"), "round": 1}
+
+
+def test_a_standalone_round_says_would_be_promoted_and_never_moves_current(tmp_path, monkeypatch):
+    # Issue 17: `sao run` (continue_campaign=False) ran record_outcome -> ledger.promote, without the
+    # campaign lock, after comparing only with the recipe's model: a round-1 model that beat the base
+    # replaced a round-5 CURRENT.
+    import tasks.campaign
+
+    monkeypatch.setattr(tasks.campaign, "emit_event", lambda **kw: None)
+    root = str(tmp_path / "artifacts")
+    for k in range(1, 6):
+        round_dir, model = make_round(root, k, full=True)
+        ledger.promote(root, CAMPAIGN, round_dir, model, why=f"campaign round {k}")
+    five = ledger.current(root, CAMPAIGN)
+    assert five is not None and five.round == 5
+    standalone_dir, standalone_model = make_round(str(tmp_path / "artifacts"), 1, full=True, revision="other")
+    outcome = tasks.campaign.record_outcome.fn(
+        _ref(standalone_dir), {"url": standalone_model}, {}, {}, None, None, _passed_decision()
+    )
+    assert outcome["status"] == "would be promoted" and outcome["standalone"] is True
+    assert "only campaign rounds move CURRENT" in outcome["why"]
+    assert ledger.current(root, CAMPAIGN) == five
+    # It is no campaign round either: planning does not count it.
+    assert planning.plan_next(root, CAMPAIGN, 0, 3).round == 1
+
+
+def test_promotion_is_compare_and_set_against_the_planned_record(tmp_path):
+    # Issue 17: ledger.promote appended on top of whatever was latest, so a rollback made while a round
+    # ran was undone, and the new record's parent was a model the round was never compared with.
+    root = str(tmp_path / "artifacts")
+    one_dir, one = make_round(root, 1, full=True)
+    two_dir, two = make_round(root, 2, full=True)
+    ledger.promote(root, CAMPAIGN, one_dir, one, why="round 1")
+    ledger.promote(root, CAMPAIGN, two_dir, two, why="round 2")
+    plan = planning.plan_next(root, CAMPAIGN, 0, 3)
+    assert plan.start_seq == 2
+    three_dir, three = make_round(root, 3, full=True)
+    # While round 3 runs, a person rolls back to round 1.
+    back = ledger.rollback(root, CAMPAIGN, who="ana", why="round 2 regressed")
+    cfg = round_config(root, 3)
+    outcome = outcomes.conclude_round(
+        cfg,
+        three_dir,
+        three,
+        None,
+        None,
+        None,
+        None,
+        _passed_decision(),
+        campaign_round=True,
+        planned_seq=plan.start_seq,
+    )
+    assert outcome["status"] == "superseded" and outcome["promotion_seq"] is None
+    assert "planned from and evaluated against record 2" in outcome["why"] and "rollback" in outcome["why"]
+    assert ledger.current(root, CAMPAIGN) == back  # the rollback stands
+    # Planned from the rollback, the next round promotes, and its parent is the model it was compared with.
+    plan = planning.plan_next(root, CAMPAIGN, 0, 3)
+    assert (plan.round, plan.start_seq) == (4, back.seq)
+    four_dir, four = make_round(root, 4, full=True)
+    outcome = outcomes.conclude_round(
+        round_config(root, 4),
+        four_dir,
+        four,
+        None,
+        None,
+        None,
+        None,
+        _passed_decision(),
+        campaign_round=True,
+        planned_seq=plan.start_seq,
+    )
+    record = ledger.current(root, CAMPAIGN)
+    assert outcome["status"] == "promoted" and record is not None and record.parent_seq == back.seq
+    assert record.parent == back.model == one and outcome["promotion_seq"] == record.seq
+
+
+def test_a_lost_campaign_lock_supersedes_the_promotion(tmp_path):
+    root = str(tmp_path / "artifacts")
+    one_dir, one = make_round(root, 1, full=True)
+
+    def lost() -> None:
+        raise LeaseLost("the campaign lock is now held by flow run other")
+
+    outcome = outcomes.conclude_round(
+        round_config(root, 1),
+        one_dir,
+        one,
+        None,
+        None,
+        None,
+        None,
+        _passed_decision(),
+        campaign_round=True,
+        planned_seq=None,
+        guard=lost,
+    )
+    assert outcome["status"] == "superseded" and "held by flow run other" in outcome["why"]
+    assert ledger.current(root, CAMPAIGN) is None
+
+
+def test_a_failed_round_is_passed_with_new_personas_and_seed_and_the_campaign_pauses(tmp_path):
+    # Issue 17: a round that failed for good wrote no outcome, so the next night planned the same round
+    # from the same model, served every stage from the cache and failed the same way, for ever.
+    root = str(tmp_path / "artifacts")
+    cfg = round_config(root, 1)
+    one_dir = prepare_round(cfg)
+    outcomes.record_failure(
+        cfg, one_dir, "quality_gate", "RoundQualityError", "3 pairs < 8", campaign_round=True
+    )
+    plan = planning.plan_next(root, CAMPAIGN, 7, max_consecutive_failures=2)
+    assert (plan.round, plan.seed, plan.paused) == (2, 8, None)
+    row = storage.read_json(storage.join(one_dir, "outcome.json"))
+    assert row["status"] == "failed"
+    assert row["failure"] == {"stage": "quality_gate", "error": "RoundQualityError", "message": "3 pairs < 8"}
+    cfg2 = round_config(root, 2)
+    outcomes.record_failure(
+        cfg2, prepare_round(cfg2), "train_policy", "TrainingError", "rank 0 died", campaign_round=True
+    )
+    plan = planning.plan_next(root, CAMPAIGN, 7, max_consecutive_failures=2)
+    assert plan.consecutive_failures == 2 and plan.paused is not None
+    assert (
+        "paused after 2 failed rounds in a row" in plan.paused and "TrainingError: rank 0 died" in plan.paused
+    )
+    from sao_core.campaign.campaign_report import campaign_markdown, campaign_rows
+
+    text = campaign_markdown(campaign_rows(root, CAMPAIGN), CAMPAIGN, "x.png", plan.paused)
+    assert "**Campaign paused:**" in text and "2 failed" in text
+    planning.resume(root, CAMPAIGN, who="ana", why="fixed the judge")
+    plan = planning.plan_next(root, CAMPAIGN, 7, max_consecutive_failures=2)
+    assert (plan.round, plan.seed, plan.paused, plan.consecutive_failures) == (3, 9, None, 0)
+
+
+def test_a_crashed_round_resumes_and_one_that_promoted_before_crashing_finds_its_promotion(tmp_path):
+    root = str(tmp_path / "artifacts")
+    one_dir, one = make_round(root, 1, full=True)
+    # Round 1 crashed before its outcome: planned again as round 1, from the config's model.
+    assert (
+        planning.plan_next(root, CAMPAIGN, 0, 3).round,
+        planning.plan_next(root, CAMPAIGN, 0, 3).start,
+    ) == (1, None)
+    # It promoted, then crashed before writing its outcome: still round 1, from the same (no) record.
+    ledger.promote(root, CAMPAIGN, one_dir, one, why="round 1", expect_seq=None)
+    plan = planning.plan_next(root, CAMPAIGN, 0, 3)
+    assert (plan.round, plan.start_seq) == (1, None)
+    outcome = outcomes.conclude_round(
+        round_config(root, 1),
+        one_dir,
+        one,
+        None,
+        None,
+        None,
+        None,
+        _passed_decision(),
+        campaign_round=True,
+        planned_seq=plan.start_seq,
+    )
+    assert outcome["status"] == "promoted" and outcome["promotion_seq"] == 1
+    assert len(ledger.history(root, CAMPAIGN)) == 1
+
+
+@pytest.mark.parametrize(
+    ("error", "permanent"),
+    [
+        (RoundQualityError("too few pairs"), True),
+        (FanoutError("shards 3, 4 missing"), True),
+        (TrainingError("rank 0 died"), True),
+        (ModelNotFoundError("no such model"), True),
+        (CampaignError("an adapter on an adapter"), True),
+        (ValueError("not ours: an outage of the orchestrator, say"), False),
+        (TransientStorageError("S3 did not answer"), False),
+        (LeaseLost("lost"), False),
+        (KeyboardInterrupt(), False),
+    ],
+)
+def test_which_failures_are_for_good(error, permanent):
+    assert outcomes.permanent_failure(error) is permanent
+
+
+def test_the_round_report_says_what_the_outcome_was_not_only_the_rule():
+    from sao_core.campaign.round_report import format_round_report
+
+    decision = {
+        "promote": True,
+        "reason": "rule held",
+        "checks": [{"rule": "win rate", "passed": True, "detail": "won"}],
+    }
+    shown = {**decision, "status": "would be promoted", "why": "every rule held (a standalone round: ...)"}
+    text = format_round_report("memory://r", {}, promotion=shown)
+    assert "## Promotion: would be promoted" in text and "a standalone round" in text
+    assert "## Promotion: promoted" in format_round_report("memory://r", {}, promotion=decision)

@@ -279,3 +279,21 @@ def test_campaign_commands_start_without_prefect_or_torch(tmp_path):
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "codes [0, 0, 0] heavy []"
+
+
+def test_campaign_resume_lets_a_paused_campaign_plan_again(tmp_path, capsys):
+    from sao_core.campaign import outcomes, planning
+    from sao_core.config import build_config
+    from sao_core.store.layout import prepare_round
+
+    root = str(tmp_path)
+    for k in (1, 2, 3):
+        cfg = build_config({"run": {"root": root, "campaign": "c", "round": k}, "engine": {"name": "fake"}})
+        outcomes.record_failure(
+            cfg, prepare_round(cfg), "train_policy", "TrainingError", "oom", campaign_round=True
+        )
+    assert planning.plan_next(root, "c", 0, 3).paused is not None
+    assert main(["campaign-resume", "--campaign-root", root, "--campaign", "c", "--why", "more memory"]) == 0
+    assert "resumed" in capsys.readouterr().out
+    plan = planning.plan_next(root, "c", 0, 3)
+    assert plan.paused is None and plan.round == 4

@@ -125,14 +125,35 @@ def test_round_hash_leaves_training_to_its_own_hash():
     assert hash_config(a.training) != hash_config(b.training)
 
 
-def test_a_served_engine_cannot_evaluate_the_policy_a_round_trains():
+def test_a_served_engine_evaluates_a_lora_policy_but_not_full_weights():
     served = ["engine.name=openai", "engine.base_urls=[http://127.0.0.1:8000/v1]"]
+    # A LoRA policy is loaded into the running servers at run time (engines/openai.py).
+    assert build_config(None, overrides=served).evaluation.engine is None
+    full = [*served, "training.lora.enabled=false"]
     with pytest.raises(ConfigError, match=r"set evaluation\.engine to an engine that loads models"):
-        build_config(None, overrides=served)
+        build_config(None, overrides=full)
     with pytest.raises(ConfigError, match=r"evaluation\.engine"):
-        build_config(
-            None, overrides=[*served, "evaluation.engine={name: openai, base_urls: [http://h:1/v1]}"]
-        )
-    cfg = build_config(None, overrides=[*served, "evaluation.engine={name: vllm}"])
+        build_config(None, overrides=[*full, "evaluation.engine={name: openai, base_urls: [http://h:1/v1]}"])
+    cfg = build_config(None, overrides=[*full, "evaluation.engine={name: vllm}"])
     assert (cfg.engine.name, cfg.evaluation.engine.name) == ("openai", "vllm")
-    assert build_config(None, overrides=[*served, "evaluation.enabled=false"]).evaluation.engine is None
+    assert build_config(None, overrides=[*full, "evaluation.enabled=false"]).evaluation.engine is None
+
+
+def test_a_home_relative_root_names_one_place_for_rounds_records_and_lock(tmp_path, monkeypatch):
+    # run.root=~/sao-art: the rounds once went to ./~/sao-art while the campaign records and lock expanded
+    # `~`, so every nightly run found no decided round and planned "round 1" again.
+    from sao_core.campaign.ledger import campaign_url
+    from sao_core.store.locks import campaign_lock_url
+
+    home, elsewhere = tmp_path / "home", tmp_path / "cwd"
+    home.mkdir()
+    elsewhere.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(elsewhere)
+    cfg = build_config({}, ["run.root=~/sao-art", "run.campaign=nightly"])
+    campaign = f"{home}/sao-art/nightly"
+    assert round_url(cfg) == f"{campaign}/round_001-{hash_config(cfg)}"
+    assert campaign_url("~/sao-art", "nightly") == campaign
+    assert campaign_lock_url("~/sao-art/", "nightly") == f"{campaign}/_lock.json"
+    relative = build_config({}, ["run.root=art/"])
+    assert round_url(relative).startswith(f"{elsewhere}/art/default/round_001-")

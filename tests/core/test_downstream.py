@@ -360,3 +360,55 @@ def test_compare_downstream_lower_is_better_and_unscaled_metrics():
 def test_compare_downstream_refuses_a_negative_limit():
     with pytest.raises(ValueError, match="max_drop_points must be >= 0"):
         compare_downstream(BASE, BASE, -1.0)
+
+
+def test_downstream_runs_as_a_stage_of_one_shard_per_model_and_resumes(tmp_path: Path, monkeypatch) -> None:
+    """Issue 18, 1: lm-eval runs as the `downstream` stage (one shard per model, in its own settings-keyed
+    folder), so it is placed like any shard stage and a finished model is not scored again."""
+    from sao_core.config import ModelConfig, build_config
+    from sao_core.engines.provider import EngineProvider
+    from sao_core.evaluation import downstream as downstream_module
+    from sao_core.evaluation.eval_stages import read_downstream, run_stage_shard, write_downstream_models
+    from sao_core.stages.runner import finalize_stage
+    from sao_core.store import models, storage
+    from sao_core.store.layout import downstream_url, num_shards
+
+    scored = []
+
+    def fake_run(model_dir: str, tasks: list[str], *, adapter: str | None = None, **kw: object) -> dict:
+        scored.append((model_dir, adapter, kw["limit"]))
+        value = 0.6 if adapter else 0.5
+        metrics = {"acc": {"value": value, "stderr": 0.1, "higher_is_better": True}}
+        return {
+            "lm_eval_version": "0.4.13",
+            "tasks": {t: {"n_samples": 3, "metrics": metrics} for t in tasks},
+        }
+
+    monkeypatch.setattr(downstream_module, "run_downstream", fake_run)
+    monkeypatch.setattr(models, "resolve_model", lambda ref, *a, **k: f"local:{ref}")
+    monkeypatch.setattr(models, "resolve_adapter", lambda ref, *a, **k: f"local:{ref}")
+
+    def no_engine() -> object:
+        raise AssertionError("lm-eval loads its own model: no engine is built for downstream")
+
+    cfg = build_config(
+        {"engine": {"name": "fake"}, "model": {"path": "base"}, "evaluation": {"downstream": {"limit": 3}}}
+    )
+    out = downstream_url(str(tmp_path / "model"), cfg)
+    assert out.startswith(f"{tmp_path}/model/eval/downstream-")
+    write_downstream_models(cfg, out, ModelConfig(path="base", adapter="policy"))
+    assert num_shards(out, "downstream") == 2
+
+    def run() -> dict:
+        for index in range(2):
+            run_stage_shard("downstream", cfg, out, index, EngineProvider(cfg, no_engine))  # type: ignore[arg-type]
+        finalize_stage("downstream", cfg, out)
+        return read_downstream(out, cfg.run.format)
+
+    runs = run()
+    assert scored == [("local:base", "local:policy", 3), ("local:base", None, 3)]
+    assert runs["candidate"]["tasks"]["sao_arith"]["metrics"]["acc"]["value"] == 0.6
+    assert runs["current"]["tasks"]["sao_capitals"]["metrics"]["acc"]["value"] == 0.5
+    assert run() == runs and len(scored) == 2  # done: not scored again
+    storage.remove(f"{out}/downstream/_shards/part-00000.json")
+    assert run() == runs and scored[2:] == [("local:base", "local:policy", 3)]  # only the lost one

@@ -142,18 +142,29 @@ def test_judge_agreement_counts_by_hand() -> None:
     # (position chosen with better as Response 1, position chosen with worse as Response 1)
     verdicts = [(1, 2), (1, 1), (2, 2), (None, 2)]
     out = judge_agreement(verdicts)
-    # Valid verdicts: 7. For the better answer: item 1 both (2), item 2 first only (1), item 3 second
-    # only (1), item 4 second (1) -> 5 of 7. Both orders right: item 1 only -> 1 of 4.
-    # Response 1 chosen: 1, 1, 1 -> 3 of 7.
+    # Verdicts: 8, valid 7. For the better answer: item 1 both (2), item 2 first only (1), item 3 second
+    # only (1), item 4 second (1) -> 5 of 8, the unparseable one counted wrong. Both orders right: item 1
+    # only -> 1 of 4. Response 1 chosen, of the valid ones: 1, 1, 1 -> 3 of 7.
     assert out == {
         "items": 4,
+        "verdicts": 8,
         "valid_verdicts": 7,
         "invalid_verdicts": 1,
-        "agreement": pytest.approx(5 / 7),
+        "correct_verdicts": 5,
+        "agreement": pytest.approx(5 / 8),
+        "valid_share": pytest.approx(7 / 8),
         "both_orders_correct": pytest.approx(1 / 4),
         "first_position_share": pytest.approx(3 / 7),
     }
     assert judge_agreement([])["agreement"] is None
+
+
+def test_judge_agreement_counts_unparseable_verdicts_as_wrong() -> None:
+    # Issue 17: 30 trust pairs, the judge parsed 2 of 60 verdicts, both right. Over valid verdicts that
+    # was "100.0% on 30 labelled pairs"; over all of them it is 2 of 60.
+    out = judge_agreement([(1, 2)] + [(None, None)] * 29)
+    assert out["agreement"] == pytest.approx(2 / 60)
+    assert (out["valid_verdicts"], out["valid_share"]) == (2, pytest.approx(2 / 60))
     with pytest.raises(ValueError, match="1, 2 or None"):
         judge_agreement([(3, 1)])
 

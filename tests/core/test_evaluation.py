@@ -16,11 +16,13 @@ from sao_core.config import build_config
 from sao_core.engines.fake import FakeEngine
 from sao_core.engines.provider import EngineProvider
 from sao_core.evaluation.compare import Contender, evaluate_candidate, headline
+from sao_core.evaluation.eval_stages import stage_config, write_contenders
 from sao_core.stages.no_model import run_personas
 from sao_core.stages.runner import run_model_stage
-from sao_core.store import storage
+from sao_core.store import shards, storage
 from sao_core.store.evalsets import load_eval_prompts, load_judge_trust
-from sao_core.store.layout import prepare_round
+from sao_core.store.layout import downstream_url, evaluation_url, prepare_round
+from sao_core.store.shards import read_stage_rows
 
 
 def _fake(cfg: Any, seed: int) -> EngineProvider:
@@ -51,12 +53,12 @@ def test_win_rate_and_trust_follow_the_judge(tmp_path: Any) -> None:
         out,
     )
     prompts = load_eval_prompts("builtin", 20)
-    cand = {r["id"]: r["answer"] for r in _rows(f"{out}/answers-candidate.jsonl")}
+    cand = {r["id"]: r["answer"] for r in read_stage_rows(f"{out}/answers-candidate", "jsonl")}
     assert (
         m["prompts"] == 20 and set(m["comparisons"]) == {"current", "original"} and m["primary"] == "current"
     )
     for name in ("current", "original"):
-        base = {r["id"]: r["answer"] for r in _rows(f"{out}/answers-{name}.jsonl")}
+        base = {r["id"]: r["answer"] for r in read_stage_rows(f"{out}/answers-{name}", "jsonl")}
         want = [_expected_preference(cand[p.id], base[p.id]) for p in prompts]
         rows = _rows(f"{out}/results-{name}.jsonl")
         assert [r["preference"] for r in rows] == want
@@ -80,7 +82,7 @@ def test_win_rate_and_trust_follow_the_judge(tmp_path: Any) -> None:
     assert [r["vs"].split(" ")[0] for r in table] == ["current", "original", "judge"]
 
 
-def test_a_judge_that_never_answers_gives_no_win_rate(tmp_path: Any) -> None:
+def test_a_judge_that_never_answers_gives_a_coin_and_no_evidence(tmp_path: Any) -> None:
     class Mute:
         name = model = model_revision = "mute"
 
@@ -100,7 +102,10 @@ def test_a_judge_that_never_answers_gives_no_win_rate(tmp_path: Any) -> None:
         str(tmp_path / "eval"),
     )
     c = m["comparisons"]["current"]
-    assert c["win_rate"] is None and c["invalid"] == 5 and m["trust"]["agreement"] is None
+    # Every unparseable verdict counts as a tie (win rate) and as wrong (agreement), with the counts that
+    # let the promotion gate say "not enough evidence" (issue 17).
+    assert c["win_rate"] == 0.5 and c["invalid"] == 5 and c["complete"] == 0 and c["valid_verdicts"] == 0
+    assert m["trust"]["agreement"] == 0.0 and m["trust"]["valid_verdicts"] == 0
 
 
 class Copycat:
@@ -144,3 +149,112 @@ def test_prompts_that_overlap_the_evaluation_set_are_dropped_and_counted(tmp_pat
     run_personas(off, other)
     kept = run_model_stage("prompts", off, other, EngineProvider(off, lambda: Copycat(long_ones)))
     assert kept["rows_out"] == 8 and kept["decontamination"] == {"enabled": False}
+
+
+class Counting:
+    """The fake engine, counting the requests it was asked (a resumed stage asks for none)."""
+
+    def __init__(self, cfg: Any, seed: int) -> None:
+        self.engine = FakeEngine(cfg.engine.fake, seed=seed)
+        self.name, self.model, self.model_revision = "fake", f"fake-{seed}", "fake"
+        self.requests = 0
+
+    def generate(self, requests: list[ChatRequest], sampling: Sampling) -> list[list[Completion]]:
+        self.requests += len(requests)
+        return self.engine.generate(requests, sampling)
+
+    def close(self) -> None:
+        pass
+
+
+def test_evaluation_stages_are_sharded_and_resume_where_they_stopped(tmp_path: Any) -> None:
+    cfg = build_config(
+        {
+            "run": {"shard_size": 4},
+            "engine": {"name": "fake"},
+            "evaluation": {"n": 10, "trust_n": 6, "bootstrap": 100},
+        }
+    )
+    engines = {name: Counting(cfg, seed) for seed, name in enumerate(("current", "candidate", "judge"))}
+
+    def run() -> dict[str, Any]:
+        return evaluate_candidate(
+            cfg,
+            Contender("candidate", "cand", EngineProvider(cfg, lambda: engines["candidate"])),
+            [Contender("current", "cur", EngineProvider(cfg, lambda: engines["current"]))],
+            Contender("judge", "cur", EngineProvider(cfg, lambda: engines["judge"])),
+            out,
+        )
+
+    out = str(tmp_path / "eval")
+    first = run()
+    # 10 instructions in shards of 4; the judge's cases: 10 comparisons (3 shards), 6 trust pairs (2).
+    for stage, count in (("answers-candidate", 3), ("answers-current", 3), ("verdicts", 5)):
+        manifest = shards.read_stage_manifest(f"{out}/{stage}")
+        assert manifest["num_shards"] == count, stage
+    assert {k: e.requests for k, e in engines.items()} == {"candidate": 10, "current": 10, "judge": 32}
+
+    # Done: nothing is asked again, and the same manifest comes back.
+    assert run() == first
+    assert {k: e.requests for k, e in engines.items()} == {"candidate": 10, "current": 10, "judge": 32}
+
+    # One shard of the baseline's answers lost: only it is answered again; its answers come out the same,
+    # so the judge's cases are unchanged and nothing is judged again.
+    storage.remove(f"{out}/answers-current/_shards/part-00001.json")
+    again = run()
+    assert (engines["candidate"].requests, engines["current"].requests, engines["judge"].requests) == (
+        10,
+        14,
+        32,
+    )
+    # One shard of verdicts lost (the last: 2 trust pairs, both orders): only it is judged again.
+    storage.remove(f"{out}/verdicts/_shards/part-00004.json")
+    third = run()
+    assert (engines["current"].requests, engines["judge"].requests) == (14, 32 + 4)
+    for result in (again, third):
+        assert {k: v for k, v in result.items() if k != "seconds"} == {
+            k: v for k, v in first.items() if k != "seconds"
+        }
+
+
+def test_evaluation_results_are_kept_apart_by_their_settings(tmp_path: Any) -> None:
+    """Issue 17, 8b: {model}/eval/{settings hash}/, so a result is served only for the settings that made it."""
+    base = build_config({"engine": {"name": "fake"}})
+    model = str(tmp_path / "model")
+    url = evaluation_url(model, base)
+    assert url.startswith(f"{model}/eval/")
+    for change in (
+        {"evaluation": {"max_tokens": 64}},
+        {"evaluation": {"n": 5}},
+        {"evaluation": {"trust_n": 5}},
+        {"evaluation": {"judge": {"engine": {"name": "fake", "fake": {"position_bias": 0.5}}}}},
+        {"judging": {"prefill": "ranking: "}},
+        {"model": {"path": "other"}},
+    ):
+        other = build_config({"engine": {"name": "fake"}, **change})
+        assert evaluation_url(model, other) != url, change
+    # What the evaluation does not read keeps its folder: downstream, the data stages, training.
+    for same in (
+        {"evaluation": {"downstream": {"limit": 3}}},
+        {"responses": {"k": 3}},
+        {"training": {"beta": 2.0}},
+    ):
+        assert evaluation_url(model, build_config({"engine": {"name": "fake"}, **same})) == url, same
+    assert downstream_url(model, base) != downstream_url(
+        model, build_config({"engine": {"name": "fake"}, "evaluation": {"downstream": {"limit": 3}}})
+    )
+
+
+def test_a_worker_finds_each_evaluation_stages_model_from_the_round_config_and_the_folder(
+    tmp_path: Any,
+) -> None:
+    cfg = build_config({"engine": {"name": "fake"}, "evaluation": {"original": "bundled:tiny-random-llama"}})
+    out = str(tmp_path / "model" / "eval" / "h")
+    model = {"url": str(tmp_path / "model"), "adapter": str(tmp_path / "model" / "adapter"), "full": None}
+    write_contenders(cfg, out, model)
+    assert stage_config(cfg, "answers-candidate", out).model.adapter == model["adapter"]
+    assert stage_config(cfg, "answers-current", out).model == cfg.model
+    assert stage_config(cfg, "answers-original", out).model.path == "bundled:tiny-random-llama"
+    assert stage_config(cfg, "verdicts", out).model == cfg.model
+    with pytest.raises(ValueError, match="unknown evaluation stage 'answers-someone'"):
+        stage_config(cfg, "answers-someone", out)

@@ -6,11 +6,12 @@ The whole path on a real Prefect server and S3 endpoint is tests/cluster/test_fa
 from __future__ import annotations
 
 import logging
+import os
 import uuid
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
+import yaml
 
 from sao_core.config import build_config
 from sao_core.engines.provider import EngineProvider
@@ -151,42 +152,84 @@ def test_hash_config_ignores_the_fanout_section():
 
 
 class FakeDeployment:
-    """run_deployment and the wait for its runs, without a server: each submitted batch either runs
-    its shards here (as a gpu-batch run would) or ends Crashed having written nothing."""
+    """The gpu-batch runs without a server (tasks.fanout.DeploymentRuns' interface): each submitted batch
+    runs its shards here (through each stage of its chain, as a gpu-batch run would) when its state is
+    first read, or ends Crashed having written nothing. A batch in `slow` stays running for `slow_polls`
+    reads of its state. `reads_while_running` counts the shard bytes the fan-out itself read between the
+    first submission and the last run's end (what polling costs)."""
 
-    def __init__(self, cfg, round_dir, crash_attempts=()):
+    def __init__(self, cfg, round_dir, crash_attempts=(), slow=(), slow_polls=0):
         self.cfg, self.round_dir, self.crash_attempts = cfg, round_dir, set(crash_attempts)
+        self.slow, self.slow_polls = set(slow), slow_polls
         self.submitted: list[dict] = []
         self.engines = EngineProvider(cfg)
+        self.reads = 0  # state reads so far: the fan-out's clock
+        self.states: dict[uuid.UUID, str] = {}
+        self.ended_at: dict[uuid.UUID, int] = {}
+        self.busy = False
+        self.reads_while_running = 0
 
-    def run_deployment(self, name, parameters, timeout, idempotency_key, flow_run_name, tags):
-        assert timeout == 0 and name == self.cfg.fanout.deployment
+    def submit(self, deployment, parameters, key, name, tags):
+        assert deployment == self.cfg.fanout.deployment
         run_id = uuid.uuid4()
-        self.submitted.append({**parameters, "id": run_id, "key": idempotency_key, "name": flow_run_name})
-        return SimpleNamespace(id=run_id)
+        self.submitted.append(
+            {**parameters, "id": run_id, "key": key, "name": name, "at": self.reads, "tags": tags}
+        )
+        return run_id
 
-    def wait_for_runs(self, run_ids, timeout_s, poll_s, on_poll):
-        states = {}
-        for sub in (s for s in self.submitted if s["id"] in run_ids):
+    def final_state(self, run_id):
+        self.reads += 1
+        if run_id in self.states:
+            return self.states[run_id]
+        sub = next(s for s in self.submitted if s["id"] == run_id)
+        if sub["batch"] in self.slow and self.reads < self.slow_polls:
+            return None
+        self.busy = True
+        try:
             if sub["attempt"] in self.crash_attempts:
-                states[sub["id"]] = "CRASHED"
-                continue
-            for index in sub["shards"]:
-                run_shard(sub["stage"], self.cfg, self.round_dir, index, self.engines)
-            states[sub["id"]] = "COMPLETED"
-        on_poll()
-        return states
+                state = "CRASHED"
+            else:
+                hashes = sub.get("settings_hashes") or {sub["stage"]: sub["settings_hash"]}
+                for index in sub["shards"]:
+                    for stage in sub.get("stages") or [sub["stage"]]:
+                        cfg = build_config(self.cfg.model_dump(mode="json"))
+                        assert stage_settings_hash(cfg, stage) == hashes[stage]
+                        run_shard(stage, self.cfg, self.round_dir, index, self.engines)
+                state = "COMPLETED"
+        finally:
+            self.busy = False
+        self.states[run_id] = state
+        self.ended_at[run_id] = self.reads
+        return state
+
+    def stop(self, run_id):
+        self.states[run_id] = "CANCELLED"
+
+    def running(self) -> bool:
+        return bool(self.submitted) and len(self.states) < len(self.submitted)
 
 
-def _fan_out(monkeypatch, half_done_round, crash_attempts, *overrides):
+def _fan_out(monkeypatch, half_done_round, crash_attempts, *overrides, stage="prompts", then=(), **fake_kw):
+    import contextlib
+
     import tasks.fanout as fanout
 
     cfg, round_dir = half_done_round
-    cfg = build_config(cfg.model_dump(mode="json"), ["fanout.workers=2", *overrides])
-    fake = FakeDeployment(cfg, round_dir, crash_attempts)
-    monkeypatch.setattr(fanout, "run_deployment", fake.run_deployment)
-    monkeypatch.setattr(fanout, "_wait_for_runs", fake.wait_for_runs)
+    cfg = build_config(
+        cfg.model_dump(mode="json"), ["fanout.workers=2", "fanout.poll_interval_s=0.001", *overrides]
+    )
+    fake = FakeDeployment(cfg, round_dir, crash_attempts, **fake_kw)
+    monkeypatch.setattr(fanout, "open_runs", lambda: contextlib.nullcontext(fake))
     monkeypatch.setattr(fanout, "get_run_logger", lambda: logging.getLogger("test-fanout"))
+    read_bytes = shards.read_bytes
+
+    def counted(url):
+        data = read_bytes(url)
+        if fake.running() and not fake.busy:
+            fake.reads_while_running += len(data)
+        return data
+
+    monkeypatch.setattr(shards, "read_bytes", counted)
     ref = {
         "round_dir": round_dir,
         "config_url": storage.join(round_dir, "resolved_config.yaml"),
@@ -197,7 +240,7 @@ def _fan_out(monkeypatch, half_done_round, crash_attempts, *overrides):
 
     def call() -> list[dict]:
         return fanout.run_on_deployment(
-            "prompts", cfg, ref, stage_settings_hash(cfg, "prompts"), 4, progress.append
+            stage, cfg, ref, stage_settings_hash(cfg, stage), 4, progress.append, then=then
         )
 
     return fake, progress, call
@@ -216,6 +259,7 @@ def test_run_on_deployment_sends_only_missing_shards_and_resubmits_a_crashed_bat
     ]
     assert len({s["key"] for s in fake.submitted}) == 4  # a fresh idempotency key per batch and try
     assert [s["name"] for s in fake.submitted][:2] == ["prompts-batch-00-try-1", "prompts-batch-01-try-1"]
+    assert all("stages" not in s for s in fake.submitted)  # one stage: the parameters of before
     assert [[r["state"] for r in t["runs"]] for t in tries] == [["CRASHED", "CRASHED"], ["COMPLETED"] * 2]
     assert [r["missing"] for r in tries[0]["runs"]] == [[1], [3]]
     assert progress[0] == 2 and progress[-1] == 4
@@ -237,3 +281,152 @@ def test_run_on_deployment_submits_nothing_when_every_shard_is_done(monkeypatch,
         run_shard("prompts", cfg, round_dir, index, EngineProvider(cfg))
     fake, progress, call = _fan_out(monkeypatch, half_done_round, set())
     assert call() == [] and fake.submitted == [] and progress == [4]
+
+
+def test_a_crashed_batch_is_resubmitted_while_the_slowest_still_runs(monkeypatch, half_done_round):
+    # Batch 1 runs for many polls; batch 0 crashes at once: its retry must not wait for batch 1.
+    fake, _, call = _fan_out(monkeypatch, half_done_round, {1}, slow={1}, slow_polls=40)
+    fake.crash_attempts = set()
+    crash_first = {"done": False}
+    final_state = fake.final_state
+
+    def crash_batch_zero_once(run_id):
+        sub = next(s for s in fake.submitted if s["id"] == run_id)
+        if sub["batch"] == 0 and not crash_first["done"]:
+            crash_first["done"] = True
+            fake.reads += 1
+            fake.states[run_id], fake.ended_at[run_id] = "CRASHED", fake.reads
+            return "CRASHED"
+        return final_state(run_id)
+
+    fake.final_state = crash_batch_zero_once
+    call()
+    (first0, first1, retry0) = fake.submitted
+    assert (retry0["batch"], retry0["attempt"], retry0["shards"]) == (0, 2, [1])
+    # Resubmitted within the poll that saw the crash (each poll reads both runs' states) ...
+    assert retry0["at"] - fake.ended_at[first0["id"]] <= 2
+    # ... long before the slow batch ended.
+    assert retry0["at"] < fake.ended_at[first1["id"]] - 20
+    assert missing_shards("prompts", fake.cfg, first0["round_dir"], [0, 1, 2, 3]) == []
+
+
+def test_polling_reads_listings_not_shards(monkeypatch, half_done_round):
+    fake, progress, call = _fan_out(monkeypatch, half_done_round, set(), slow={0, 1}, slow_polls=30)
+    call()
+    assert fake.reads >= 30  # many polls ...
+    assert fake.reads_while_running == 0  # ... and not one shard byte read by them
+    assert progress[-1] == 4
+
+
+def test_a_store_or_api_error_inside_a_poll_is_retried_not_fatal(monkeypatch, half_done_round):
+    import tasks.fanout as fanout
+    from sao_core.errors import TransientStorageError
+
+    fake, _, call = _fan_out(monkeypatch, half_done_round, set(), slow={0}, slow_polls=6)
+    list_files = storage.list_files
+    failures = {"list": 2, "state": 2}
+
+    def flaky_list(url, pattern="*"):
+        if failures["list"] and "_shards" in url:
+            failures["list"] -= 1
+            raise TransientStorageError(f"{url}: the store did not answer")
+        return list_files(url, pattern)
+
+    final_state = fake.final_state
+
+    def flaky_state(run_id):
+        if failures["state"]:
+            failures["state"] -= 1
+            raise ConnectionError("the API did not answer")
+        return final_state(run_id)
+
+    monkeypatch.setattr(fanout.storage, "list_files", flaky_list)
+    fake.final_state = flaky_state
+    tries = call()
+    assert failures == {"list": 0, "state": 0}
+    assert [[r["state"] for r in t["runs"]] for t in tries] == [["COMPLETED", "COMPLETED"]]
+    assert len(fake.submitted) == 2  # nothing resubmitted for an unanswered poll
+
+
+def test_an_api_outage_fails_the_stage_though_the_store_answers(monkeypatch, half_done_round):
+    import tasks.fanout as fanout
+
+    fake, _, call = _fan_out(monkeypatch, half_done_round, set())
+    monkeypatch.setattr(fanout, "OUTAGE_S", 0.05)
+
+    def down(run_id):
+        raise ConnectionError("the API did not answer")
+
+    fake.final_state = down
+    with pytest.raises(FanoutError, match=r"prompts: reading flow run .* the api has not answered for"):
+        call()
+
+
+def test_a_resubmission_the_api_refuses_is_tried_again_next_poll(monkeypatch, half_done_round):
+    fake, _, call = _fan_out(monkeypatch, half_done_round, {1})
+    submit, refused = fake.submit, []
+
+    def flaky_submit(deployment, parameters, key, name, tags):
+        if parameters["attempt"] == 2 and not refused:
+            refused.append(name)
+            raise ConnectionError("the API did not answer")
+        return submit(deployment, parameters, key, name, tags)
+
+    fake.submit = flaky_submit
+    tries = call()
+    assert refused == ["prompts-batch-00-try-2"]
+    assert [(s["attempt"], s["batch"]) for s in fake.submitted] == [(1, 0), (1, 1), (2, 1), (2, 0)]
+    assert [sorted(r["state"] for r in t["runs"]) for t in tries] == [["CRASHED"] * 2, ["COMPLETED"] * 2]
+
+
+def test_responses_and_judgements_run_on_one_load_per_batch(monkeypatch, half_done_round):
+    cfg, round_dir = half_done_round
+    engines = EngineProvider(cfg)
+    for index in (1, 3):
+        run_shard("prompts", cfg, round_dir, index, engines)
+    from sao_core.stages.runner import finalize_stage
+
+    finalize_stage("prompts", cfg, round_dir)
+    judge_hash = stage_settings_hash(cfg, "judgements")
+    fake, _, call = _fan_out(
+        monkeypatch, half_done_round, {1}, stage="responses", then=[("judgements", judge_hash)]
+    )
+    tries = call()
+    assert [(s["attempt"], s["batch"], s["shards"]) for s in fake.submitted] == [
+        (1, 0, [0, 1]),
+        (1, 1, [2, 3]),
+        (2, 0, [0, 1]),
+        (2, 1, [2, 3]),
+    ]
+    assert all(s["stages"] == ["responses", "judgements"] for s in fake.submitted)
+    assert all(s["settings_hashes"]["judgements"] == judge_hash for s in fake.submitted)
+    assert [r["state"] for r in tries[-1]["runs"]] == ["COMPLETED"] * 2
+    assert missing_shards("judgements", fake.cfg, round_dir, [0, 1, 2, 3]) == []
+    assert fake.engines.builds == 1  # one engine wrote responses and judgements
+    # The judgements stage then finds every shard done and submits nothing.
+    fake2, _, judge = _fan_out(monkeypatch, half_done_round, set(), stage="judgements")
+    assert judge() == [] and fake2.submitted == []
+
+
+def test_sao_deploy_leaves_the_project_folder_to_the_workers(monkeypatch, tmp_path):
+    """prefect.yaml's pull step names {{ $SAO_PROJECT_DIR }}; `prefect deploy` would substitute this
+    shell's value, so `sao deploy` runs it without one and each worker resolves its own."""
+    import subprocess
+
+    import flows.deploy as deploy
+
+    seen = {}
+
+    def fake_run(cmd, cwd, capture_output, text, env, timeout):
+        seen["env"] = env
+        return subprocess.CompletedProcess(cmd, 0, stdout="", stderr="")
+
+    monkeypatch.setenv("SAO_PROJECT_DIR", str(tmp_path / "deployer"))
+    monkeypatch.setattr(deploy.subprocess, "run", fake_run)
+    deploy.deploy_all(tmp_path)
+    assert "SAO_PROJECT_DIR" not in seen["env"]
+    assert seen["env"]["PATH"] == os.environ["PATH"]  # the rest of the shell is passed on
+    pull = yaml.safe_load((Path(__file__).parents[2] / "prefect.yaml").read_text())["pull"]
+    assert pull == [
+        {"prefect.deployments.steps.set_working_directory": {"directory": "{{ $SAO_PROJECT_DIR }}"}}
+    ]

@@ -24,7 +24,7 @@ ROUND_LAUNCH_ONLY = [
     "engine.max_concurrency=64",
     "engine.python=/opt/vllm/bin/python",
     "engine.base_urls=[http://a:8000/v1, http://b:8000/v1]",
-    "engine.api_key_env=OTHER_KEY",
+    "engine.api_key_env=OTHER_API_KEY",
     "engine.gpu_memory_utilization=0.5",
     "engine.enforce_eager=true",
     "engine.batch_size=3",  # the fake engine ignores it; vllm below
@@ -132,3 +132,28 @@ def test_launch_only_training_keys_keep_the_model_folder(overrides):
 @pytest.mark.parametrize("override", TRAINING_LEARNS)
 def test_what_training_learns_names_another_model_folder(override):
     assert training_hash(tiny(override)) != training_hash(tiny())
+
+
+def test_runs_sharing_a_round_folder_each_read_their_own_settings(tmp_path):
+    # training and promotion are outside the round hash, so these two runs share one folder; both used to
+    # read the settings back from its one resolved_config.yaml, which the later run overwrote: the first
+    # trained with the second's beta and was judged by the second's rule.
+    from tasks.cache import load_round_config
+    from tasks.config import resolve_config
+
+    root = f"run.root={tmp_path}"
+    mild = ["training.beta=2.5", "promotion.min_win_rate_lower=0.55"]
+    strict = ["training.beta=20", "promotion.min_win_rate_lower=0.7"]
+    first = resolve_config.fn(TINY, [root, *mild])
+    second = resolve_config.fn(TINY, [root, *strict])
+    assert first["round_dir"] == second["round_dir"]  # one folder, its data shared
+    assert first["config_url"] != second["config_url"]
+    for ref, (beta, bar) in ((first, (2.5, 0.55)), (second, (20.0, 0.7))):
+        cfg = load_round_config(ref["config_url"])
+        assert (cfg.training.beta, cfg.promotion.min_win_rate_lower) == (beta, bar), ref["config_url"]
+        assert cfg == tiny(root, *(mild if beta == 2.5 else strict))
+    # A third run of the first's settings resumes it and reads the same file, unchanged.
+    assert resolve_config.fn(TINY, [root, *mild])["config_url"] == first["config_url"]
+    # The round's record of its data settings is still there for older tools and resumed rounds.
+    record = load_round_config(f"{first['round_dir']}/resolved_config.yaml")
+    assert hash_config(record) == first["config_hash"]

@@ -8,8 +8,10 @@ live.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -19,7 +21,7 @@ import pytest
 
 from sao_core import errors
 from sao_core.errors import LeaseLost, LeaseTimeout, StorageConflict, StorageError, TransientStorageError
-from sao_core.store import locks, storage
+from sao_core.store import atomic, locks, storage
 
 
 @pytest.fixture(params=["file", "memory"])
@@ -39,17 +41,18 @@ def other_holder(url: str) -> dict[str, Any]:
 
 
 def fail_remove_once(monkeypatch: pytest.MonkeyPatch, url: str, error: Exception) -> list[str]:
-    """Make the store's delete of `url` fail once with `error`; the URLs it was asked to delete."""
-    real_remove: Callable[..., None] = storage.remove
+    """Make the store's delete of `url` (a conditional one: atomic.remove_if) fail once with `error`; the
+    URLs it was asked to delete."""
+    real_remove: Callable[..., bool] = atomic.remove_if
     calls: list[str] = []
 
-    def remove(target: str, recursive: bool = False) -> None:
+    def remove_if(target: str, expected: bytes) -> bool:
         calls.append(target)
         if target == url and calls.count(url) == 1:
             raise error
-        real_remove(target, recursive=recursive)
+        return real_remove(target, expected)
 
-    monkeypatch.setattr(storage, "remove", remove)
+    monkeypatch.setattr(atomic, "remove_if", remove_if)
     return calls
 
 
@@ -162,3 +165,104 @@ def test_the_lease_and_store_errors_live_in_errors_and_keep_their_bases():
     )
     assert issubclass(LeaseTimeout, StorageConflict) and issubclass(LeaseLost, errors.SAOError)
     assert not issubclass(LeaseLost, StorageError)
+
+
+# --- leases that cannot wedge or double (issue 17) ----------------------------------------------------
+
+
+def expired_holder(url: str, token: str = "t-gone") -> dict[str, Any]:
+    """The lease of a holder on another machine that stopped renewing it 5 s ago."""
+    lease = locks.Lease(url, "shard 0", "a runner elsewhere", token, ttl_s=1, acquired=time.time() - 60)
+    data = {**json.loads(lease.body(time.time() - 6)), "host": "elsewhere", "pid_ns": "pid:[1]", "pid": 4242}
+    storage.write_bytes(url, json.dumps(data).encode())
+    return data
+
+
+def test_a_takeover_marker_left_by_a_crashed_taker_does_not_block_the_lease(url: str):
+    # A taker made the marker named after the stale lease (as the take-over used to, first of its two
+    # create-only steps) and was killed before removing the lease: every later taker found the marker
+    # there and stepped back, so the lease stayed blocked for ever.
+    stale = expired_holder(url)
+    key = hashlib.sha256(f"{stale['token']}|{json.dumps(stale, sort_keys=True)}".encode()).hexdigest()[:16]
+    storage.write_bytes(f"{url}.taken-{key}", b"token of a taker that crashed")
+
+    lease = locks.acquire(url, "shard 0", ttl_s=60, wait_s=1.0)
+    assert lease.taken_from is not None and lease.taken_from.startswith("expired"), lease.taken_from
+    assert locks.read_lease(url)["token"] == lease.token
+    lease.release()
+    assert locks.read_lease(url) is None
+
+
+def test_an_expired_lease_not_yet_taken_over_is_called_expired_not_held(
+    url: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+):
+    expired_holder(url)
+
+    def refuse(target: str, expected: bytes) -> bool:  # the store will not delete it just now
+        raise TransientStorageError(f"cannot remove {target}: the artifact store failed 4 tries")
+
+    monkeypatch.setattr(atomic, "remove_if", refuse, raising=False)
+    with caplog.at_level(logging.WARNING, logger="sao_core.store.locks"), pytest.raises(LeaseTimeout) as e:
+        locks.acquire(url, "shard 0", ttl_s=0.4, wait_s=0.3)
+    assert "held by" not in str(e.value)
+    assert re.search(
+        r"still has a stale lease of a runner elsewhere .*\(expired [\d.]+ s ago\)", str(e.value)
+    )
+    said = [r.getMessage() for r in caplog.records if url in r.getMessage()]
+    assert said and not [m for m in said if "held by" in m], said
+
+
+def test_a_holder_that_stalled_past_its_expiry_is_refused_renewal_and_overwrites_nobody(
+    url: str, monkeypatch: pytest.MonkeyPatch
+):
+    first = locks.try_acquire(url, "shard 0", ttl_s=0.3)
+    assert first is not None
+    first._stop.set()  # the holder freezes: its renewals stop ...
+    assert first._thread is not None
+    first._thread.join()
+    time.sleep(0.5)  # ... past its expiry
+    # ... and wakes to renew just as another runner takes the expired lease over: the renewal used to read
+    # the record (still its own), let the taker in, then write over the taker's lease: two holders.
+    taken: list[locks.Lease | None] = []
+
+    def take_over_first(real: Callable[..., Any]) -> Callable[..., Any]:
+        def write(target: str, *args: Any) -> Any:
+            if target == url and not taken:
+                taken.append(locks.try_acquire(url, "shard 0", ttl_s=60))
+            return real(target, *args)
+
+        return write
+
+    monkeypatch.setattr(storage, "write_bytes", take_over_first(storage.write_bytes))
+    if hasattr(storage, "replace_if"):
+        monkeypatch.setattr(atomic, "replace_if", take_over_first(atomic.replace_if))
+    with pytest.raises(LeaseLost, match=r"shard 0: lost .*expired"):
+        first.renew()
+    monkeypatch.undo()
+    second = taken[0] if taken else locks.try_acquire(url, "shard 0", ttl_s=60)
+    assert second is not None and second.taken_from is not None and second.taken_from.startswith("expired")
+    assert locks.read_lease(url)["token"] == second.token
+    with pytest.raises(LeaseLost):
+        first.check()
+    first.release()
+    second.check()
+    assert locks.read_lease(url)["token"] == second.token  # never someone else's
+    second.release()
+
+
+def test_renewal_replaces_only_the_record_its_holder_wrote(url: str):
+    lease = locks.try_acquire(url, "shard 0", ttl_s=60)
+    assert lease is not None
+    lease._stop.set()
+    other_holder(url)  # taken over meanwhile (the holder's clock said it was alive)
+    with pytest.raises(LeaseLost, match=r"shard 0: lost .*now held by a runner elsewhere"):
+        lease.renew()
+    assert locks.read_lease(url)["token"] == "t-other"
+    lease.release()
+    assert locks.read_lease(url)["token"] == "t-other"
+
+
+def test_a_campaign_lock_on_a_store_without_an_atomic_create_is_refused_by_name():
+    lock = locks.campaign_lock("gs://bucket/art", "nightly", holder="round 3", wait_s=0.1)
+    with pytest.raises(StorageError, match=r"gs:// offers no atomic conditional write"), lock:
+        pass

@@ -174,10 +174,10 @@ def test_client_errors_are_not_retried(stub: StubServer, monkeypatch: pytest.Mon
 
 
 def test_the_api_key_comes_from_the_named_variable(stub: StubServer, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("SAO_TEST_KEY", "sk-test-123")
-    _engine(stub.url, api_key_env="SAO_TEST_KEY").generate([ChatRequest.user("r0", "q")], SAMPLING)
-    monkeypatch.delenv("SAO_TEST_KEY")
-    _engine(stub.url, api_key_env="SAO_TEST_KEY").generate([ChatRequest.user("r1", "q")], SAMPLING)
+    monkeypatch.setenv("SAO_TEST_API_KEY", "sk-test-123")
+    _engine(stub.url, api_key_env="SAO_TEST_API_KEY").generate([ChatRequest.user("r0", "q")], SAMPLING)
+    monkeypatch.delenv("SAO_TEST_API_KEY")
+    _engine(stub.url, api_key_env="SAO_TEST_API_KEY").generate([ChatRequest.user("r1", "q")], SAMPLING)
     assert stub.headers[0]["Authorization"] == "Bearer sk-test-123"
     assert "Authorization" not in stub.headers[1]
 

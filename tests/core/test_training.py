@@ -106,6 +106,67 @@ def test_training_hash_ignores_how_a_run_is_launched_but_not_what_it_learns():
     assert training_hash(base) != training_hash(build_config({"model": {"path": "org/other"}}))
 
 
+def test_report_to_reaches_trl_and_leaves_the_training_hash_alone(tmp_path):
+    # Where the logged steps are also sent does not change what is learned: a run of today's default
+    # (none) keeps its model folder, and turning tensorboard on resumes it rather than training anew.
+    base = build_config({})
+    assert base.training.report_to == ()
+    for report_to in (["tensorboard"], ["none"], ["tensorboard", "mlflow"]):
+        assert training_hash(build_config({"training": {"report_to": report_to}})) == training_hash(base)
+    t = TrainingConfig(precision="fp32", report_to=("tensorboard",))
+    assert build_trl_config(t, str(tmp_path), 1, use_cpu=True).report_to == ["tensorboard"]
+    none = TrainingConfig(precision="fp32", report_to=("none",))
+    assert build_trl_config(none, str(tmp_path), 1, use_cpu=True).report_to == []
+
+
+def test_a_reporter_without_its_package_or_beside_none_is_refused(tmp_path, monkeypatch):
+    import importlib.util
+
+    with pytest.raises(ConfigError, match=r"training\.report_to .*'none' beside a reporter"):
+        build_config({"training": {"report_to": ["none", "wandb"]}})
+    with pytest.raises(ConfigError, match=r"training\.report_to"):
+        build_config({"training": {"report_to": ["comet"]}})
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a)
+    )
+    t = TrainingConfig(precision="fp32", report_to=("wandb",))
+    with pytest.raises(ConfigError, match=r"training\.report_to names 'wandb', but .* wandb installed"):
+        build_trl_config(t, str(tmp_path), 1, use_cpu=True)
+
+
+@pytest.mark.tier1
+def test_tensorboard_events_of_a_tiny_run_land_in_its_output(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from sao_core.testing import build_tiny_llama
+    from sao_core.training import train
+
+    pairs = write_jsonl(
+        tmp_path / "pairs" / "part-00000.jsonl", [pair_row(i, "x " * (1 + i)) for i in range(4)]
+    )
+    training = {
+        "precision": "fp32",
+        "global_batch_size": 2,
+        "per_device_batch_size": 2,
+        "max_length": 256,
+        "max_prompt_length": 128,
+        "max_steps": 2,
+        "report_to": ["tensorboard"],
+    }
+    model = str(build_tiny_llama(tmp_path / "tiny"))
+    out = tmp_path / "model"
+    manifest = train(build_config({"model": {"path": model}, "training": training}), pairs, str(out))
+    events = list((out / "logs").glob("events.out.tfevents.*"))
+    assert events, sorted(p.relative_to(out).as_posix() for p in out.rglob("*"))
+    accumulator = EventAccumulator(str(out / "logs"))
+    accumulator.Reload()
+    losses = accumulator.Scalars("train/loss")
+    assert [e.step for e in losses] == [1, 2] and manifest["steps"] == 2
+    logged = json.loads((out / "train_log.json").read_text())["steps"]
+    assert [round(e.value, 4) for e in losses] == [round(s["loss"], 4) for s in logged]
+
+
 def test_simpo_trl_config_sets_every_setting_we_rely_on(tmp_path):
     t = TrainingConfig(precision="fp32", checkpoint_steps=7, max_steps=30, seed=5)
     args = build_trl_config(t, str(tmp_path), world_size=1, use_cpu=True)

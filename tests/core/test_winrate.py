@@ -13,6 +13,7 @@ from sao_core.evaluation.winrate import (
     DEFAULT_L2,
     JudgedPrompt,
     compute_win_rate,
+    describe_win_rate,
     fit_length_controlled,
     winner_from_position,
 )
@@ -34,7 +35,7 @@ TABLE = [
     ("p4", 80, 100, "baseline", "baseline"),  # 0
     ("p5", 200, 100, "candidate", "tie"),  # 0.75, orders disagree
     ("p6", 90, 100, "tie", "tie"),  # 0.5, orders agree on a tie
-    ("p7", 100, 50, None, "candidate"),  # invalid: left out of the win rate
+    ("p7", 100, 50, None, "candidate"),  # 0.75: the unparseable verdict scores as a tie
     ("p8", 60, 100, "candidate", "baseline"),  # 0.5, orders disagree, both for the first shown
 ]
 PROMPTS = [JudgedPrompt(*row) for row in TABLE]  # type: ignore[arg-type]
@@ -43,10 +44,11 @@ PROMPTS = [JudgedPrompt(*row) for row in TABLE]  # type: ignore[arg-type]
 def test_counts_and_shares_of_a_hand_table() -> None:
     r = compute_win_rate(PROMPTS)
     assert (r.prompts, r.complete, r.invalid) == (8, 7, 1)
-    assert (r.wins, r.losses, r.ties) == (3, 1, 3)  # p1 p2 p5 / p4 / p3 p6 p8
-    # (1 + 1 + 0.5 + 0 + 0.75 + 0.5 + 0.5) / 7
-    assert r.win_rate == pytest.approx(4.25 / 7)
-    assert r.ties / r.complete == pytest.approx(3 / 7)
+    assert (r.valid_verdicts, r.invalid_verdicts, r.valid_share) == (15, 1, 15 / 16)
+    assert (r.wins, r.losses, r.ties) == (4, 1, 3)  # p1 p2 p5 p7 / p4 / p3 p6 p8
+    # Every prompt counts: (1 + 1 + 0.5 + 0 + 0.75 + 0.5 + 0.75 + 0.5) / 8
+    assert r.score == pytest.approx(5.0)
+    assert r.win_rate == pytest.approx(5 / 8)
     assert r.order_inconsistent_share == pytest.approx(3 / 7)  # p3 p5 p8; p6's two ties agree
     # Decisive verdicts, p7's one valid verdict included: 2+2+2+2+1+0+1+2 = 12. For the answer shown
     # first: p1 1, p2 1, p3 2, p4 1 (baseline first, baseline won), p5 1, p7 0, p8 2 = 8.
@@ -56,15 +58,41 @@ def test_counts_and_shares_of_a_hand_table() -> None:
     # Unequal lengths (p3 left out): p1 2/2, p2 2/2, p4 2/2 (baseline longer, won twice), p5 1/1,
     # p7 1/1, p8 1/2 (the shorter candidate won once) -> 9 of 10 won by the longer answer.
     assert r.longer_wins_share == pytest.approx(9 / 10)
-    diffs = [20, 50, 0, -20, 100, -10, -40]
-    prefs = [1, 1, 0.5, 0, 0.75, 0.5, 0.5]
+    diffs = [20, 50, 0, -20, 100, -10, 50, -40]
+    prefs = [1, 1, 0.5, 0, 0.75, 0.5, 0.75, 0.5]
     assert r.length_correlation == pytest.approx(statistics.correlation(prefs, diffs))
     assert r.mean_candidate_len == 900 / 8
     assert r.mean_baseline_len == 750 / 8
-    assert r.win_rate_ci is not None and r.win_rate is not None
-    assert r.win_rate_ci[0] <= r.win_rate <= r.win_rate_ci[1]
-    assert "bootstrap" in r.ci_method and "seed 0" in r.ci_method
-    assert json.loads(json.dumps(r.to_dict()))["win_rate"] == pytest.approx(4.25 / 7)
+    assert r.win_rate_ci == pytest.approx(_wilson_by_hand(5, 8))
+    assert "Wilson" in r.ci_method and "seed 0" in r.bootstrap_method
+    assert r.bootstrap_ci_low is not None and r.bootstrap_ci_low <= 5 / 8 <= r.bootstrap_ci_high  # type: ignore[operator]
+    assert json.loads(json.dumps(r.to_dict()))["win_rate"] == pytest.approx(5 / 8)
+    assert describe_win_rate(r.to_dict()) == "62.5% (5 of 8 prompts, ties half; 1 invalid counted as ties)"
+
+
+def _wilson_by_hand(s: float, n: int) -> tuple[float, float]:
+    z = 1.959963984540054  # the normal 97.5% quantile
+    p = s / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return centre - half, centre + half
+
+
+def test_few_judged_prompts_do_not_make_a_sure_win() -> None:
+    # Issue 17: 24 prompts, the judge parsed only 2 (both for the candidate). Dropping the invalid ones
+    # made a win rate of 100% with a bootstrap interval [100%, 100%]; counted as ties they make
+    # (2 + 22 * 0.5) / 24 = 13/24, and the interval says it could well be a coin.
+    prompts = [JudgedPrompt(f"e{i}", 5, 5, "candidate", "candidate") for i in range(2)]
+    prompts += [JudgedPrompt(f"x{i}", 5, 5, None, None) for i in range(22)]
+    r = compute_win_rate(prompts)
+    assert (r.complete, r.invalid, r.valid_verdicts) == (2, 22, 4)
+    assert r.win_rate == pytest.approx(13 / 24)
+    assert r.win_rate_ci_low is not None and r.win_rate_ci_low < 0.5
+    assert r.win_rate_ci == pytest.approx(_wilson_by_hand(13, 24))
+    # Five wins of five: Wilson's [56.6%, 100%] (z^2 / (5 + z^2)), not the bootstrap's zero width.
+    five = compute_win_rate([JudgedPrompt(f"w{i}", 1, 1, "candidate", "candidate") for i in range(5)])
+    assert five.bootstrap_ci_low == five.bootstrap_ci_high == 1.0
+    assert five.win_rate_ci == pytest.approx((5 / (5 + 1.959963984540054**2), 1.0))
 
 
 def test_bootstrap_interval_is_seeded_and_matches_the_normal_approximation() -> None:
@@ -77,14 +105,17 @@ def test_bootstrap_interval_is_seeded_and_matches_the_normal_approximation() -> 
     r = compute_win_rate(prompts)
     assert r.win_rate == pytest.approx(0.6)
     half = 1.96 * math.sqrt(0.6 * 0.4 / 400)
-    assert r.win_rate_ci_low == pytest.approx(0.6 - half, abs=0.01)
-    assert r.win_rate_ci_high == pytest.approx(0.6 + half, abs=0.01)
-    assert compute_win_rate(prompts).win_rate_ci == r.win_rate_ci  # same seed, same interval
-    other = compute_win_rate(prompts, seed=1, n_bootstrap=500).win_rate_ci
-    assert other is not None and other[0] == pytest.approx(0.6 - half, abs=0.015)
+    assert r.bootstrap_ci_low == pytest.approx(0.6 - half, abs=0.01)
+    assert r.bootstrap_ci_high == pytest.approx(0.6 + half, abs=0.01)
+    # At n = 400 Wilson and the normal interval agree closely too.
+    assert r.win_rate_ci_low == pytest.approx(0.6 - half, abs=0.002)
+    again = compute_win_rate(prompts)
+    assert (again.bootstrap_ci_low, again.bootstrap_ci_high) == (r.bootstrap_ci_low, r.bootstrap_ci_high)
+    other = compute_win_rate(prompts, seed=1, n_bootstrap=500).bootstrap_ci_low
+    assert other == pytest.approx(0.6 - half, abs=0.015)
     # Every prompt won: every resample's mean is 1.
     wins = [JudgedPrompt(f"w{i}", 1, 1, "candidate", "candidate") for i in range(5)]
-    assert compute_win_rate(wins).win_rate_ci == (1.0, 1.0)
+    assert compute_win_rate(wins).bootstrap_ci_low == 1.0
 
 
 def test_lc_equals_the_raw_win_rate_when_lengths_are_equal() -> None:
@@ -92,16 +123,16 @@ def test_lc_equals_the_raw_win_rate_when_lengths_are_equal() -> None:
     # sum_i (sigmoid(theta) - y_i) = 0 gives sigmoid(theta) = mean(y) = the raw win rate.
     prompts = [JudgedPrompt(p.prompt_id, 100, 100, p.candidate_first, p.baseline_first) for p in PROMPTS]
     r = compute_win_rate(prompts, l2=0)
-    assert r.lc_win_rate == pytest.approx(r.win_rate, abs=1e-12)
-    assert r.lc_coef_model == pytest.approx(_logit(4.25 / 7), abs=1e-9)
+    assert r.lc_win_rate == pytest.approx(r.win_rate, abs=1e-9)
+    assert r.lc_coef_model == pytest.approx(_logit(5 / 8), abs=1e-8)
     assert r.lc_coef_length == 0 and r.lc_length_std is None
     # With the default penalty the stationarity condition is n (mean(y) - sigmoid(theta)) = l2 theta:
     # slightly shrunk towards one half.
     r = compute_win_rate(prompts)
     theta = r.lc_coef_model
     assert theta is not None and r.lc_win_rate is not None
-    assert 7 * (4.25 / 7 - _sigmoid(theta)) == pytest.approx(DEFAULT_L2 * theta, abs=1e-9)
-    assert 0.5 < r.lc_win_rate < 4.25 / 7
+    assert 8 * (5 / 8 - _sigmoid(theta)) == pytest.approx(DEFAULT_L2 * theta, abs=1e-9)
+    assert 0.5 < r.lc_win_rate < 5 / 8
 
 
 def test_lc_with_a_difficulty_term_and_equal_lengths_still_equals_the_raw_win_rate() -> None:
@@ -190,10 +221,11 @@ def test_winner_from_position() -> None:
         winner_from_position(3, candidate_shown_first=True)
 
 
-def test_nothing_valid_gives_none_not_a_crash() -> None:
+def test_nothing_valid_is_a_coin_with_a_wide_interval_not_a_crash() -> None:
     r = compute_win_rate([JudgedPrompt("x", 3, 4, None, None), JudgedPrompt("y", 3, 4, None, "tie")])
-    assert (r.complete, r.invalid) == (0, 2)
-    assert r.win_rate is None and r.win_rate_ci is None and r.lc_win_rate is None
+    assert (r.complete, r.invalid, r.valid_verdicts) == (0, 2, 1)
+    assert r.win_rate == 0.5 and r.win_rate_ci == pytest.approx(_wilson_by_hand(1, 2))
+    assert r.order_inconsistent_share is None
     assert r.first_position_share is None and r.longer_wins_share is None
     json.dumps(r.to_dict())
 

@@ -23,7 +23,12 @@ from tests.integration.conftest import vllm_python  # noqa: F401  (a fixture)
 ROOT = Path(__file__).parents[2]
 TINY = str(ROOT / "configs" / "tiny.yaml")
 BASE = "bundled:tiny-random-llama"
-PROMOTE_ALWAYS = ["promotion.min_win_rate_lower=0.0", "promotion.min_judge_agreement=0.0"]
+PROMOTE_ALWAYS = [
+    "promotion.min_win_rate_lower=0.0",
+    "promotion.min_judge_agreement=0.0",
+    "promotion.min_judged=1",
+    "promotion.min_valid_share=0.0",
+]
 pytestmark = pytest.mark.tier1
 
 

@@ -16,12 +16,18 @@ from typing import Any
 import pytest
 import yaml
 
-from sao_core.campaign import ledger
+from sao_core.campaign import ledger, planning
+from sao_core.campaign.campaign_report import campaign_rows
 from sao_core.store import shards, storage
 
 ROOT = Path(__file__).parents[2]
 TINY = str(ROOT / "configs" / "tiny.yaml")
-PROMOTE_ALWAYS = ["promotion.min_win_rate_lower=0.0", "promotion.min_judge_agreement=0.0"]
+PROMOTE_ALWAYS = [
+    "promotion.min_win_rate_lower=0.0",
+    "promotion.min_judge_agreement=0.0",
+    "promotion.min_judged=1",
+    "promotion.min_valid_share=0.0",
+]
 pytestmark = pytest.mark.tier1
 
 
@@ -65,7 +71,10 @@ def test_round_two_starts_from_round_one_and_is_judged_against_both(
     for stage in ("prompts", "responses", "judgements"):
         manifest = shards.read_stage_manifest(storage.join(second["round_dir"], stage))
         assert manifest["model"] == one.model_path, stage
-    evaluation = storage.read_json(storage.join(promoted[1].model, "eval", "manifest.json"))
+    # {model}/eval/{evaluation settings hash}/ (layout.evaluation_url), the folder the round's result names.
+    eval_dir = second["evaluation"]["url"]
+    assert eval_dir.startswith(storage.join(promoted[1].model, "eval") + "/")
+    evaluation = storage.read_json(storage.join(eval_dir, "manifest.json"))
     assert set(evaluation["comparisons"]) == {"current", "original"}
     assert evaluation["comparisons"]["current"]["baseline"] == one.model_path
     assert evaluation["comparisons"]["original"]["baseline"] == "bundled:tiny-random-llama"
@@ -184,3 +193,112 @@ def test_no_answer_before_the_timeout_is_a_rejection(tmp_path: Path, prefect_api
     outcome = state.result()["outcome"]
     assert outcome["status"] == "rejected" and "no answer within 4 s" in outcome["why"]
     assert ledger.current(str(tmp_path), "tiny") is None
+
+
+def _events(resource_prefix: str, wanted: int, timeout_s: float = 60) -> list[dict[str, Any]]:
+    """The server's events about resources whose id starts with `resource_prefix`, read back through its
+    REST API once `wanted` of them are there (events are written a moment after they are sent)."""
+    from prefect.client.orchestration import get_client
+    from prefect.events.filters import EventFilter, EventResourceFilter
+
+    deadline = time.monotonic() + timeout_s
+    with get_client(sync_client=True) as client:
+        while True:
+            # Built afresh each time: the filter's default window ends when it is made.
+            query = EventFilter(resource=EventResourceFilter(id_prefix=[resource_prefix]))
+            body = {"filter": query.model_dump(mode="json"), "limit": 50}
+            response = client.request("POST", "/events/filter", json=body)
+            response.raise_for_status()
+            events = response.json()["events"]
+            if len(events) >= wanted or time.monotonic() > deadline:
+                return events
+            time.sleep(0.5)
+
+
+def test_each_round_outcome_is_a_prefect_event(tmp_path: Path, prefect_api: None) -> None:
+    """sao.round.promoted / rejected / superseded / failed, with the round and its campaign as resources,
+    emitted by the outcome tasks and read back from a real server through /events/filter."""
+    from prefect import flow
+
+    from sao_core.config import config_to_yaml
+    from tasks.campaign import record_outcome, record_round_failure
+    from tests.core.test_campaign import CAMPAIGN, make_round, round_config
+
+    root = str(tmp_path / "artifacts")
+    passed = {"promote": True, "reason": "rule held", "failed": [], "checks": []}
+    failed = {"promote": False, "reason": "rule failed", "failed": ["win rate: lost"], "checks": []}
+
+    def ref(round_dir: str, k: int) -> dict[str, Any]:
+        return {
+            "round_dir": round_dir,
+            "config_url": storage.join(round_dir, "resolved_config.yaml"),
+            "round": k,
+        }
+
+    @flow(name="outcome-events")
+    def outcomes() -> list[str]:
+        one_dir, one = make_round(root, 1, full=True)
+        two_dir, two = make_round(root, 2, full=True)
+        three_dir, three = make_round(root, 3, full=True)
+        statuses = [
+            record_outcome(ref(one_dir, 1), {"url": one}, {}, {}, None, None, passed, {"planned_seq": None}),
+            record_outcome(ref(two_dir, 2), {"url": two}, {}, {}, None, None, failed, {"planned_seq": 1}),
+            # Planned from no record, but round 1 has promoted since: superseded.
+            record_outcome(
+                ref(three_dir, 3), {"url": three}, {}, {}, None, None, passed, {"planned_seq": None}
+            ),
+        ]
+        recipe = tmp_path / "recipe.yaml"
+        recipe.write_text(config_to_yaml(round_config(root, 4)))
+        statuses.append(
+            record_round_failure(
+                str(recipe), [], "quality_gate", "RoundQualityError", "3 pairs", {"planned_seq": 1}
+            )
+        )
+        return [s["status"] for s in statuses]
+
+    assert outcomes() == ["promoted", "rejected", "superseded", "failed"]
+    events = _events(f"sao.round.{CAMPAIGN}.", 4)
+    by_round = {
+        e["resource"]["sao.round"]: e for e in events if e["resource"].get("sao.campaign") == CAMPAIGN
+    }
+    assert {k: e["event"] for k, e in by_round.items()} == {
+        "1": "sao.round.promoted",
+        "2": "sao.round.rejected",
+        "3": "sao.round.superseded",
+        "4": "sao.round.failed",
+    }
+    four = by_round["4"]
+    assert four["resource"]["prefect.resource.id"] == f"sao.round.{CAMPAIGN}.4"
+    campaign = [r for r in four["related"] if r.get("prefect.resource.role") == "campaign"]
+    assert campaign and campaign[0]["prefect.resource.id"] == f"sao.campaign.{CAMPAIGN}"
+    assert four["payload"]["failure"] == {
+        "stage": "quality_gate",
+        "error": "RoundQualityError",
+        "message": "3 pairs",
+    }
+    assert "planned from and evaluated against the base model" in by_round["3"]["payload"]["why"]
+
+
+def test_a_failing_campaign_moves_on_then_pauses_instead_of_looping(
+    tmp_path: Path, prefect_api: None
+) -> None:
+    # Issue 17: a round that failed for good (here the quality gate) wrote no outcome, so the next night
+    # planned the same round from the same model, served every stage from the cache and failed again.
+    from flows.campaign import sao_campaign
+
+    overrides = [f"run.root={tmp_path}", "pairing.min_pairs=100000", "campaign.max_consecutive_failures=2"]
+    state = sao_campaign(TINY, overrides, rounds=3, return_state=True)
+    assert state.is_failed() and "paused after 2 failed rounds in a row" in str(state.message)
+    rows = campaign_rows(str(tmp_path), "tiny")
+    assert [(r["round"], r["status"]) for r in rows] == [(1, "failed"), (2, "failed")]
+    assert (
+        rows[0]["failure"]["stage"] == "quality_gate" and rows[0]["failure"]["error"] == "RoundQualityError"
+    )
+    seeds = [_resolved(r["round_dir"])["run"]["seed"] for r in rows]
+    assert seeds[1] == seeds[0] + 1  # the next round is a new draw, not the cached failure again
+    report = (tmp_path / "tiny" / "campaign_report.md").read_text()
+    assert "**Campaign paused:**" in report and "quality_gate" in report
+    # A person resumes: the next plan is round 3.
+    planning.resume(str(tmp_path), "tiny", who="ana", why="lowered the gate")
+    assert planning.plan_next(str(tmp_path), "tiny", 0, 2).round == 3

@@ -30,6 +30,7 @@ from sao_core.stages import runner
 from sao_core.store import shards, storage
 from sao_core.store.layout import (
     MODEL_STAGES,
+    evaluation_url,
     input_stage,
     load_config,
     num_shards,
@@ -37,8 +38,10 @@ from sao_core.store.layout import (
     round_url,
     stage_url,
 )
+from sao_core.store.models import resolve_adapter
+from sao_core.store.shards import read_stage_manifest
 from tests.flows.conftest import task_runs
-from tests.stub_openai import HANG_GUARD_S, StubServer, echo, in_background
+from tests.stub_openai import HANG_GUARD_S, StubServer, echo, in_background, serve_runtime_lora
 
 ROOT = Path(__file__).parents[2]
 TINY = str(ROOT / "configs" / "tiny.yaml")
@@ -195,7 +198,9 @@ class EngineGets:
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.callers = 0
         self.changed = threading.Condition()
-        get, make_engine = EngineProvider.get, runner.make_engine
+        import tasks.engines
+
+        get, make_engine = EngineProvider.get, tasks.engines.make_engine
 
         def counted_get(provider: EngineProvider) -> Any:
             with self.changed:
@@ -211,7 +216,7 @@ class EngineGets:
             return make_engine(*args, **kwargs)
 
         monkeypatch.setattr(EngineProvider, "get", counted_get)
-        monkeypatch.setattr(runner, "make_engine", build_once_two_wait)
+        monkeypatch.setattr(tasks.engines, "make_engine", build_once_two_wait)
 
 
 @pytest.fixture
@@ -244,16 +249,16 @@ def replica_overrides(tmp_path: Path, urls: list[str], *extra: str) -> list[str]
     ]
 
 
-def check_stage_shards(cfg: RoundConfig, round_dir: str, stage: str, shards: int, rows: int) -> None:
+def check_stage_shards(cfg: RoundConfig, round_dir: str, stage: str, count: int, rows: int) -> None:
     """Every shard once, every input row answered once, and the manifest's exact counts: the stubs
     answer every call with 7 prompt and 5 completion tokens and nothing is dropped."""
     out_url = output_url(round_dir, stage)
     names = [u.rsplit("/", 1)[-1] for u in storage.list_files(storage.join(out_url, "_shards"), "*.json")]
-    assert names == [f"part-{i:05d}.json" for i in range(shards)], (stage, names)
-    assert len(storage.list_files(out_url, "part-*")) == shards, stage
+    assert names == [f"part-{i:05d}.json" for i in range(count)], (stage, names)
+    assert len(storage.list_files(out_url, "part-*")) == count, stage
     key = ID_KEY[stage]
     inputs, kept = [], []
-    for index in range(shards):
+    for index in range(count):
         in_rows, _ = shards.read_shard(stage_url(round_dir, input_stage(stage)), index, cfg.run.format)
         out_rows, entry = shards.read_shard(out_url, index, cfg.run.format)
         assert (entry.rows_in, entry.rows_out, entry.drops) == (len(in_rows), len(in_rows), {}), entry
@@ -263,9 +268,9 @@ def check_stage_shards(cfg: RoundConfig, round_dir: str, stage: str, shards: int
     assert sorted(kept) == sorted(inputs) and len(set(kept)) == len(kept) == rows, stage
     completions = {"prompts": 1, "responses": cfg.responses.k, "judgements": 1}[stage]
     manifest = shards.read_stage_manifest(stage_url(round_dir, stage))
-    assert [s["shard"] for s in manifest["shards"]] == list(range(shards))
+    assert [s["shard"] for s in manifest["shards"]] == list(range(count))
     assert {k: manifest[k] for k in ("num_shards", "rows_in", "rows_out", "drops")} == {
-        "num_shards": shards,
+        "num_shards": count,
         "rows_in": rows,
         "rows_out": rows,
         "drops": {},
@@ -320,8 +325,8 @@ def test_a_round_over_two_replicas_runs_each_stages_shards_concurrently(
     release_engine(cfg)
 
     for stage in MODEL_STAGES:
-        check_stage_shards(cfg, round_dir, stage, shards=4, rows=16)
-    assert shards.read_stage_manifest(stage_url(round_dir, "pairs"))["rows_out"] == 16
+        check_stage_shards(cfg, round_dir, stage, count=4, rows=16)
+    assert read_stage_manifest(stage_url(round_dir, "pairs"))["rows_out"] == 16
     runs = task_runs(state.state_details.flow_run_id)
     for stage in MODEL_STAGES:
         for index in range(4):
@@ -360,5 +365,67 @@ def test_fanout_concurrency_bounds_the_shards_in_flight(
     assert len(proof.result(timeout=HANG_GUARD_S)["prompts"]) == 3
     assert shards.most_in_flight == 3, sorted(map(sorted, shards.together))
     assert prompts["summary"]["rows_out"] == 24
-    check_stage_shards(cfg, round_dir, "prompts", shards=6, rows=24)
+    check_stage_shards(cfg, round_dir, "prompts", count=6, rows=24)
     release_engine(cfg)
+
+
+def test_the_evaluation_loads_the_lora_policy_into_the_replicas_and_unloads_it(
+    tmp_path: Path, prefect_api: None, replicas: list[StubServer]
+) -> None:
+    """Issue 18, 6: engine openai with evaluation on (no evaluation.engine): the trained adapter is loaded
+    into both running replicas at run time, the candidate's answers are asked of it there as shard
+    tasks, then it is unloaded; the current model and the judge answer as the served base."""
+    from flows.sao_round import sao_round
+    from tasks.engines import free_engines
+
+    shards_seen = ShardCalls()
+
+    def answer(body: dict[str, Any]) -> str:
+        said = shards_seen.answer(body)
+        return f"{body['model']} says: {said}" if body["model"].startswith("sao-lora-") else said
+
+    for replica in range(2):
+        replicas.append(serve_runtime_lora(StubServer(answer=answer, watch=shards_seen.watch(replica))))
+    overrides = replica_overrides(
+        tmp_path,
+        [s.url for s in replicas],
+        "evaluation.enabled=true",
+        "evaluation.n=8",
+        "evaluation.trust_n=4",
+        "evaluation.bootstrap=100",
+        "evaluation.downstream.enabled=false",
+    )
+    cfg = load_config(TINY, overrides)
+    shards_seen.follow(cfg)
+    free_engines()
+    state = sao_round(TINY, overrides, return_state=True)
+    assert state.is_completed(), state
+    result = state.result()
+    evaluation = result["evaluation"]
+    assert evaluation["url"] == evaluation_url(result["model"], cfg)
+    adapter = storage.join(result["model"], "adapter")
+    assert evaluation["candidate"] == f"{cfg.model.path} + adapter {adapter}"
+
+    # Each replica: loaded once, the candidate's calls, unloaded once; nothing else asked for the adapter.
+    names = set()
+    for server in replicas:
+        (load, body), (unload, gone) = server.lora_log  # type: ignore[attr-defined]
+        assert (load, unload) == ("load", "unload") and gone == {"lora_name": body["lora_name"]}
+        assert body["lora_path"] == resolve_adapter(adapter)
+        names.add(body["lora_name"])
+        asked = [i for i, c in enumerate(server.calls) if c["model"] == body["lora_name"]]
+        loaded_at, unloaded_at = server.lora_at  # type: ignore[attr-defined]
+        assert asked and loaded_at <= min(asked) and max(asked) < unloaded_at, (server.lora_at, asked)
+    [name] = names
+    answers = shards.read_stage_rows(storage.join(evaluation["url"], "answers-candidate"), cfg.run.format)
+    assert len(answers) == 8 and all(a["answer"].startswith(f"{name} says:") for a in answers)
+    current = shards.read_stage_rows(storage.join(evaluation["url"], "answers-current"), cfg.run.format)
+    assert not any(a["answer"].startswith(name) for a in current)
+    assert sum(c["model"] == name for s in replicas for c in s.calls) == 8
+
+    runs = task_runs(state.state_details.flow_run_id)
+    for stage, count in (("answers-candidate", 2), ("answers-current", 2), ("verdicts", 3)):
+        for index in range(count):
+            assert runs.get(f"{stage}-shard-{index:05d}") == ["Completed"], (stage, index, runs)
+    assert runs["evaluate-round-1"] == ["Completed"]
+    free_engines()

@@ -38,7 +38,8 @@ def test_task_bodies_run_with_fn(tmp_path, prefect_api):
     from tasks.personas import sample_personas
 
     ref = resolve_config.fn(TINY, [f"run.root={tmp_path}", "personas.n=6"])
-    assert ref["round_dir"].startswith(str(tmp_path)) and ref["config_url"].endswith("resolved_config.yaml")
+    assert ref["round_dir"].startswith(str(tmp_path))
+    assert ref["config_url"].startswith(f"{ref['round_dir']}/configs/")  # the run's own full config
     personas = sample_personas.fn(ref, ref["settings"]["personas"])
     assert personas["summary"]["rows_out"] == 6
     judged = {"summary": {"diagnostics": {"parse_rate": 0.9}}}

@@ -15,7 +15,9 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
 
 from sao_core.config import EngineConfig, ModelConfig, RoundConfig
@@ -27,13 +29,15 @@ from sao_core.stages.runner import run_shard
 from sao_core.store import shards, storage
 from sao_core.store.layout import load_config, prepare_round
 from sao_core.store.models import resolve_model
+from sao_core.testing import build_tiny_llama
+from tests.integration.test_adapters_engines import GREEDY, answers, build_adapter, chat_requests, same
 from tests.procs import kill_group, start, wait_healthy
 
 REPO = Path(__file__).resolve().parents[2]
 VLLM_VENV = REPO / ".venv-vllm"
 SMOLLM2 = "bundled:smollm2-135m-instruct"
 SERVED = "smollm2"
-KEY_ENV = "SAO_TEST_VLLM_KEY"
+KEY_ENV = "SAO_TEST_VLLM_API_KEY"
 KEY = "sk-sao-test"
 CHAT_OK = '"POST /v1/chat/completions HTTP/1.1" 200'
 
@@ -187,3 +191,58 @@ def test_a_server_killed_for_good_fails_the_shard_and_writes_nothing(
     out = storage.join(round_dir, "prompts", "_candidates")
     assert shards.read_shard_manifest(out, 0) is None
     assert not storage.list_files(out, "part-*")
+
+
+def test_a_lora_policy_is_loaded_into_the_running_server_and_unloaded(
+    vllm_python: str, api_key: None, tmp_path: Path
+) -> None:
+    """Issue 18, 6: `vllm serve --enable-lora` with VLLM_ALLOW_RUNTIME_LORA_UPDATING=True holds the base
+    model only; the openai engine loads the trained adapter into it (POST /v1/load_lora_adapter), answers
+    through it as transformers does with the adapter merged, and unloads it on close, no restart."""
+    base = build_tiny_llama(tmp_path / "model")
+    adapter = build_adapter(base, tmp_path / "adapter")
+    reference = answers(
+        EngineConfig(name="transformers", device="cpu"), ModelConfig(path=base, adapter=adapter)
+    )[0]
+    log_path = tmp_path / "serve.log"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    url = f"http://127.0.0.1:{port}/v1"
+    cmd = [
+        str(Path(vllm_python).parent / "vllm"), "serve", base, "--host", "127.0.0.1", "--port", str(port),
+        "--served-model-name", "tiny", "--api-key", KEY, "--enable-lora", "--max-lora-rank", "8",
+        "--dtype", "float32", "--max-model-len", "2048", "--enforce-eager", "--seed", "0",
+    ]  # fmt: skip
+    env = {
+        **os.environ,
+        "VLLM_CPU_KVCACHE_SPACE": "1",
+        "PYTHONUNBUFFERED": "1",
+        "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
+    }
+    proc = start(cmd, env, log_path)
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}/health", proc, log_path, 300, what="vllm serve --enable-lora")
+        served = EngineConfig(name="openai", base_urls=(url,), served_model_name="tiny", api_key_env=KEY_ENV)
+        headers = {"Authorization": f"Bearer {KEY}"}
+
+        def listed() -> dict[str, Any]:
+            return {m["id"]: m for m in httpx.get(f"{url}/models", headers=headers).json()["data"]}
+
+        assert set(listed()) == {"tiny"}
+        policy = make_engine(served, ModelConfig(path=base, adapter=adapter))
+        name = policy.served_model
+        try:
+            assert listed()[name]["parent"] == "tiny"
+            texts = [row[0].text for row in policy.generate(chat_requests(), GREEDY)]
+        finally:
+            policy.close()
+        assert set(listed()) == {"tiny"}  # unloaded
+        base_texts = answers(served, ModelConfig(path=base))[0]
+    finally:
+        kill_group(proc)
+    log = log_path.read_text(errors="replace")
+    assert f"Loaded new LoRA adapter: name '{name}'" in log and f"Removed LoRA adapter: name '{name}'" in log
+    # fp32 and greedy: the served adapter gives the merged model's tokens (bar a near-tie), not the base's.
+    assert same(texts, reference) >= len(texts) - 1, list(zip(reference, texts, strict=True))
+    assert same(texts, base_texts) == 0, list(zip(base_texts, texts, strict=True))

@@ -2,6 +2,10 @@
 never a crash, never a wrong pair.
 
 - configs: unknown keys, wrong types, negative sizes, missing paths, schemes run.allowed_schemes refuses;
+  files that are empty, only comments, a folder or unreadable;
+- the commands (`sao synth`, `run`, `train`, `campaign`, `deploy`) and a deployment run triggered through
+  the REST API: a bad input is one line naming the key and the fix (exit 2, or the run's first task Failed
+  with that line as its message), before anything starts, no traceback, no credential;
 - persona files: wrong columns, empty, not UTF-8, a 10 MB single line, repeated texts, control characters;
 - pairs files: the same, read by training;
 - hostile model output through the five data stages, with a scripted engine: a persona, prompt or answer
@@ -190,6 +194,9 @@ def test_bad_overrides_are_named(overrides: list[str], message: str) -> None:
         ("run:\n  root: r\n  root: s\n  shard_size: -1\n", "'run.shard_size'"),
         ("personas:\n  n: 8\n  bogus: 1\n", "unknown config key 'personas.bogus'"),
         ("\xff\xfe", "not UTF-8"),
+        ("", "is empty (or only comments)"),
+        ("\n# personas:\n#   n: 8\n\n", "is empty (or only comments)"),
+        ("---\n...\n", "is empty (or only comments)"),
     ],
 )
 def test_bad_config_files_are_named(tmp_path: Path, text: str | None, message: str) -> None:
@@ -199,6 +206,24 @@ def test_bad_config_files_are_named(tmp_path: Path, text: str | None, message: s
     with pytest.raises(ConfigError) as err:
         load_config(str(path))
     assert message in str(err.value) and str(path) in str(err.value)
+
+
+def test_an_explicitly_empty_mapping_is_every_default(tmp_path: Path) -> None:
+    path = tmp_path / "defaults.yaml"
+    path.write_text("# every default, on purpose\n{}\n")
+    assert load_config(str(path)) == build_config({})
+
+
+def test_a_config_that_is_a_folder_or_unreadable_is_named(tmp_path: Path) -> None:
+    folder = tmp_path / "recipes"
+    folder.mkdir()
+    with pytest.raises(ConfigError, match=f"config file {re.escape(str(folder))} cannot be read: .*a folder"):
+        load_config(str(folder))
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("x")
+    unreadable = blocker / "round.yaml"  # unreadable even for root, unlike a chmod 000 file
+    with pytest.raises(ConfigError, match=f"config file {re.escape(str(unreadable))} cannot be read"):
+        load_config(str(unreadable))
 
 
 def test_missing_model_adapter_and_pairs_paths_are_named(tmp_path: Path) -> None:
@@ -649,3 +674,323 @@ def test_hostile_model_output_is_a_counted_drop_or_the_judges_own_verdict(
     }
     _no_wrong_pair(outcome)
     expect(outcome)
+
+
+# --- the commands: one line naming the key and the fix, exit 2, before anything starts ----------------
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = str(REPO / "configs" / "tiny.yaml")
+# Written into URLs below as a password or a signature: it must never be printed, logged or stored.
+SENTINEL = "SENTINELurlcred7f3a91"
+
+Setup = Callable[[Path, pytest.MonkeyPatch], list[str]]
+
+
+def _recipe(text: str) -> Setup:
+    def setup(tmp_path: Path, mp: pytest.MonkeyPatch) -> list[str]:
+        path = tmp_path / "round.yaml"
+        path.write_text(text)
+        return ["run", "--config", str(path)]
+
+    return setup
+
+
+def _argv(*argv: str) -> Setup:
+    return lambda tmp_path, mp: [a.replace("{tmp}", str(tmp_path)) for a in argv]
+
+
+def _folder(tmp_path: Path, mp: pytest.MonkeyPatch) -> list[str]:
+    (tmp_path / "recipes").mkdir()
+    return ["run", "--config", str(tmp_path / "recipes")]
+
+
+def _unreadable(tmp_path: Path, mp: pytest.MonkeyPatch) -> list[str]:
+    (tmp_path / "file").write_text("x")
+    return ["campaign", "--config", str(tmp_path / "file" / "round.yaml")]
+
+
+def _train(rows: list[dict[str, Any]], *sets: str, model_first: bool = False) -> Setup:
+    """`sao train` on a pairs file of these rows; unless `model_first`, looking for the model at all
+    fails the test: the pairs must be refused before."""
+
+    def setup(tmp_path: Path, mp: pytest.MonkeyPatch) -> list[str]:
+        from sao_core.training import launch
+
+        pairs = tmp_path / "pairs.jsonl"
+        pairs.write_bytes(_jsonl(rows))
+        if not model_first:
+            mp.setattr(launch, "resolve_model", _must_not_run("looked for the model before the pairs"))
+        argv = ["train", "--config", TINY, "--pairs", str(pairs)]
+        return argv + [x for s in sets for x in ("--set", s.replace("{tmp}", str(tmp_path)))]
+
+    return setup
+
+
+def _deploy(overrides: list[str]) -> Setup:
+    """`sao deploy` of a project whose round deployment names a recipe with these overrides."""
+
+    def setup(tmp_path: Path, mp: pytest.MonkeyPatch) -> list[str]:
+        import flows.deploy
+
+        (tmp_path / "prefect.yaml").write_text(
+            yaml.safe_dump(
+                {
+                    "deployments": [
+                        {"name": "gpu-batch", "entrypoint": "flows/gpu_batch.py:gpu_batch"},
+                        {"name": "round", "parameters": {"config": "tiny.yaml", "overrides": overrides}},
+                    ]
+                }
+            )
+        )
+        (tmp_path / "tiny.yaml").write_text(Path(TINY).read_text())
+        mp.setattr(flows.deploy, "REPO", tmp_path)
+        mp.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")  # nothing listens: nothing may call it
+        mp.setattr(flows.deploy, "ensure_pools", _must_not_run("created pools before checking the config"))
+        return ["deploy"]
+
+    return setup
+
+
+def _must_not_run(what: str) -> Callable[..., Any]:
+    def fail(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError(what)
+
+    return fail
+
+
+OPENAI = ["engine.name=openai", "evaluation.enabled=false"]
+
+
+def _sets(*overrides: str) -> list[str]:
+    return [x for o in overrides for x in ("--set", o)]
+
+
+# (setup giving the argv, what the one line says); ids name the command and the input
+COMMAND_ROWS = [
+    pytest.param(
+        _argv("synth", "--config", TINY, "--set", "personas.count=8"),
+        "unknown config key 'personas.count' (did you mean 'personas.column'?); allowed keys in personas:",
+        id="synth-unknown-key",
+    ),
+    pytest.param(
+        _argv(
+            "synth",
+            "--config",
+            TINY,
+            *_sets("personas.source=file", f"personas.path=s3://AKIAEXAMPLE:{SENTINEL}@bucket/p.jsonl"),
+        ),
+        "personas.path 's3://***@bucket/p.jsonl' carries a credential in its URL (user-info",
+        id="synth-credential-in-a-url",
+    ),
+    pytest.param(_recipe(""), "is empty (or only comments): write the sections to set", id="run-empty-file"),
+    pytest.param(_recipe("# personas:\n#   n: 8\n"), "is empty (or only comments)", id="run-only-comments"),
+    pytest.param(_folder, "cannot be read: ", id="run-config-is-a-folder"),
+    pytest.param(
+        _argv(
+            "run",
+            "--config",
+            TINY,
+            *_sets(*OPENAI, "engine.base_urls=[http://host]", "engine.api_key_env=AWS_SECRET_ACCESS_KEY"),
+        ),
+        "'engine.api_key_env': Value error, 'AWS_SECRET_ACCESS_KEY' is not a key this worker hands out (allowed: *_API_KEY)",
+        id="run-openai-key-from-aws-secret",
+    ),
+    pytest.param(
+        _argv("run", "--config", TINY, *_sets(*OPENAI, "engine.base_urls=[ftp://host/v1]")),
+        "engine.base_urls 'ftp://host/v1' uses scheme 'ftp', which run.allowed_base_url_schemes does not allow",
+        id="run-base-url-scheme",
+    ),
+    pytest.param(
+        _argv(
+            "run",
+            "--config",
+            TINY,
+            *_sets(*OPENAI, "engine.base_urls=[http://h/v1]", "run.allowed_base_url_schemes=[https]"),
+        ),
+        "engine.base_urls 'http://h/v1' uses scheme 'http'",
+        id="run-plain-http-refused-by-the-config",
+    ),
+    pytest.param(
+        _argv(
+            "run",
+            "--config",
+            TINY,
+            *_sets(*OPENAI, f"engine.base_urls=['http://h:8000/v1?api_key={SENTINEL}']"),
+        ),
+        "engine.base_urls 'http://h:8000/v1?api_key=***' carries a credential in its URL (query parameter",
+        id="run-credential-in-a-base-url-query",
+    ),
+    pytest.param(
+        _argv("run", "--config", TINY, "--set", "evaluation.downstream.include_path={tmp}"),
+        "unless the worker's operator sets SAO_ALLOW_LM_EVAL_INCLUDE=1 in its environment; drop",
+        id="run-lm-eval-include-path",
+    ),
+    pytest.param(
+        _argv("run", "--config", TINY, "--set", f"run.shard_size=http://u:{SENTINEL}@host"),
+        "'run.shard_size': Input should be a valid integer",
+        id="run-credential-in-a-wrong-value",
+    ),
+    pytest.param(
+        _argv("campaign", "--config", TINY, "--set", "run.shard_size=-1"),
+        "'run.shard_size': Input should be greater than or equal to 1",
+        id="campaign-bad-override",
+    ),
+    pytest.param(
+        _argv("campaign", "--config", TINY, "--rounds", "0"),
+        "--rounds must be at least 1, got 0",
+        id="campaign-zero-rounds",
+    ),
+    pytest.param(_unreadable, "cannot be read: Not a directory", id="campaign-config-unreadable"),
+    pytest.param(
+        _train([{"question": "q", "good": "a", "bad": "b"}], "model.path={tmp}/no-such-model"),
+        "has no column 'prompt', 'chosen', 'rejected'",
+        id="train-pairs-without-columns",
+    ),
+    pytest.param(
+        _train([pair(0), {**pair(1), "chosen": "just text"}], "model.path={tmp}/no-such-model"),
+        "line 2: column 'chosen' is not a non-empty list",
+        id="train-pairs-row-not-messages",
+    ),
+    pytest.param(
+        _train(
+            [pair(0, answer="word " * 300), pair(1, answer="word " * 300)],
+            "training.max_length=64",
+            "training.max_prompt_length=32",
+            model_first=True,
+        ),
+        "pairs.jsonl, line 1 (prompt_id pr-0): prompt+answer",
+        id="train-every-pair-too-long",
+    ),
+    pytest.param(
+        _argv("train", "--config", TINY, "--pairs", f"memory://user:{SENTINEL}@nowhere/pairs"),
+        "pairs memory://***@nowhere/pairs not found",
+        id="train-credential-in-the-pairs-url",
+    ),
+    pytest.param(
+        _deploy(["personas.count=3"]),
+        "deployment 'round' of prefect.yaml: ",
+        id="deploy-round-deployment-config",
+    ),
+]
+
+
+@pytest.mark.parametrize(("setup", "message"), COMMAND_ROWS)
+def test_a_bad_input_is_one_line_and_exit_2_before_anything_starts(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    setup: Setup,
+    message: str,
+) -> None:
+    import sys
+    import types
+
+    from flows.cli import main
+    from sao_core.training import launch
+
+    # What starts a Prefect run or a training: reaching any of them is the failure.
+    for name, attr in (("flows.sao_round", "sao_round"), ("flows.campaign", "sao_campaign")):
+        guard = types.ModuleType(name)
+        setattr(guard, attr, _must_not_run(f"{name} started"))
+        monkeypatch.setitem(sys.modules, name, guard)
+    monkeypatch.setattr(launch, "run_training", _must_not_run("training started"))
+    monkeypatch.setattr(launch, "launch_distributed", _must_not_run("training started"))
+    argv = setup(tmp_path, monkeypatch)
+    code = main(argv)
+    out, err = capsys.readouterr()
+    assert code == 2, (out, err)
+    [line] = err.splitlines()
+    assert line.startswith(f"sao {argv[0]}: error: ") and message in line, line
+    assert SENTINEL not in out + err and "Traceback" not in out + err
+
+
+@pytest.mark.tier1
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (
+            ["run", "--config", TINY, "--set", f"model.adapter=s3://AKIAEXAMPLE:{SENTINEL}@bucket/a"],
+            "model.adapter",
+        ),
+        (["campaign", "--config", TINY, "--set", "judging.swapp=true"], "did you mean 'judging.swap'"),
+    ],
+    ids=["run", "campaign"],
+)
+def test_the_installed_command_starts_no_prefect_server_for_a_bad_config(
+    tmp_path: Path, argv: list[str], message: str
+) -> None:
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(PREFECT_HOME=str(tmp_path / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    sao = Path(sys.executable).parent / "sao"
+    done = subprocess.run([str(sao), *argv], capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    assert done.returncode == 2, done.stdout + done.stderr
+    [line] = done.stderr.splitlines()
+    assert line.startswith(f"sao {argv[0]}: error: ") and message in line, line
+    assert done.stdout == "" and SENTINEL not in done.stderr
+    # A temporary server would have made its database there.
+    assert not list((tmp_path / "prefect").rglob("*.db"))
+
+
+# --- a deployment run triggered through the REST API ----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def round_deployment(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """tests/cluster/harness.py's cluster, cut down to what a round deployment needs: a Prefect server on
+    SQLite, `sao deploy`, and the one process worker of sao-cpu."""
+    from tests.cluster.harness import local_cluster
+
+    logs = tmp_path_factory.mktemp("deployment-logs")
+    with local_cluster(logs, None, postgres=False, gpu_workers=(), train_worker=False) as cluster:
+        yield cluster
+
+
+DEPLOYMENT_ROWS = [
+    pytest.param(
+        [*OPENAI, "engine.base_urls=[http://host]", "engine.api_key_env=AWS_SECRET_ACCESS_KEY"],
+        id="openai-key-from-aws-secret",
+    ),
+    pytest.param(
+        [f"model.adapter=s3://AKIAEXAMPLE:{SENTINEL}@bucket/adapter", "personas.n=4"],
+        id="credential-in-a-url",
+    ),
+]
+
+
+@pytest.mark.tier1
+@pytest.mark.parametrize("overrides", DEPLOYMENT_ROWS)
+def test_a_bad_config_fails_the_deployment_runs_first_task_with_its_one_line(
+    round_deployment: Any, overrides: list[str]
+) -> None:
+    from sao_core.redact import error_line
+
+    cluster = round_deployment
+    # The line `sao run` prints for the same config (this process has the worker's environment).
+    with pytest.raises(ConfigError) as err:
+        load_config(TINY, overrides)
+    line = error_line(err.value)
+    run_id = cluster.trigger_round(TINY, overrides)  # as the UI's custom run form does
+    run = cluster.wait_final(run_id, timeout_s=300)
+    assert run["state"]["type"] == "FAILED", run["state"]
+    tasks = cluster.post("/task_runs/filter", {"flow_runs": {"id": {"any_": [run_id]}}})
+    [first] = tasks  # nothing after it ran
+    assert first["name"].startswith("check-config") and first["state"]["type"] == "FAILED"
+    assert first["state"]["message"] == line and "\n" not in line
+    assert line in run["state"]["message"]
+    # Nowhere the server keeps or shows: state messages, logs, artifacts (the run's parameters hold the
+    # sentinel only because the trigger put it there).
+    shown = {
+        "states": cluster.get(f"/flow_run_states/?flow_run_id={run_id}")
+        + cluster.get(f"/task_run_states/?task_run_id={first['id']}"),
+        "logs": cluster.post("/logs/filter", {"logs": {"flow_run_id": {"any_": [run_id]}}, "limit": 200}),
+        "artifacts": cluster.post("/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [run_id]}}}),
+        "task_runs": tasks,
+    }
+    text = json.dumps(shown)
+    assert SENTINEL not in text and SENTINEL not in cluster.worker_log("cpu")
+    assert "Traceback" not in json.dumps(shown["states"])
+    assert any(line in log["message"] for log in shown["logs"])

@@ -282,7 +282,9 @@ class RoundOnCluster:
         # may change the training section (training.merge), so its model is found as `sao promote` does.
         model = storage.read_json(storage.join(planning.round_model(self.round_dir), "manifest.json"))
         assert model["complete"] and model["steps"] == load_config(TINY, self.overrides).training.max_steps
-        for stage in MODEL_STAGES:
+        # The judgements run on the responses' batch runs (tasks/shards.SAME_ENGINE_NEXT): no records of
+        # their own, and each responses record lists both stages.
+        for stage in ("prompts", "responses"):
             records = [
                 storage.read_json(u)
                 for u in storage.list_files(storage.join(self.round_dir, "_batches", stage), "*.json")
@@ -387,6 +389,8 @@ def test_a_prefect_server_restart_mid_round_is_ridden_out(tmp_path: Path, hook_e
             run = r.cluster.wait_final(run_id)
             assert state_type(run) == "COMPLETED", f"{run['state']}\n{r.cluster.log_tails()}"
             batches = {stage: r.batch_runs(stage) for stage in MODEL_STAGES}
+    # The judgements ran on the responses' batch run (tasks/shards.SAME_ENGINE_NEXT).
+    assert batches.pop("judgements") == []
     for stage, runs in batches.items():
         assert [(b["name"], state_type(b)) for b in runs] == [(f"{stage}-batch-00-try-1", "COMPLETED")]
     assert changed_since(finished) == []
@@ -429,16 +433,18 @@ def test_a_round_that_gives_up_on_a_prefect_outage_crashes_and_a_rerun_completes
                 rf"{task} - Finished in state Failed\('Task run encountered an exception ConnectError",
             ):
                 assert re.search(line, out), f"{line}\n{out[-6000:]}"
-            # The batch run finishes the stage whatever became of the round that submitted it.
+            # The batch run finishes its stages (responses, then judgements on the same engine) whatever
+            # became of the round that submitted it.
             [batch] = r.batch_runs("responses")
             assert state_type(r.cluster.wait_final(batch["id"])) == "COMPLETED"
-            assert r.done("responses") == list(range(SHARDS)) and r.done("judgements") == []
+            assert r.done("responses") == list(range(SHARDS)) == r.done("judgements")
             finished = snapshot(r.round_dir, "*/_shards/*.json", "*/_candidates/_shards/*.json", "*/part-*")
 
             second = r.cluster.wait_final(r.cluster.trigger_round(TINY, r.overrides))
             assert state_type(second) == "COMPLETED", f"{second['state']}\n{r.cluster.log_tails()}"
             batches = {stage: r.batch_runs(stage) for stage in MODEL_STAGES}
     # The stages the first run had finished or left running were not submitted again.
+    assert batches.pop("judgements") == []
     for stage, runs in batches.items():
         assert [(b["name"], state_type(b)) for b in runs] == [(f"{stage}-batch-00-try-1", "COMPLETED")]
     assert changed_since(before_stop) == [] and changed_since(finished) == []

@@ -26,6 +26,7 @@ import pytest
 
 from sao_core.config import DEFAULT_SCHEMES, ModelConfig, RoundConfig, build_config
 from sao_core.errors import ConfigError
+from sao_core.redact import redact
 from sao_core.store.models import load_kwargs
 
 REPO = Path(__file__).resolve().parents[2]
@@ -332,31 +333,238 @@ REFERENCE_KEYS = [
     "training.deepspeed",
     "evaluation.judge.model.path",
     "evaluation.judge.model.adapter",
+    "evaluation.downstream.include_path",
 ]
+# Engine sections whose base_urls are checked against run.allowed_base_url_schemes instead.
+ENGINE_KEYS = ["engine", "evaluation.engine", "evaluation.judge.engine"]
+
+
+def _reference_overrides(key: str, value: str) -> list[str]:
+    """Overrides that put `value` in the reference `key` (base_urls for an engine section)."""
+    if key in ENGINE_KEYS:
+        return [f"{key}.base_urls=['{value}']", f"{key}.name=transformers"]
+    extra = {"personas.path": ["personas.source=file"]}.get(key, [])
+    return [f"{key}={value}", *extra]
+
+
+@pytest.fixture
+def lm_eval_includes_allowed(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SAO_ALLOW_LM_EVAL_INCLUDE", "1")
 
 
 @pytest.mark.parametrize("key", REFERENCE_KEYS)
-def test_every_reference_is_checked_against_the_allowed_schemes(key: str) -> None:
-    overrides = [f"{key}=ftp://files.example.com/x"]
-    if key == "personas.path":
-        overrides.append("personas.source=file")
+def test_every_reference_is_checked_against_the_allowed_schemes(
+    key: str, lm_eval_includes_allowed: None
+) -> None:
+    overrides = _reference_overrides(key, "ftp://files.example.com/x")
     with pytest.raises(ConfigError) as err:
         build_config({}, overrides)
     assert f"{key} 'ftp://files.example.com/x' is a URL (scheme 'ftp')" in str(err.value)
     assert build_config({}, [*overrides, "run.allowed_schemes=[file, bundled, hf, ftp]"])
 
 
-def test_the_reference_list_covers_the_references_in_the_config() -> None:
+@pytest.mark.parametrize("key", ENGINE_KEYS)
+def test_every_base_url_is_checked_against_the_allowed_base_url_schemes(key: str) -> None:
+    assert build_config({}, _reference_overrides(key, "http://gpu-1:8000/v1"))
+    for url, scheme in (("ftp://gpu-1/v1", "ftp"), ("file:///tmp/sock", "file")):
+        with pytest.raises(ConfigError, match=rf"{key}\.base_urls '{url}' uses scheme '{scheme}'"):
+            build_config(
+                {}, [*_reference_overrides(key, url), f"run.allowed_schemes=[{scheme}, file, bundled, hf]"]
+            )
+    # Allowing http for servers does not allow it for data, and https only refuses plain http.
+    with pytest.raises(ConfigError, match=r"personas.path 'http://h/p.jsonl' is a URL"):
+        build_config(
+            {},
+            [
+                *_reference_overrides(key, "http://h/v1"),
+                "personas.source=file",
+                "personas.path=http://h/p.jsonl",
+            ],
+        )
+    with pytest.raises(ConfigError, match=rf"{key}\.base_urls 'http://h/v1' uses scheme 'http'"):
+        build_config({}, [*_reference_overrides(key, "http://h/v1"), "run.allowed_base_url_schemes=[https]"])
+    assert build_config(
+        {}, [*_reference_overrides(key, "https://h/v1"), "run.allowed_base_url_schemes=[https]"]
+    )
+    with pytest.raises(ConfigError, match=rf"{key}\.base_urls 'gpu-1:8000' is not a URL"):
+        build_config({}, _reference_overrides(key, "gpu-1:8000"))
+
+
+def test_the_reference_list_covers_the_references_in_the_config(lm_eval_includes_allowed: None) -> None:
     cfg = build_config(
         {
             "personas": {"source": "file", "path": "p.jsonl"},
             "model": {"adapter": "a"},
-            "evaluation": {"original": "o", "judge": {"model": {"path": "j", "adapter": "ja"}}},
+            "evaluation": {
+                "original": "o",
+                "judge": {"model": {"path": "j", "adapter": "ja"}, "engine": {"base_urls": ["http://j/v1"]}},
+                "downstream": {"include_path": "tasks"},
+                "engine": {"base_urls": ["http://e/v1"]},
+            },
             "training": {"accelerate_config": "acc.yaml", "deepspeed": "ds.json"},
+            "engine": {"base_urls": ["http://a/v1", "http://b/v1"]},
         }
     )
     assert isinstance(cfg, RoundConfig)
-    assert [key for key, _, _ in cfg.references()] == REFERENCE_KEYS
+    endpoints = ["engine", "engine", "evaluation.engine", "evaluation.judge.engine"]
+    assert [key for key, _, _ in cfg.references()] == REFERENCE_KEYS + [f"{k}.base_urls" for k in endpoints]
+
+
+# --- no credential in a URL: refused by the config, redacted wherever an error shows it -------------------
+
+URL_SENTINEL = "SENTINELurlsecret51c2"
+
+
+@pytest.mark.parametrize("key", REFERENCE_KEYS + ENGINE_KEYS)
+@pytest.mark.parametrize(
+    ("value", "shown", "credential"),
+    [
+        (f"s3://AKIAEXAMPLE:{URL_SENTINEL}@bucket/x", "s3://***@bucket/x", "user-info"),
+        (
+            f"https://host/x?X-Amz-Signature={URL_SENTINEL}&X-Amz-Expires=60",
+            "https://host/x?X-Amz-Signature=***",
+            "query parameter 'X-Amz-Signature'",
+        ),
+        (f"simplecache::gs://user:{URL_SENTINEL}@b/x", "simplecache::gs://***@b/x", "user-info"),
+        (
+            f"http://h:8000/v1?api_key={URL_SENTINEL}",
+            "http://h:8000/v1?api_key=***",
+            "query parameter 'api_key'",
+        ),
+    ],
+    ids=["user-info", "presigned", "chained", "api-key-query"],
+)
+def test_a_credential_in_any_url_of_a_config_is_refused_and_never_shown(
+    key: str, value: str, shown: str, credential: str, tmp_path: Path, lm_eval_includes_allowed: None
+) -> None:
+    import traceback
+
+    from sao_core.store.layout import load_config
+
+    recipe = tmp_path / "round.yaml"
+    recipe.write_text("run: {campaign: c}\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(str(recipe), _reference_overrides(key, value))
+    message = str(err.value)
+    assert f"'{shown}" in message and f"carries a credential in its URL ({credential}" in message
+    # Not in the error, nor in what it was raised from (a traceback prints the causes).
+    assert URL_SENTINEL not in "".join(traceback.format_exception(err.value))
+
+
+@pytest.mark.parametrize(
+    ("text", "redacted"),
+    [
+        ("s3://AKIA:secret@bucket/key", "s3://***@bucket/key"),
+        ("at http://user:p%40ss@host:8000/v1 and s3://b/k@v1", "at http://***@host:8000/v1 and s3://b/k@v1"),
+        (
+            "https://a.blob.core.windows.net/c/f?sv=2022&sig=abc%3D&se=x",
+            "https://a.blob.core.windows.net/c/f?sv=***&sig=***&se=***",
+        ),
+        ("'simplecache::s3://k:s@b/x'", "'simplecache::s3://***@b/x'"),
+        ("http://[::1]:8000/v1?token=t", "http://[::1]:8000/v1?token=***"),
+        ("Authorization: Bearer sk-123", "Authorization: Bearer ***"),
+        ("no url here: user:pass@host", "no url here: user:pass@host"),
+        ("https://host/path?", "https://host/path?"),
+    ],
+)
+def test_redact_hides_user_info_query_values_and_bearer_tokens(text: str, redacted: str) -> None:
+    assert redact(text) == redacted
+
+
+def test_a_refused_credential_writes_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from flows.cli import main
+
+    root = tmp_path / "rounds"
+    code = main(
+        [
+            "synth",
+            "--config",
+            TINY,
+            "--set",
+            f"run.root={root}",
+            "--set",
+            f"model.path=s3://k:{URL_SENTINEL}@b/m",
+        ]
+    )
+    out, err = capsys.readouterr()
+    assert code == 2 and URL_SENTINEL not in out + err
+    assert not root.exists()  # no round folder, resolved config, manifest or report
+
+
+# --- which secrets a config may send, and which Python it may load: the worker decides -----------------
+
+
+def test_the_issue_reproduction_an_openai_round_cannot_send_the_aws_secret(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("SAO_ALLOWED_KEY_ENVS", raising=False)
+    openai = ["engine.name=openai", "engine.base_urls=[http://host]", "evaluation.enabled=false"]
+    with pytest.raises(
+        ConfigError,
+        match=r"'engine\.api_key_env': Value error, 'AWS_SECRET_ACCESS_KEY' is not a key this worker hands out",
+    ):
+        build_config({}, [*openai, "engine.api_key_env=AWS_SECRET_ACCESS_KEY"])
+    for name in ("HF_TOKEN", "GITHUB_TOKEN", "POSTGRES_PASSWORD", "AWS_SESSION_TOKEN", "PATH"):
+        with pytest.raises(ConfigError, match=f"'{name}' is not a key"):
+            build_config({}, [*openai, f"engine.api_key_env={name}"])
+    assert build_config({}, [*openai, "engine.api_key_env=VLLM_API_KEY"]).engine.api_key_env == "VLLM_API_KEY"
+    # Nothing in a config can widen it.
+    with pytest.raises(ConfigError, match=r"unknown config key 'engine.allowed_key_envs'"):
+        build_config({}, [*openai, "engine.allowed_key_envs=['*']"])
+
+
+@pytest.mark.parametrize(
+    ("allowed", "name", "ok"),
+    [
+        (None, "OPENAI_API_KEY", True),
+        (None, "AWS_SECRET_ACCESS_KEY", False),
+        ("OPENAI_API_KEY", "OPENAI_API_KEY", True),
+        ("OPENAI_API_KEY", "OTHER_API_KEY", False),  # narrowed to one
+        ("*_API_KEY, VLLM_TOKEN", "VLLM_TOKEN", True),  # widened
+        ("", "OPENAI_API_KEY", False),  # no key at all
+        ("*", "bad name", False),
+    ],
+)
+def test_the_workers_environment_decides_which_keys_a_config_may_name(
+    monkeypatch: pytest.MonkeyPatch, allowed: str | None, name: str, ok: bool
+) -> None:
+    from sao_core.config.worker_env import key_env_problem
+
+    if allowed is None:
+        monkeypatch.delenv("SAO_ALLOWED_KEY_ENVS", raising=False)
+    else:
+        monkeypatch.setenv("SAO_ALLOWED_KEY_ENVS", allowed)
+    assert (key_env_problem(name) is None) is ok
+    # A local engine sends no key: an operator who allows none can still run one.
+    assert build_config({}, [f"engine.api_key_env={name.replace(' ', '_')}"])
+
+
+def test_the_openai_engine_checks_the_key_where_it_reads_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    from sao_core.config import EngineConfig
+    from sao_core.engines.openai import OpenAIEngine
+
+    monkeypatch.setenv("SAO_ALLOWED_KEY_ENVS", "*")  # where the config was built
+    engine = EngineConfig(
+        name="openai", base_urls=("http://127.0.0.1:9/v1",), api_key_env="AWS_SECRET_ACCESS_KEY"
+    )
+    monkeypatch.delenv("SAO_ALLOWED_KEY_ENVS")  # the worker that runs it
+    with pytest.raises(ConfigError, match=r"engine.api_key_env: 'AWS_SECRET_ACCESS_KEY' is not a key"):
+        OpenAIEngine(engine, ModelConfig(path="m"))
+
+
+def test_lm_eval_include_paths_are_off_unless_the_worker_allows_them(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.delenv("SAO_ALLOW_LM_EVAL_INCLUDE", raising=False)
+    include = [f"evaluation.downstream.include_path={tmp_path}"]
+    with pytest.raises(
+        ConfigError, match=r"'evaluation.downstream.include_path': .*SAO_ALLOW_LM_EVAL_INCLUDE=1"
+    ):
+        build_config({}, include)
+    monkeypatch.setenv("SAO_ALLOW_LM_EVAL_INCLUDE", "1")
+    assert build_config({}, include).evaluation.downstream.include_path == str(tmp_path)
+    with pytest.raises(ConfigError, match=r"evaluation.downstream.include_path 'github://\*\*\*@/t' carries"):
+        build_config({}, ["evaluation.downstream.include_path=github://org:repo@/t"])
 
 
 # --- job templates that do not run as root ------------------------------------------------------------

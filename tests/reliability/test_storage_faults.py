@@ -39,7 +39,7 @@ from sao_core.engines.fake import FakeEngine
 from sao_core.engines.provider import EngineProvider
 from sao_core.errors import StorageError, TransientStorageError
 from sao_core.stages.synth import run_synth
-from sao_core.store import shards, storage
+from sao_core.store import atomic, shards, storage
 from sao_core.store.layout import MODEL_STAGES, load_config, round_url, stage_url
 from sao_core.training import default_output_url
 
@@ -191,9 +191,9 @@ def baseline(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[str]]:
     return shard_shas(round_dir)
 
 
-def prompt_ids_of(round_dir: str, shards: Sequence[int]) -> list[str]:
+def prompt_ids_of(round_dir: str, indices: Sequence[int]) -> list[str]:
     url = stage_url(round_dir, "prompts")
-    return sorted(r["prompt_id"] for i in shards for r in shards.read_shard(url, i, "jsonl")[0])
+    return sorted(r["prompt_id"] for i in indices for r in shards.read_shard(url, i, "jsonl")[0])
 
 
 def no_temporaries(folder: Path) -> list[Path]:
@@ -461,11 +461,11 @@ def test_a_create_only_write_whose_reply_was_lost_is_ours_not_a_conflict(faulty_
     proxy = faulty_s3.proxy
     url = f"{faulty_s3.root}/promotions/000001.json"
     proxy.drop_next = 1  # the PUT reaches the store, its reply does not come back
-    storage.write_bytes_exclusive(url, b'{"seq": 1, "who": "a"}')
+    atomic.write_bytes_exclusive(url, b'{"seq": 1, "who": "a"}')
     assert proxy.counts["drops"] == 1, proxy.counts
     assert storage.read_bytes(url) == b'{"seq": 1, "who": "a"}'
     with pytest.raises(StorageConflict, match="already exists"):
-        storage.write_bytes_exclusive(url, b'{"seq": 1, "who": "b"}')
+        atomic.write_bytes_exclusive(url, b'{"seq": 1, "who": "b"}')
 
 
 # --- a full disk --------------------------------------------------------------------------------------------
@@ -510,7 +510,7 @@ def test_a_full_disk_never_leaves_a_torn_file_under_its_name(small_disk: SmallDi
     with pytest.raises(StorageError, match=r"cannot write .*/stage/manifest\.json: no space left"):
         storage.write_bytes(url, b"x" * 1_000_000)
     with pytest.raises(StorageError, match="no space left"):
-        storage.write_bytes_exclusive(str(small_disk.path / "stage" / "record.json"), b"y" * 100_000)
+        atomic.write_bytes_exclusive(str(small_disk.path / "stage" / "record.json"), b"y" * 100_000)
     assert storage.read_text(url) == "old\n"
     assert not (small_disk.path / "stage" / "record.json").exists()
     assert not no_temporaries(small_disk.path)
