@@ -308,11 +308,11 @@ def test_a_round_trains_on_the_train_deployment(cluster: Cluster):
     )
     [train] = [r for r in runs if (r.get("parameters") or {}).get("output_url") == model_url]
     assert state_type(train) == "COMPLETED", train["state"]
-    assert train["parameters"] == {
-        "config_url": storage.join(round_dir, "resolved_config.yaml"),
-        "pairs_url": stage_url(round_dir, "pairs"),
-        "output_url": model_url,
-    }
+    params = train["parameters"]
+    assert (params["pairs_url"], params["output_url"]) == (stage_url(round_dir, "pairs"), model_url), params
+    # The run's own config file under the round (store.layout.run_config_url), not the shared record.
+    assert params["config_url"].startswith(storage.join(round_dir, "configs") + "/"), params
+    assert load_config(params["config_url"]).training.deployment == TRAIN_DEPLOYMENT
     assert (train["name"], train["work_pool_name"]) == ("train", "sao-train")
     assert f"submitting flow run '{train['id']}'" in cluster.worker_log(TRAIN_WORKER)
     assert train["id"] not in cluster.worker_log("cpu")
