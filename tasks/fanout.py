@@ -189,6 +189,14 @@ class _Poller:
         self.failing_since.pop(service, None)
         return out
 
+    def best_effort(self, what: str, fn: Callable[[], Any]) -> None:
+        """A call the stage does not depend on (the progress bar): a failure is logged, and neither
+        starts nor ends an outage; a success says nothing of whether the runs can be read."""
+        try:
+            fn()
+        except Exception as e:
+            self.logger.warning("%s: %s failed (%s: %s)", self.stage, what, type(e).__name__, e)
+
 
 def run_on_deployment(
     stage: str,
@@ -207,11 +215,11 @@ def run_on_deployment(
     chain = [stage, *(s for s, _ in then)]
     hashes = {stage: settings_hash, **dict(then)}
     pending = missing_in_chain(chain, cfg, round_dir, list(range(total)))
-    on_progress(total - len(pending))
+    call = _Poller(stage, logger)
+    call.best_effort("updating the progress", partial(on_progress, total - len(pending)))
     key = _submission_key()
     sent: dict[int, int] = {}  # shard -> times sent
     batches: list[_Batch] = []
-    call = _Poller(stage, logger)
     next_batch = 0
 
     with open_runs() as runs:
@@ -282,7 +290,9 @@ def run_on_deployment(
                 listed = call("store", "listing the finished shards", lambda: listed_shards(chain, round_dir))
                 if listed is None:
                     continue  # nothing known this poll: the ended batches are looked at next time
-                call("api", "updating the progress", partial(on_progress, len(listed & set(range(total)))))
+                call.best_effort(
+                    "updating the progress", partial(on_progress, len(listed & set(range(total))))
+                )
                 for b in ended:
                     active.remove(b)
                     b.missing = [i for i in b.shards if i not in listed]
@@ -300,7 +310,7 @@ def run_on_deployment(
                             active.append(resent)
             # Once per stage: every shard against its manifest's sha256 (a torn write that listed fine).
             pending = missing_in_chain(chain, cfg, round_dir, list(range(total)))
-            on_progress(total - len(pending))
+            call.best_effort("updating the progress", partial(on_progress, total - len(pending)))
             if any(sent.get(i, 0) >= fan.max_attempts for i in pending):
                 break
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 import uuid
 from pathlib import Path
 
@@ -238,9 +239,9 @@ def _fan_out(monkeypatch, half_done_round, crash_attempts, *overrides, stage="pr
     }
     progress: list[int] = []
 
-    def call() -> list[dict]:
+    def call(on_progress=None) -> list[dict]:
         return fanout.run_on_deployment(
-            stage, cfg, ref, stage_settings_hash(cfg, stage), 4, progress.append, then=then
+            stage, cfg, ref, stage_settings_hash(cfg, stage), 4, on_progress or progress.append, then=then
         )
 
     return fake, progress, call
@@ -360,6 +361,48 @@ def test_an_api_outage_fails_the_stage_though_the_store_answers(monkeypatch, hal
     fake.final_state = down
     with pytest.raises(FanoutError, match=r"prompts: reading flow run .* the api has not answered for"):
         call()
+
+
+def test_a_failing_progress_bar_does_not_fail_the_stage(monkeypatch, half_done_round):
+    """The progress artifact is best effort: it failing every time leaves the stage to finish."""
+    _, _, call = _fan_out(monkeypatch, half_done_round, set())
+    updates: list[int] = []
+
+    def broken_progress(done: int) -> None:
+        updates.append(done)
+        raise ConnectionError("the artifact endpoint did not answer")
+
+    tries = call(broken_progress)
+    assert [[r["state"] for r in t["runs"]] for t in tries] == [["COMPLETED", "COMPLETED"]]
+    assert updates[0] == 2 and updates[-1] == 4  # tried at the start and after the stage
+
+
+def test_a_progress_bar_that_answers_does_not_hide_an_outage_of_the_run_reads(monkeypatch, half_done_round):
+    """A progress update answering between two failed flow-run reads does not reset the outage clock
+    (it once did: on CI the stage then polled an API that never answered until the test timed out)."""
+    import types
+
+    import tasks.fanout as fanout
+
+    fake, progress, call = _fan_out(monkeypatch, half_done_round, set())
+    clock = [0.0]  # each failed read takes one second of this clock
+    clock_time = types.ModuleType("clock_time")
+    clock_time.__dict__.update(vars(time), monotonic=lambda: clock[0])
+    monkeypatch.setattr(fanout, "time", clock_time)
+    monkeypatch.setattr(fanout, "OUTAGE_S", 5.0)
+    reads: list[float] = []
+
+    def down(run_id):
+        reads.append(clock[0])
+        if len(reads) > 40:
+            pytest.fail("40 failed reads over 40 s of outage and the stage still polls")
+        clock[0] += 1.0
+        raise ConnectionError("the API did not answer")
+
+    fake.final_state = down
+    with pytest.raises(FanoutError, match=r"the api has not answered for 5 s"):
+        call()
+    assert len(reads) == 6 and len(progress) >= 3  # progress answered on every poll in between
 
 
 def test_a_resubmission_the_api_refuses_is_tried_again_next_poll(monkeypatch, half_done_round):
