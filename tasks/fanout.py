@@ -40,11 +40,6 @@ from sao_core.errors import FanoutError
 from sao_core.store import shards, storage
 from sao_core.store.layout import output_url, shard_target
 
-# How long polls may keep failing (the store or the API not answering) before the stage gives up: a
-# Prefect server restart or a store hiccup is ridden out; an outage fails the stage, whose task retry
-# starts over from the manifests.
-OUTAGE_S = 120.0
-
 
 def split_batches(indices: list[int], workers: int) -> list[list[int]]:
     """Contiguous, near-equal batches, one per worker (fewer when there are fewer shards)."""
@@ -165,11 +160,11 @@ class _Batch:
 
 class _Poller:
     """Calls to the store or the API inside a poll: an error is logged and answered None (try again next
-    poll), until calls to that one service ("store", "api") have failed for OUTAGE_S with none of them
+    poll), until calls to that one service ("store", "api") have failed for `outage_s` (fanout.outage_s) with none of them
     answering in between (the store answering says nothing of the API)."""
 
-    def __init__(self, stage: str, logger: Any) -> None:
-        self.stage, self.logger = stage, logger
+    def __init__(self, stage: str, logger: Any, outage_s: float) -> None:
+        self.stage, self.logger, self.outage_s = stage, logger, outage_s
         self.failing_since: dict[str, float] = {}
 
     def __call__(self, service: str, what: str, fn: Callable[[], Any]) -> Any:
@@ -181,7 +176,7 @@ class _Poller:
             self.logger.warning(
                 "%s: %s failed (%s: %s); trying again next poll", self.stage, what, type(e).__name__, e
             )
-            if now - since >= OUTAGE_S:
+            if now - since >= self.outage_s:
                 raise FanoutError(
                     f"{self.stage}: {what} failed; the {service} has not answered for {now - since:.0f} s: {e}"
                 ) from e
@@ -215,7 +210,7 @@ def run_on_deployment(
     chain = [stage, *(s for s, _ in then)]
     hashes = {stage: settings_hash, **dict(then)}
     pending = missing_in_chain(chain, cfg, round_dir, list(range(total)))
-    call = _Poller(stage, logger)
+    call = _Poller(stage, logger, fan.outage_s)
     call.best_effort("updating the progress", partial(on_progress, total - len(pending)))
     key = _submission_key()
     sent: dict[int, int] = {}  # shard -> times sent

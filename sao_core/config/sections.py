@@ -368,6 +368,10 @@ class FanoutConfig(Section):
     max_attempts: int = Field(3, ge=1)
     batch_timeout_s: float = Field(6 * 3600.0, gt=0)
     poll_interval_s: float = Field(5.0, gt=0)
+    # Polls may keep failing this long (the Prefect API or the store not answering) before the stage
+    # gives up: a server restart is ridden out, an outage fails the stage (its task retry starts over
+    # from the manifests).
+    outage_s: float = Field(120.0, gt=0)
     concurrency: int = Field(0, ge=0)
 
 

@@ -350,10 +350,8 @@ def test_a_store_or_api_error_inside_a_poll_is_retried_not_fatal(monkeypatch, ha
 
 
 def test_an_api_outage_fails_the_stage_though_the_store_answers(monkeypatch, half_done_round):
-    import tasks.fanout as fanout
 
-    fake, _, call = _fan_out(monkeypatch, half_done_round, set())
-    monkeypatch.setattr(fanout, "OUTAGE_S", 0.05)
+    fake, _, call = _fan_out(monkeypatch, half_done_round, set(), "fanout.outage_s=0.05")
 
     def down(run_id):
         raise ConnectionError("the API did not answer")
@@ -384,12 +382,11 @@ def test_a_progress_bar_that_answers_does_not_hide_an_outage_of_the_run_reads(mo
 
     import tasks.fanout as fanout
 
-    fake, progress, call = _fan_out(monkeypatch, half_done_round, set())
+    fake, progress, call = _fan_out(monkeypatch, half_done_round, set(), "fanout.outage_s=5")
     clock = [0.0]  # each failed read takes one second of this clock
     clock_time = types.ModuleType("clock_time")
     clock_time.__dict__.update(vars(time), monotonic=lambda: clock[0])
     monkeypatch.setattr(fanout, "time", clock_time)
-    monkeypatch.setattr(fanout, "OUTAGE_S", 5.0)
     reads: list[float] = []
 
     def down(run_id):

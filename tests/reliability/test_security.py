@@ -103,8 +103,11 @@ def test_no_credential_in_config_manifests_artifacts_blocks_logs_or_output(
     )
     root = f"{s3_env}/rounds"
     sao = Path(sys.executable).parent / "sao"
+    # A short evaluation (8 prompts, 8 trust pairs): every kind of object is still written.
+    sets = [f"run.root={root}", "personas.n=4", "evaluation.n=8", "evaluation.trust_n=8"]
+    sets = [arg for s in sets for arg in ("--set", s)]
     run = subprocess.run(
-        [str(sao), "run", "--config", TINY, "--set", f"run.root={root}", "--set", "personas.n=4"],
+        [str(sao), "run", "--config", TINY, *sets],
         capture_output=True,
         env=env,
         timeout=900,
