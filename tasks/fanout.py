@@ -160,8 +160,8 @@ class _Batch:
 
 class _Poller:
     """Calls to the store or the API inside a poll: an error is logged and answered None (try again next
-    poll), until calls to that one service ("store", "api") have failed for `outage_s` (fanout.outage_s) with none of them
-    answering in between (the store answering says nothing of the API)."""
+    poll), until calls to that one service ("store", "api") have failed for `outage_s` (fanout.outage_s)
+    with none of them answering in between (the store answering says nothing of the API)."""
 
     def __init__(self, stage: str, logger: Any, outage_s: float) -> None:
         self.stage, self.logger, self.outage_s = stage, logger, outage_s
@@ -211,7 +211,11 @@ def run_on_deployment(
     hashes = {stage: settings_hash, **dict(then)}
     pending = missing_in_chain(chain, cfg, round_dir, list(range(total)))
     call = _Poller(stage, logger, fan.outage_s)
-    call.best_effort("updating the progress", partial(on_progress, total - len(pending)))
+
+    def report(done: int) -> None:
+        call.best_effort("updating the progress", partial(on_progress, done))
+
+    report(total - len(pending))
     key = _submission_key()
     sent: dict[int, int] = {}  # shard -> times sent
     batches: list[_Batch] = []
@@ -285,9 +289,7 @@ def run_on_deployment(
                 listed = call("store", "listing the finished shards", lambda: listed_shards(chain, round_dir))
                 if listed is None:
                     continue  # nothing known this poll: the ended batches are looked at next time
-                call.best_effort(
-                    "updating the progress", partial(on_progress, len(listed & set(range(total))))
-                )
+                report(len(listed & set(range(total))))
                 for b in ended:
                     active.remove(b)
                     b.missing = [i for i in b.shards if i not in listed]
@@ -305,7 +307,7 @@ def run_on_deployment(
                             active.append(resent)
             # Once per stage: every shard against its manifest's sha256 (a torn write that listed fine).
             pending = missing_in_chain(chain, cfg, round_dir, list(range(total)))
-            call.best_effort("updating the progress", partial(on_progress, total - len(pending)))
+            report(total - len(pending))
             if any(sent.get(i, 0) >= fan.max_attempts for i in pending):
                 break
 
