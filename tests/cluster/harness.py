@@ -207,6 +207,26 @@ def stop_worker(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
         kill_process(child)
 
 
+# The statuses Prefect's own client retries: a server on SQLite answers 503 while its database is
+# locked by another writer, which a loaded 2-core machine sees now and then.
+RETRY_STATUSES = frozenset({408, 429, 502, 503})
+
+
+def api_call(method: str, url: str, body: dict[str, Any] | None = None) -> Any:
+    """One call to the Prefect API as the tests make it, its JSON answer. A transient status (see
+    RETRY_STATUSES) is retried after 0.5, 1, 2, 4 and 8 s, as Prefect's client does; any other error
+    status raises at once, and a transient one raises once the waits are spent."""
+    for wait_s in (0.5, 1.0, 2.0, 4.0, 8.0):
+        r = httpx.request(method, url, json=body, timeout=30)
+        if r.status_code not in RETRY_STATUSES:
+            break
+        time.sleep(wait_s)
+    else:
+        r = httpx.request(method, url, json=body, timeout=30)
+    r.raise_for_status()
+    return r.json()
+
+
 def state_type(run: dict[str, Any]) -> str:
     """A flow run's state type as the API gives it ("COMPLETED", ...), "" before it has one."""
     return (run.get("state") or {}).get("type", "")
@@ -225,14 +245,10 @@ class Cluster:
     project_dir: Path = REPO  # the workers' SAO_PROJECT_DIR
 
     def get(self, path: str) -> Any:
-        r = httpx.get(f"{self.api}{path}", timeout=30)
-        r.raise_for_status()
-        return r.json()
+        return api_call("GET", f"{self.api}{path}")
 
     def post(self, path: str, body: dict[str, Any] | None = None) -> Any:
-        r = httpx.post(f"{self.api}{path}", json=body or {}, timeout=30)
-        r.raise_for_status()
-        return r.json()
+        return api_call("POST", f"{self.api}{path}", body or {})
 
     def trigger_round(
         self, config: str, overrides: list[str], job_variables: dict[str, Any] | None = None

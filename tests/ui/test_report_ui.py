@@ -26,12 +26,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 from sao_core.campaign.campaign_report import campaign_rows, data_url
 from sao_core.store import storage
-from tests.cluster.harness import free_port
+from tests.cluster.harness import api_call, free_port
 from tests.procs import start, stop, wait_healthy
 
 pytestmark = pytest.mark.tier1
@@ -123,9 +122,7 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]
 
 def _latest_artifact(api: str, key: str) -> dict[str, Any]:
     body = {"artifacts": {"key": {"any_": [key]}}, "sort": "CREATED_DESC", "limit": 1}
-    response = httpx.post(f"{api}/artifacts/filter", json=body, timeout=30)
-    response.raise_for_status()
-    found = response.json()
+    found = api_call("POST", f"{api}/artifacts/filter", body)
     assert found, f"no artifact with key {key!r} on the server"
     return found[0]
 
