@@ -33,6 +33,7 @@ from sao_core.store.layout import (
     claim_ttl,
     claim_wait,
     digest,
+    eval_shard_size,
     stage_claim_url,
     stage_settings_hash,
     stage_url,
@@ -160,7 +161,8 @@ def _rows_digest(rows: list[dict[str, Any]]) -> str:
 
 
 def write_eval_prompts(cfg: RoundConfig, eval_dir: str) -> dict[str, Any]:
-    """The evaluation's instructions (evaluation.prompts, the first evaluation.n) in run.shard_size shards."""
+    """The evaluation's instructions (evaluation.prompts, the first evaluation.n) in shards of
+    eval_shard_size(cfg) rows."""
     e = cfg.evaluation
     rows = [
         {"id": p.id, "instruction": p.instruction, "category": p.category}
@@ -168,7 +170,7 @@ def write_eval_prompts(cfg: RoundConfig, eval_dir: str) -> dict[str, Any]:
     ]
     if not rows:
         raise ValueError(f"evaluation.prompts {e.prompts!r} holds no instructions")
-    return _write_whole(cfg, eval_dir, EVAL_PROMPTS, _chunks(rows, cfg.run.shard_size), _rows_digest(rows))
+    return _write_whole(cfg, eval_dir, EVAL_PROMPTS, _chunks(rows, eval_shard_size(cfg)), _rows_digest(rows))
 
 
 def write_cases(cfg: RoundConfig, eval_dir: str, baselines: list[str] | None = None) -> dict[str, Any]:
@@ -198,7 +200,7 @@ def write_cases(cfg: RoundConfig, eval_dir: str, baselines: list[str] | None = N
                     "second": b["answer"],
                 }
             )
-        by_shard += _chunks(rows, cfg.run.shard_size)
+        by_shard += _chunks(rows, eval_shard_size(cfg))
     trust = load_judge_trust(cfg.evaluation.trust)
     if cfg.evaluation.trust_n is not None:
         trust = trust[: cfg.evaluation.trust_n]
@@ -213,7 +215,7 @@ def write_cases(cfg: RoundConfig, eval_dir: str, baselines: list[str] | None = N
         }
         for t in trust
     ]
-    by_shard += _chunks(trust_rows, cfg.run.shard_size)
+    by_shard += _chunks(trust_rows, eval_shard_size(cfg))
     source = [shards.manifest_digest(shards.read_stage_manifest(stage_url(eval_dir, EVAL_PROMPTS)))]
     source += [
         shards.manifest_digest(shards.read_stage_manifest(stage_url(eval_dir, f"answers-{n}")))

@@ -340,13 +340,18 @@ def _engine_data(engine: BaseModel | None) -> dict[str, Any] | None:
     return data
 
 
+def eval_shard_size(cfg: RoundConfig) -> int:
+    """Rows per shard of the evaluation's stages: evaluation.shard_size, or run.shard_size when unset."""
+    return cfg.evaluation.shard_size or cfg.run.shard_size
+
+
 def evaluation_settings_hash(cfg: RoundConfig) -> str:
     """What the evaluation's results depend on besides the candidate (whose folder holds them): the
     evaluation section less downstream, the current model, the engines that answer and judge, the judge
     prompt's prefill and parsing, the seed and the shard format. It names {model}/eval/{hash}/, so an
     evaluation made with other settings is never served for these (issue 17, 8b)."""
     e = config_to_dict(cfg.evaluation)
-    for key in ("downstream", "enabled", "decontamination_n", "engine", "judge"):
+    for key in ("downstream", "enabled", "decontamination_n", "engine", "judge", "shard_size"):
         e.pop(key, None)
     judge = cfg.evaluation.judge
     parts = {
@@ -358,7 +363,7 @@ def evaluation_settings_hash(cfg: RoundConfig) -> str:
         "judging": {"prefill": cfg.judging.prefill, "lenient": cfg.judging.lenient},
         "seed": cfg.run.seed,
         "format": cfg.run.format,
-        "shard_size": cfg.run.shard_size,
+        "shard_size": eval_shard_size(cfg),
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 

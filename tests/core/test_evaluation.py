@@ -217,6 +217,55 @@ def test_evaluation_stages_are_sharded_and_resume_where_they_stopped(tmp_path: A
         }
 
 
+def test_evaluation_shard_size_changes_the_shards_not_the_results(tmp_path: Any) -> None:
+    """evaluation.shard_size lays out the evaluation's stages whatever run.shard_size is; the rows, the
+    verdicts and the result are the same as at run.shard_size."""
+    results, layouts = {}, {}
+    for size in (None, 8):
+        cfg = build_config(
+            {
+                "run": {"shard_size": 2},
+                "engine": {"name": "fake"},
+                "evaluation": {"n": 10, "trust_n": 6, "bootstrap": 100, "shard_size": size},
+            }
+        )
+
+        def provider(seed: int, cfg: Any = cfg) -> EngineProvider:
+            return EngineProvider(cfg, lambda: Counting(cfg, seed))
+
+        out = str(tmp_path / f"eval-{size}")
+        result = evaluate_candidate(
+            cfg,
+            Contender("candidate", "cand", provider(1)),
+            [Contender("current", "cur", provider(0))],
+            Contender("judge", "cur", provider(2)),
+            out,
+        )
+        # Less the time, the settings hash and the verdicts manifest's digest, which name the layout.
+        results[size] = {
+            k: v for k, v in result.items() if k not in {"seconds", "settings_hash", "verdicts_sha256"}
+        }
+        results[size]["verdict rows"] = shards.read_stage_rows(f"{out}/verdicts", cfg.run.format)
+        layouts[size] = {
+            stage: shards.read_stage_manifest(f"{out}/{stage}")["num_shards"]
+            for stage in ("eval_prompts", "answers-candidate", "answers-current", "verdicts")
+        }
+    # 10 instructions and 10 comparisons + 6 trust pairs: in shards of 2, then of 8.
+    assert layouts[None] == {"eval_prompts": 5, "answers-candidate": 5, "answers-current": 5, "verdicts": 8}
+    assert layouts[8] == {"eval_prompts": 2, "answers-candidate": 2, "answers-current": 2, "verdicts": 3}
+    assert results[8] == results[None] and len(results[8]["verdict rows"]) == 16
+    # The evaluation's folder names the layout it was made with, whichever key set it.
+    eval_at_run_size = build_config({"run": {"shard_size": 8}, "engine": {"name": "fake"}})
+    eval_set = build_config(
+        {"run": {"shard_size": 2}, "engine": {"name": "fake"}, "evaluation": {"shard_size": 8}}
+    )
+    model = str(tmp_path / "model")
+    assert evaluation_url(model, eval_at_run_size) == evaluation_url(model, eval_set)
+    assert evaluation_url(model, eval_set) != evaluation_url(
+        model, build_config({"engine": {"name": "fake"}})
+    )
+
+
 def test_evaluation_results_are_kept_apart_by_their_settings(tmp_path: Any) -> None:
     """Issue 17, 8b: {model}/eval/{settings hash}/, so a result is served only for the settings that made it."""
     base = build_config({"engine": {"name": "fake"}})

@@ -392,6 +392,7 @@ def test_the_evaluation_loads_the_lora_policy_into_the_replicas_and_unloads_it(
         "evaluation.enabled=true",
         "evaluation.n=8",
         "evaluation.trust_n=4",
+        "evaluation.shard_size=4",
         "evaluation.bootstrap=100",
         "evaluation.downstream.enabled=false",
     )
