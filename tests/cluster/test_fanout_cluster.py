@@ -603,6 +603,7 @@ def test_with_deployments_the_round_process_loads_no_model(cluster: Cluster, tmp
         "evaluation.engine={name: transformers, device: cpu, dtype: float32, batch_size: 8}",
         "evaluation.n=4",
         "evaluation.trust_n=4",
+        "evaluation.shard_size=2",  # two shards per evaluation stage: one per gpu-batch worker
         "evaluation.max_tokens=8",
         "evaluation.bootstrap=100",
         "evaluation.downstream.limit=2",
