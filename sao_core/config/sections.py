@@ -305,8 +305,10 @@ class EvaluationConfig(Section):
     # column, e.g. hf:tatsu-lab/alpaca_eval for AlpacaEval 2.0's 805 on a machine with network).
     prompts: str = Field("builtin", min_length=1)
     n: int | None = Field(None, ge=1)  # the first n instructions; None: all of them
-    # Instructions (and judge cases) per evaluation shard; None: run.shard_size. The rows and their
-    # verdicts do not depend on it, only how many shard tasks the evaluation fans out.
+    # Instructions (and judge cases) per evaluation shard; None: run.shard_size. It sets how many shard
+    # tasks the evaluation fans out to. Every request keeps its id whatever the shard, so an engine that
+    # answers each request on its own (the fake one; greedy decoding, up to batched rounding) gives the
+    # same answers and verdicts at any size.
     shard_size: int | None = Field(None, ge=1)
     max_tokens: int = Field(128, ge=1)
     temperature: float = Field(0.0, ge=0.0)
