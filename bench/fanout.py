@@ -17,6 +17,13 @@ their engine, so the judgements stage submits none), and per batch run its overh
 run's creation (the submission) to its engine being ready to generate, i.e. worker pick-up, process
 start, imports and the model load; the first token follows at once.
 
+Every process here shares the machine's cores, so the report also says where each arm's CPU time went
+(read from /proc): the batch runs, and the control plane (the Prefect server, PostgreSQL, the workers'
+own loops, and this process, which runs the round's flow). On a cluster the control plane runs on other
+machines than the GPUs; here the CPU it takes during the two-worker arm comes out of the two "GPUs".
+Beside it, the generation slowdown: the shards' generation seconds with two workers over one (1.0 when
+two batch runs generate side by side as fast as one alone).
+
 Writes bench/results/fanout.{json,md}.
 """
 
@@ -24,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import statistics
 import tempfile
 import time
@@ -69,6 +77,61 @@ def batch_overheads(cluster: Any, records: list[dict[str, Any]]) -> list[float]:
     return out
 
 
+TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def _kind(cmdline: str) -> str | None:
+    """Which part of the bench's cluster a process is, by its command line (None: not ours)."""
+    if "prefect.engine" in cmdline:
+        return "batch runs"
+    if " server start" in cmdline and "prefect" in cmdline:
+        return "server"
+    if " worker start" in cmdline and "prefect" in cmdline:
+        return "workers"
+    if cmdline.startswith("postgres") or "/bin/postgres" in cmdline:
+        return "postgres"
+    return None
+
+
+def cpu_by_part() -> dict[str, float]:
+    """CPU seconds used so far by each part of the cluster, and by this process ("round").
+
+    A process's own time and that of its children it has reaped; a worker's reaped children are the
+    batch runs it started, so they are counted there and not as the worker's. Linux only ({} elsewhere)."""
+    out: dict[str, float] = {}
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return out
+    for entry in proc.iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # ended while we looked
+        kind = _kind(cmdline)
+        if kind is None:
+            continue
+        own, reaped = (int(fields[11]) + int(fields[12])) / TICKS, (int(fields[13]) + int(fields[14])) / TICKS
+        out[kind] = out.get(kind, 0.0) + own
+        reaped_kind = "batch runs" if kind == "workers" else kind
+        out[reaped_kind] = out.get(reaped_kind, 0.0) + reaped
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    out["round"] = usage.ru_utime + usage.ru_stime
+    return out
+
+
+def batch_runs_alive() -> bool:
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and b"prefect.engine" in (entry / "cmdline").read_bytes():
+                return True
+        except OSError:
+            continue
+    return False
+
+
 def run_arm(
     cluster: Any, flow: Any, workers: int, root: Path, extra: list[str], personas: int, shard_size: int
 ) -> dict[str, Any]:
@@ -83,9 +146,16 @@ def run_arm(
         f"run.shard_size={shard_size}",
         *extra,
     ]
+    cpu_before = cpu_by_part()
     start = time.perf_counter()
     result = flow(CONFIG, overrides)
     wall = time.perf_counter() - start
+    # A batch run reports its end before its process has exited: its CPU time counts once it is reaped.
+    deadline = time.monotonic() + 60
+    while batch_runs_alive() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    cpu_after = cpu_by_part()
+    cpu = {k: round(cpu_after[k] - cpu_before.get(k, 0.0), 1) for k in sorted(cpu_after)}
     round_dir = result["round_dir"]
     stages: dict[str, Any] = {}
     overheads: list[float] = []
@@ -109,6 +179,8 @@ def run_arm(
         "wall_s": round(wall, 1),
         "stages": stages,
         "batch_overhead_s": [round(x, 1) for x in overheads],
+        "cpu_s": cpu,
+        "control_plane_cores": round(sum(v for k, v in cpu.items() if k != "batch runs") / wall, 3),
         "round_dir": round_dir,
     }
 
@@ -171,6 +243,13 @@ def report(arms: list[dict[str, Any]], args: argparse.Namespace, postgres: bool)
         for a in arms
     )
     overheads = [x for a in arms for x in a["batch_overhead_s"]]
+
+    def generation(n: int) -> float:
+        return statistics.median(
+            sum(s["generation_s"] for s in a["stages"].values()) for a in arms if a["workers"] == n
+        )
+
+    slowdown = round(generation(2) / generation(1), 3)
     payload = {
         "config": CONFIG,
         "personas": args.personas,
@@ -181,23 +260,30 @@ def report(arms: list[dict[str, Any]], args: argparse.Namespace, postgres: bool)
         "wall_s_median": {"1": one, "2": two},
         "ratio_two_to_one": ratio,
         "loads_equal_batch_runs": loads_ok,
+        "generation_slowdown_two_to_one": slowdown,
         "batch_overhead_s_median": round(statistics.median(overheads), 1) if overheads else None,
         "machine": machine(),
     }
     rows = "\n".join(
         f"| {a['workers']} | {a['wall_s']} | "
         + "; ".join(f"{k} {s['batch_runs']} runs / {s['model_loads']} loads" for k, s in a["stages"].items())
-        + f" | {', '.join(str(x) for x in a['batch_overhead_s'])} |"
+        + f" | {', '.join(str(x) for x in a['batch_overhead_s'])} | "
+        + ", ".join(f"{k} {v}" for k, v in a["cpu_s"].items())
+        + f" | {a['control_plane_cores']} |"
         for a in arms
     )
     md = (
         "# Fan-out: the SmolLM2 data stages on one and two GPU-batch workers\n\n"
         f"`.venv/bin/python -m bench.fanout --personas {args.personas} --shard-size {args.shard_size} "
         f"--repeats {args.repeats}` (one torch thread per worker, server on {payload['server_database']}).\n\n"
-        "| workers | wall s | batch runs / model loads per stage | batch overhead s (submission to engine ready) |\n"
-        f"|---|---|---|---|\n{rows}\n\n"
+        "| workers | wall s | batch runs / model loads per stage | batch overhead s (submission to engine "
+        "ready) | CPU s by part | control plane, cores |\n"
+        f"|---|---|---|---|---|---|\n{rows}\n\n"
         f"Two workers over one: **{ratio}** (target <= 0.62). Model loads equal to batch runs in the "
-        f"whole round: **{loads_ok}**. Median batch overhead: {payload['batch_overhead_s_median']} s.\n\n"
+        f"whole round: **{loads_ok}**. Median batch overhead: {payload['batch_overhead_s_median']} s. "
+        f"Generation slowdown (the shards' generation seconds, two workers over one): **{slowdown}**; the "
+        "control plane's cores are its CPU seconds over the arm's wall time, taken from the two cores the "
+        "batch runs share.\n\n"
         f"{payload['machine']}\n"
     )
     path = write_report("fanout", payload, md)

@@ -63,16 +63,21 @@ def shard_task(result_storage: str | None, timeout_s: float) -> Any:
 
 
 class Progress:
-    """The stage's progress artifact: shards finished of the stage's total."""
+    """The stage's progress artifact: shards finished of the stage's total. A fan-out reports on every
+    poll; the artifact is written only when the count has moved, so an idle poll costs the server nothing."""
 
     def __init__(self, campaign: str, stage: str, total: int) -> None:
         self.total = max(total, 1)
         self.artifact: UUID = create_progress_artifact(
             0.0, key=artifact_key(campaign, stage, "progress"), description=f"{stage}: shards done of {total}"
         )
+        self.shown = 0  # the count the artifact shows
 
     def update(self, done: int) -> None:
+        if done == self.shown:
+            return
         update_progress_artifact(self.artifact, 100.0 * done / self.total)
+        self.shown = done  # only once written: a failed write is tried again on the next report
 
 
 def _run_concurrently(shard: Any, args: list[tuple], limit: int, progress: Progress) -> None:

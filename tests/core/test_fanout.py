@@ -375,6 +375,43 @@ def test_a_failing_progress_bar_does_not_fail_the_stage(monkeypatch, half_done_r
     assert updates[0] == 2 and updates[-1] == 4  # tried at the start and after the stage
 
 
+def test_the_progress_artifact_is_written_only_when_the_count_moves(monkeypatch):
+    """A fan-out reports the count on every poll (every second in the benchmark); the artifact is
+    written when the count moves, and a write that failed is made again on the next report."""
+    from tasks import shards as shard_tasks
+
+    writes: list[tuple[str, float]] = []
+    refuse = [False]
+
+    def create(value: float, key: str, description: str) -> uuid.UUID:
+        writes.append(("create", value))
+        return uuid.uuid4()
+
+    def update(artifact: uuid.UUID, value: float) -> None:
+        if refuse[0]:
+            raise ConnectionError("the artifact endpoint did not answer")
+        writes.append(("update", value))
+
+    monkeypatch.setattr(shard_tasks, "create_progress_artifact", create)
+    monkeypatch.setattr(shard_tasks, "update_progress_artifact", update)
+    progress = shard_tasks.Progress("tiny", "responses", 4)
+    for done in (0, 0, 1, 1, 1, 2):
+        progress.update(done)
+    refuse[0] = True
+    with pytest.raises(ConnectionError):
+        progress.update(3)
+    refuse[0] = False
+    for done in (3, 3, 4):
+        progress.update(done)
+    assert writes == [
+        ("create", 0.0),
+        ("update", 25.0),
+        ("update", 50.0),
+        ("update", 75.0),
+        ("update", 100.0),
+    ]
+
+
 def test_a_progress_bar_that_answers_does_not_hide_an_outage_of_the_run_reads(monkeypatch, half_done_round):
     """A progress update answering between two failed flow-run reads does not reset the outage clock
     (it once did: on CI the stage then polled an API that never answered until the test timed out)."""
