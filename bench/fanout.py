@@ -1,6 +1,7 @@
 """Fan-out over GPU-batch workers: the same SmolLM2 data stages on one worker and on two.
 
-    .venv/bin/python -m bench.fanout [--personas 16] [--shard-size 4] [--repeats 1] [--set key=value ...]
+    .venv/bin/python -m bench.fanout [--personas 16] [--shard-size 4] [--repeats 1] [--worker-query-s 1]
+                                     [--set key=value ...]
 
 Stands up the cluster of the integration tests (tests/cluster/harness.py: `prefect server` on
 PostgreSQL when the machine has it, else on SQLite; `sao deploy`; a sao-cpu worker and two process
@@ -190,6 +191,13 @@ def main() -> None:
     parser.add_argument("--personas", type=int, default=16)
     parser.add_argument("--shard-size", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=1, help="runs of each arm, alternating")
+    parser.add_argument(
+        "--worker-query-s",
+        type=float,
+        default=1.0,
+        help="how often each worker asks the server for runs (PREFECT_WORKER_QUERY_SECONDS): 1 s as in the "
+        "cluster tests; Prefect's default is 10 s, fewer polls for the server to answer, a later pick-up",
+    )
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
 
@@ -206,7 +214,7 @@ def main() -> None:
         postgres=postgres,
         gpu_workers=("gpu-1", "gpu-2"),
         train_worker=False,
-        worker_env=ONE_THREAD,
+        worker_env={**ONE_THREAD, "PREFECT_WORKER_QUERY_SECONDS": str(args.worker_query_s)},
     ) as cluster:
         os.environ["PREFECT_API_URL"] = cluster.api
         os.environ["PREFECT_HOME"] = cluster.env["PREFECT_HOME"]
@@ -254,6 +262,7 @@ def report(arms: list[dict[str, Any]], args: argparse.Namespace, postgres: bool)
         "config": CONFIG,
         "personas": args.personas,
         "shard_size": args.shard_size,
+        "worker_query_s": args.worker_query_s,
         "overrides": args.overrides,
         "server_database": "postgresql" if postgres else "sqlite",
         "arms": arms,
@@ -275,7 +284,8 @@ def report(arms: list[dict[str, Any]], args: argparse.Namespace, postgres: bool)
     md = (
         "# Fan-out: the SmolLM2 data stages on one and two GPU-batch workers\n\n"
         f"`.venv/bin/python -m bench.fanout --personas {args.personas} --shard-size {args.shard_size} "
-        f"--repeats {args.repeats}` (one torch thread per worker, server on {payload['server_database']}).\n\n"
+        f"--repeats {args.repeats} --worker-query-s {args.worker_query_s:g}` (one torch thread per worker, "
+        f"server on {payload['server_database']}).\n\n"
         "| workers | wall s | batch runs / model loads per stage | batch overhead s (submission to engine "
         "ready) | CPU s by part | control plane, cores |\n"
         f"|---|---|---|---|---|---|\n{rows}\n\n"
