@@ -19,7 +19,8 @@ run's creation (the submission) to its engine being ready to generate, i.e. work
 start, imports and the model load; the first token follows at once.
 
 Every process here shares the machine's cores, so the report also says where each arm's CPU time went
-(read from /proc): the batch runs, and the control plane (the Prefect server, PostgreSQL, the workers'
+(read from /proc, by command line: every such process on the machine counts, so run the bench alone): the
+batch runs, and the control plane (the Prefect server, PostgreSQL, the workers'
 own loops, and this process, which runs the round's flow). On a cluster the control plane runs on other
 machines than the GPUs; here the CPU it takes during the two-worker arm comes out of the two "GPUs".
 Beside it, the generation slowdown: the shards' generation seconds with two workers over one (1.0 when
