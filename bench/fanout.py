@@ -95,15 +95,13 @@ def _kind(cmdline: str) -> str | None:
     return None
 
 
-def cpu_by_part() -> dict[str, float]:
-    """CPU seconds used so far by each part of the cluster, and by this process ("round").
-
-    A process's own time and that of its children it has reaped; a worker's reaped children are the
-    batch runs it started, so they are counted there and not as the worker's. Linux only ({} elsewhere)."""
-    out: dict[str, float] = {}
+def _our_processes() -> list[tuple[str, list[str]]]:
+    """(part, the fields of /proc/PID/stat after the command name) of every process of the cluster but
+    this one; [] where there is no /proc."""
     proc = Path("/proc")
     if not proc.is_dir():
-        return out
+        return []
+    out = []
     for entry in proc.iterdir():
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
             continue
@@ -113,8 +111,19 @@ def cpu_by_part() -> dict[str, float]:
         except OSError:
             continue  # ended while we looked
         kind = _kind(cmdline)
-        if kind is None:
-            continue
+        if kind is not None:
+            out.append((kind, fields))
+    return out
+
+
+def cpu_by_part() -> dict[str, float]:
+    """CPU seconds used so far by each part of the cluster, and by this process ("round").
+
+    A process's own time and that of its children it has reaped; a worker's reaped children are the
+    batch runs it started, so they are counted there and not as the worker's. Linux only (only "round"
+    elsewhere)."""
+    out: dict[str, float] = {}
+    for kind, fields in _our_processes():
         own, reaped = (int(fields[11]) + int(fields[12])) / TICKS, (int(fields[13]) + int(fields[14])) / TICKS
         out[kind] = out.get(kind, 0.0) + own
         reaped_kind = "batch runs" if kind == "workers" else kind
@@ -125,13 +134,7 @@ def cpu_by_part() -> dict[str, float]:
 
 
 def batch_runs_alive() -> bool:
-    for entry in Path("/proc").iterdir():
-        try:
-            if entry.name.isdigit() and b"prefect.engine" in (entry / "cmdline").read_bytes():
-                return True
-        except OSError:
-            continue
-    return False
+    return any(kind == "batch runs" for kind, _ in _our_processes())
 
 
 def run_arm(
