@@ -13,8 +13,8 @@ this process against the cluster's API, as a round's would.
 
 Reported per arm: wall seconds of the data stages (the flow run, from its first task to its last), the
 ratio of two workers to one (target <= 0.62), model loads per stage against the batch runs that stage
-submitted, and in the whole round (target: equal; the responses batches also write the judgements on
-their engine, so the judgements stage submits none), and per batch run its overhead: from the flow
+submitted, and in the whole round (target: equal; the prompts batches go on to the responses and
+judgements on their engine, so those stages submit none), and per batch run its overhead: from the flow
 run's creation (the submission) to its engine being ready to generate, i.e. worker pick-up, process
 start, imports and the model load; the first token follows at once.
 

@@ -1,12 +1,12 @@
 """A model stage's shards on GPU workers: one flow run of the gpu-batch deployment per worker.
 
-    run_on_deployment("responses", cfg, round_ref, settings_hash, total, on_progress,
-                      then=[("judgements", judgements_hash)])
+    run_on_deployment("prompts", cfg, round_ref, settings_hash, total, on_progress,
+                      then=[("responses", responses_hash), ("judgements", judgements_hash)])
 
 Each flow run (flows/gpu_batch.py) is given a list of shard indices and holds one engine for all of
 them, so a model loads once per GPU per stage; with `then`, the same run goes on to the next stages for
-the same shards on that engine (judgements shard i reads only responses shard i), so the model loads
-once for both. What counts as done is the shard manifests in the artifact store, never a run's state: a
+the same shards on that engine (judgements shard i reads only responses shard i; the responses read the
+prompts once the whole prompts stage has had its duplicate pass), so the model loads once for all. What counts as done is the shard manifests in the artifact store, never a run's state: a
 shard that verifies is never sent again, whichever run wrote it.
 
 Polling scales with the round: each poll lists the stages' `_shards/` folders (a listing, no download)
@@ -38,7 +38,7 @@ from prefect.states import Cancelled, Cancelling
 from sao_core.config import RoundConfig
 from sao_core.errors import FanoutError
 from sao_core.store import shards, storage
-from sao_core.store.layout import output_url, shard_target
+from sao_core.store.layout import output_url, shard_target_if_ready
 
 
 def split_batches(indices: list[int], workers: int) -> list[list[int]]:
@@ -57,11 +57,15 @@ def split_batches(indices: list[int], workers: int) -> list[list[int]]:
 
 def missing_shards(stage: str, cfg: RoundConfig, round_dir: str, indices: list[int]) -> list[int]:
     """The shards among `indices` with no manifest that verifies against their input and settings
-    (downloads and hashes every finished shard: for the start and the end of a stage, not for polling)."""
+    (downloads and hashes every finished shard: for the start and the end of a stage, not for polling).
+    A shard whose input is not finished is missing: it cannot have been made."""
     missing = []
     for index in indices:
-        target = shard_target(stage, cfg, round_dir, index)
-        if shards.shard_is_done(target.out_url, index, target.input_sha256, target.settings_hash) is None:
+        target = shard_target_if_ready(stage, cfg, round_dir, index)
+        if (
+            target is None
+            or shards.shard_is_done(target.out_url, index, target.input_sha256, target.settings_hash) is None
+        ):
             missing.append(index)
     return missing
 

@@ -22,6 +22,7 @@ from prefect.tasks import exponential_backoff
 
 from sao_core.campaign.round_report import format_chains, sample_chains
 from sao_core.evaluation.eval_stages import run_stage_shard, stage_config
+from sao_core.stages import runner
 from sao_core.stages.runner import finalize_stage
 from sao_core.stages.synth import stage_summary
 from sao_core.store.layout import num_shards, stage_url
@@ -55,6 +56,23 @@ def stage_shard(
         "rows_in": entry.rows_in,
         "rows_out": entry.rows_out,
     }
+
+
+@task(
+    name="whole-stage",
+    task_run_name="{stage}-whole-stage",
+    retries=3,
+    retry_delay_seconds=exponential_backoff(backoff_factor=2),
+    retry_jitter_factor=0.2,
+    retry_condition_fn=retry_unless_permanent,
+)
+def whole_stage(stage: str, config_url: str, round_dir: str) -> dict[str, Any]:
+    """In a batch run whose chain goes past a stage with a whole-stage pass (prompts' duplicate pass):
+    every shard of the stage, those no runner has claimed run here on this process's engine and those
+    another batch holds waited for, then the pass and the stage manifest, which the next stage reads."""
+    cfg = load_round_config(config_url)
+    manifest = runner.run_model_stage(stage, cfg, round_dir, engine_for(stage_config(cfg, stage, round_dir)))
+    return {"stage": stage, "rows_out": manifest.get("rows_out")}
 
 
 def shard_task(result_storage: str | None, timeout_s: float) -> Any:
@@ -95,17 +113,24 @@ def _run_concurrently(shard: Any, args: list[tuple], limit: int, progress: Progr
         progress.update(finished)
 
 
-# The data stages' judge is the model that answered, on the same engine: under fan-out a batch run that
-# wrote responses shards goes on to judge them (shard i reads only responses shard i) on the engine it
-# holds, so the model loads once for both stages; the judgements stage then finds its shards done.
-SAME_ENGINE_NEXT = {"responses": "judgements"}
+# One model writes the prompts, answers them and judges the answers: under fan-out a batch run that wrote
+# prompts shards goes on, on the engine it holds, to the responses and judgements of its shards (shard i
+# reads only shard i of the stage before; the prompts' duplicate pass runs between, once every batch's
+# prompts are in: sao_core.stages.runner.batch_steps), so the model loads once per batch for the whole
+# data path, and the later stages find their shards done. A round resumed after its prompts sends the
+# responses batches on to the judgements the same way.
+SAME_ENGINE_NEXT = {"prompts": ("responses", "judgements"), "responses": ("judgements",)}
 
 
 def _then(stage: str, round_ref: dict[str, Any]) -> list[tuple[str, str]]:
     """The stages a batch run of `stage` also runs, with their settings hashes (the round's)."""
-    after = SAME_ENGINE_NEXT.get(stage)
     settings = round_ref.get("settings") or {}
-    return [(after, settings[after])] if after and after in settings else []
+    out = []
+    for after in SAME_ENGINE_NEXT.get(stage, ()):
+        if after not in settings:
+            break  # a chain goes on only as far as the round has the stages
+        out.append((after, settings[after]))
+    return out
 
 
 def run_model_stage(

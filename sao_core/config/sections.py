@@ -363,6 +363,8 @@ class FanoutConfig(Section):
     deployment: one flow run of `deployment` per GPU worker (`workers` of them), each given a list of
         shard indices and holding one engine for all of them (flows/gpu_batch.py); a batch whose run
         ends Crashed, Failed or past `batch_timeout_s` is resubmitted, at most `max_attempts` times.
+        A prompts batch takes its shards through the whole data path (prompts, responses, judgements),
+        so `batch_timeout_s` bounds all three.
     replicas: the openai engine over `engine.base_urls`; the stage's shards run as concurrent tasks,
         `concurrency` at once (0: one per replica), so every replica stays busy.
     """

@@ -39,6 +39,7 @@ from sao_core.store.layout import (
     EVAL_MODEL_STAGES,
     MODEL_STAGES,
     SHARD_STAGES,
+    WHOLE_STAGE_PASS,
     claim_ttl,
     claim_wait,
     digest,
@@ -413,3 +414,25 @@ def run_model_stage(stage: str, cfg: RoundConfig, round_dir: str, engines: Engin
     for index in later:
         run_shard(stage, cfg, round_dir, index, engines)
     return finalize_stage(stage, cfg, round_dir)
+
+
+def batch_steps(chain: list[str], indices: list[int]) -> list[tuple[str, int | None]]:
+    """The order in which one batch of shards goes through a chain of stages on one engine: (stage, shard)
+    for a shard, (stage, None) for the whole stage (run_model_stage: every shard, those of other batches
+    included, then the stage's manifest).
+
+    Each shard goes through the stages in turn, so a batch that dies leaves whole shards behind it. A stage
+    with a pass over the whole stage (layout.WHOLE_STAGE_PASS: prompts, whose duplicate pass writes the
+    shards the next stage reads) ends a segment: the batch's shards go through it, then the whole stage is
+    finished (shards nobody has claimed are run here, those another batch holds are waited for), and only
+    then does the next segment start."""
+    steps: list[tuple[str, int | None]] = []
+    segment: list[str] = []
+    for position, stage in enumerate(chain):
+        segment.append(stage)
+        barrier = stage in WHOLE_STAGE_PASS and position < len(chain) - 1
+        if barrier or position == len(chain) - 1:
+            steps += [(s, index) for index in indices for s in segment]
+            steps += [(stage, None)] if barrier else []
+            segment = []
+    return steps

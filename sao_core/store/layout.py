@@ -31,6 +31,9 @@ from sao_core.store.locks import LEASE_TTL_S
 STAGE_ORDER = ("personas", "prompts", "responses", "judgements", "pairs")  # the data stages, in order
 MODEL_STAGES = ("prompts", "responses", "judgements")
 CANDIDATES = "_candidates"  # prompts before the round-wide duplicate pass
+# Stages whose shards the next stage can read only once every shard is in and a pass over the whole stage
+# has run (prompts: the round-wide duplicate pass); their shards are written under CANDIDATES first.
+WHOLE_STAGE_PASS = frozenset({"prompts"})
 INPUT_STAGE = {
     "prompts": "personas",
     "responses": "prompts",
@@ -64,7 +67,7 @@ def input_stage(stage: str) -> str:
 def output_url(round_dir: str, stage: str) -> str:
     """Where a stage's shards are written: prompts go to a candidates folder before the duplicate pass."""
     base = stage_url(round_dir, stage)
-    return storage.join(base, CANDIDATES) if stage == "prompts" else base
+    return storage.join(base, CANDIDATES) if stage in WHOLE_STAGE_PASS else base
 
 
 def prepare_round(cfg: RoundConfig) -> str:
@@ -154,12 +157,21 @@ class ShardTarget:
 def shard_target(stage: str, cfg: RoundConfig, round_dir: str, index: int) -> ShardTarget:
     """The output folder, input digest and settings hash that a finished shard's manifest must match.
     (`round_dir` is the evaluation's folder for an evaluation stage.)"""
+    target = shard_target_if_ready(stage, cfg, round_dir, index)
+    if target is None:
+        in_url = stage_url(round_dir, input_stage(stage))
+        raise StorageError(f"{stage} shard {index}: its input shard {index} of {in_url} is not finished")
+    return target
+
+
+def shard_target_if_ready(stage: str, cfg: RoundConfig, round_dir: str, index: int) -> ShardTarget | None:
+    """shard_target, or None while the input shard is not finished (the shard cannot have been made)."""
     if stage not in SHARD_STAGES:
         raise ValueError(f"unknown model stage {stage!r}; allowed: {', '.join(SHARD_STAGES)}")
     in_url = stage_url(round_dir, input_stage(stage))
     entry = shards.read_shard_manifest(in_url, index)
     if entry is None or not entry.complete:
-        raise StorageError(f"{stage} shard {index}: its input shard {index} of {in_url} is not finished")
+        return None
     return ShardTarget(output_url(round_dir, stage), digest(entry.sha256), stage_settings_hash(cfg, stage))
 
 

@@ -245,11 +245,12 @@ def test_round_fans_model_stages_out_to_both_gpu_workers(cluster: Cluster):
     all_batch_ids = []
     # tasks/fanout.py tags each batch run with its round folder (a round number repeats across campaigns).
     round_tag = f"sao-round-dir:{round_dir.rstrip('/').rsplit('/', 1)[-1]}"
-    # The judgements ran on the responses' batch runs, on the engine that wrote the responses: no batch
-    # run of their own, one model load for both stages.
-    assert batch_runs(cluster, round_dir, "judgements") == []
-    assert batch_records(round_dir, "judgements") == []
-    chains = {"prompts": ["prompts"], "responses": ["responses", "judgements"]}
+    # The responses and judgements ran on the prompts' batch runs, on the engine that wrote the prompts
+    # (tasks/shards.SAME_ENGINE_NEXT): no batch run of their own, one model load for the data path.
+    for later in ("responses", "judgements"):
+        assert batch_runs(cluster, round_dir, later) == []
+        assert batch_records(round_dir, later) == []
+    chains = {"prompts": ["prompts", "responses", "judgements"]}
     for stage, chain in chains.items():
         runs = batch_runs(cluster, round_dir, stage)
         assert sorted(r["name"] for r in runs) == [f"{stage}-batch-00-try-1", f"{stage}-batch-01-try-1"]
@@ -411,18 +412,17 @@ def freeze_batch_mid_stage(
 
 
 def freeze_a_batch(cluster: Cluster, round_dir: str) -> Frozen:
-    # A responses batch writes each shard's responses and then its judgements: a shard is whole once its
-    # judgement is written. Prompts are a second chance if that batch was too quick.
-    for stage, watched in (("responses", "judgements"), ("prompts", "prompts")):
-        frozen = freeze_batch_mid_stage(cluster, round_dir, stage, watched)
-        if frozen is not None:
-            print(
-                f"\nstopped {stage} batch 0 (pid {frozen.pid}) with shards {sorted(frozen.done_before)} "
-                f"of {frozen.shards} done",
-                flush=True,
-            )
-            return frozen
-    raise AssertionError("no batch run could be caught between two shards")
+    # A prompts batch writes its prompts, waits for the duplicate pass, then writes each shard's responses
+    # and its judgements: a shard is whole once its judgement is written (tasks/shards.SAME_ENGINE_NEXT).
+    frozen = freeze_batch_mid_stage(cluster, round_dir, "prompts", "judgements")
+    if frozen is None:
+        raise AssertionError("no batch run could be caught between two shards")
+    print(
+        f"\nstopped prompts batch 0 (pid {frozen.pid}) with shards {sorted(frozen.done_before)} "
+        f"of {frozen.shards} done",
+        flush=True,
+    )
+    return frozen
 
 
 def check_resubmitted(cluster: Cluster, round_dir: str, frozen: Frozen, total: int) -> list[int]:

@@ -18,7 +18,7 @@ from sao_core.config import build_config
 from sao_core.engines.provider import EngineProvider
 from sao_core.errors import ConfigError, FanoutError, StorageError
 from sao_core.stages.no_model import run_personas
-from sao_core.stages.runner import run_shard
+from sao_core.stages.runner import batch_steps, run_model_stage, run_shard
 from sao_core.store import shards, storage
 from sao_core.store.layout import (
     hash_config,
@@ -26,6 +26,7 @@ from sao_core.store.layout import (
     output_url,
     prepare_round,
     round_url,
+    shard_target,
     stage_settings_hash,
 )
 from tasks.fanout import missing_shards, split_batches
@@ -85,12 +86,6 @@ def test_shards_made_with_other_stage_settings_count_as_missing(half_done_round)
     other = build_config(cfg.model_dump(mode="json"), ["prompts.max_tokens=32"])
     assert stage_settings_hash(other, "prompts") != stage_settings_hash(cfg, "prompts")
     assert missing_shards("prompts", other, round_dir, [0, 1, 2, 3]) == [0, 1, 2, 3]
-
-
-def test_missing_shards_needs_a_finished_input_shard(half_done_round):
-    cfg, round_dir = half_done_round
-    with pytest.raises(StorageError, match="is not finished"):
-        missing_shards("responses", cfg, round_dir, [0])  # prompts has no stage manifest yet
 
 
 def test_fanout_section_defaults_and_limits():
@@ -154,7 +149,7 @@ def test_hash_config_ignores_the_fanout_section():
 
 class FakeDeployment:
     """The gpu-batch runs without a server (tasks.fanout.DeploymentRuns' interface): each submitted batch
-    runs its shards here (through each stage of its chain, as a gpu-batch run would) when its state is
+    runs its shards here (through its chain in batch_steps' order, as a gpu-batch run does) when its state is
     first read, or ends Crashed having written nothing. A batch in `slow` stays running for `slow_polls`
     reads of its state. `reads_while_running` counts the shard bytes the fan-out itself read between the
     first submission and the last run's end (what polling costs)."""
@@ -169,6 +164,7 @@ class FakeDeployment:
         self.ended_at: dict[uuid.UUID, int] = {}
         self.busy = False
         self.reads_while_running = 0
+        self.steps: list[tuple[int, str, int | None]] = []  # (batch, stage, shard or None: whole stage)
 
     def submit(self, deployment, parameters, key, name, tags):
         assert deployment == self.cfg.fanout.deployment
@@ -191,10 +187,14 @@ class FakeDeployment:
                 state = "CRASHED"
             else:
                 hashes = sub.get("settings_hashes") or {sub["stage"]: sub["settings_hash"]}
-                for index in sub["shards"]:
-                    for stage in sub.get("stages") or [sub["stage"]]:
-                        cfg = build_config(self.cfg.model_dump(mode="json"))
-                        assert stage_settings_hash(cfg, stage) == hashes[stage]
+                chain = sub.get("stages") or [sub["stage"]]
+                cfg = build_config(self.cfg.model_dump(mode="json"))
+                assert all(stage_settings_hash(cfg, stage) == hashes[stage] for stage in chain)
+                for stage, index in batch_steps(chain, sub["shards"]):  # flows/gpu_batch.py's order
+                    self.steps.append((sub["batch"], stage, index))
+                    if index is None:
+                        run_model_stage(stage, self.cfg, self.round_dir, self.engines)
+                    else:
                         run_shard(stage, self.cfg, self.round_dir, index, self.engines)
                 state = "COMPLETED"
         finally:
@@ -483,6 +483,81 @@ def test_responses_and_judgements_run_on_one_load_per_batch(monkeypatch, half_do
     # The judgements stage then finds every shard done and submits nothing.
     fake2, _, judge = _fan_out(monkeypatch, half_done_round, set(), stage="judgements")
     assert judge() == [] and fake2.submitted == []
+
+
+@pytest.mark.parametrize(
+    ("chain", "indices", "expected"),
+    [
+        (["prompts"], [2, 3], [("prompts", 2), ("prompts", 3)]),
+        (
+            ["responses", "judgements"],
+            [0, 1],
+            [("responses", 0), ("judgements", 0), ("responses", 1), ("judgements", 1)],
+        ),
+        (  # the duplicate pass needs every batch's prompts: the whole stage before the responses
+            ["prompts", "responses", "judgements"],
+            [2, 3],
+            [
+                ("prompts", 2),
+                ("prompts", 3),
+                ("prompts", None),
+                ("responses", 2),
+                ("judgements", 2),
+                ("responses", 3),
+                ("judgements", 3),
+            ],
+        ),
+        (["prompts", "responses"], [], [("prompts", None)]),
+    ],
+)
+def test_batch_steps(chain, indices, expected):
+    assert batch_steps(chain, indices) == expected
+
+
+def test_a_shard_whose_input_is_not_finished_is_missing(half_done_round):
+    """The responses of prompts not yet through the duplicate pass cannot have been made: missing, not
+    an error (a chain from the prompts is checked before the pass has run). Where a shard must go still
+    needs its input."""
+    cfg, round_dir = half_done_round
+    assert missing_shards("responses", cfg, round_dir, [0, 1, 2, 3]) == [0, 1, 2, 3]
+    with pytest.raises(StorageError, match="is not finished"):
+        shard_target("responses", cfg, round_dir, 0)  # prompts has no stage manifest yet
+
+
+def test_a_prompts_batch_goes_on_to_the_responses_and_judgements_on_its_engine(monkeypatch, half_done_round):
+    """The round's prompts stage sends its batches through the whole data path: each batch's prompts, the
+    whole prompts stage (a shard no batch holds is run by whichever batch reaches it, then the duplicate
+    pass), then its responses and judgements; the later stages then submit nothing."""
+    from tasks.shards import _then
+
+    cfg, round_dir = half_done_round
+    hashes = {s: stage_settings_hash(cfg, s) for s in ("prompts", "responses", "judgements")}
+    then = _then("prompts", {"settings": hashes})
+    assert then == [("responses", hashes["responses"]), ("judgements", hashes["judgements"])]
+    assert _then("prompts", {"settings": {"prompts": hashes["prompts"]}}) == []  # no responses: no chain
+    fake, progress, call = _fan_out(monkeypatch, half_done_round, {1}, then=then)
+    tries = call()
+    # Prompts 0 and 2 were done, but no shard had its responses: every shard is sent, both tries crash-free
+    # on the second.
+    assert [(s["attempt"], s["batch"], s["shards"]) for s in fake.submitted] == [
+        (1, 0, [0, 1]),
+        (1, 1, [2, 3]),
+        (2, 0, [0, 1]),
+        (2, 1, [2, 3]),
+    ]
+    assert all(s["stages"] == ["prompts", "responses", "judgements"] for s in fake.submitted)
+    assert all(s["settings_hashes"] == hashes for s in fake.submitted)
+    assert [r["state"] for r in tries[-1]["runs"]] == ["COMPLETED"] * 2
+    # Batch 0 reached prompts shard 3 first (nobody held it) and ran it in its whole-stage step; batch 1
+    # then found its prompts done and the pass written.
+    assert fake.steps[:3] == [(0, "prompts", 0), (0, "prompts", 1), (0, "prompts", None)]
+    assert storage.exists(storage.join(round_dir, "prompts", "manifest.json"))
+    assert missing_shards("judgements", fake.cfg, round_dir, [0, 1, 2, 3]) == []
+    assert progress[-1] == 4
+    assert fake.engines.builds == 1
+    for stage, after in (("responses", [("judgements", hashes["judgements"])]), ("judgements", [])):
+        fake2, _, later = _fan_out(monkeypatch, half_done_round, set(), stage=stage, then=after)
+        assert later() == [] and fake2.submitted == [], stage
 
 
 def test_sao_deploy_leaves_the_project_folder_to_the_workers(monkeypatch, tmp_path):

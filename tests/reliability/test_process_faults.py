@@ -8,13 +8,15 @@
   (resumed_from_step > 0), trains to training.max_steps and records every row trained, before and after
   the kill: the same rows, tokens and steps as a run never killed;
 - launched training ranks stop once the `sao train` that launched them is SIGKILLed;
-- the Prefect server stopped while a round's responses stage is part-way, on a real cluster
+- the Prefect server stopped while a round's responses are part-way (written by the prompts stage's batch
+  run, which goes on to the responses and judgements on its engine), on a real cluster
   (PostgreSQL, `prefect server`, `sao deploy`, process workers; tests/cluster/harness.py), each case
   with its outcome set by the round's client retries (PREFECT_CLIENT_MAX_RETRIES), not by timing:
   - restarted, with retries that outlast the restart: the round completes in its first run, no batch
     is submitted twice;
   - kept down until a round with few retries has given up: the round is Crashed, its own output names
-    the responses stage and the lost API, and a second run completes it from what the first left;
+    the prompts stage (waiting on its batch run) and the lost API, and a second run completes it from
+    what the first left;
   either way the shards finished before the stop are not written again and every row is there once.
 
     .venv/bin/python -m pytest -q tests/reliability/test_process_faults.py -k "not prefect"   # ~1 min
@@ -282,15 +284,19 @@ class RoundOnCluster:
         # may change the training section (training.merge), so its model is found as `sao promote` does.
         model = storage.read_json(storage.join(planning.round_model(self.round_dir), "manifest.json"))
         assert model["complete"] and model["steps"] == load_config(TINY, self.overrides).training.max_steps
-        # The judgements run on the responses' batch runs (tasks/shards.SAME_ENGINE_NEXT): no records of
-        # their own, and each responses record lists both stages.
-        for stage in ("prompts", "responses"):
-            records = [
+        # The responses and judgements run on the prompts' batch runs (tasks/shards.SAME_ENGINE_NEXT): no
+        # records of their own, and each prompts record lists the three stages.
+        records = {
+            stage: [
                 storage.read_json(u)
                 for u in storage.list_files(storage.join(self.round_dir, "_batches", stage), "*.json")
             ]
-            written = Counter(i for r in records for i in r["shards"])
-            assert set(written) == set(range(SHARDS)) and set(written.values()) == {1}, (stage, records)
+            for stage in MODEL_STAGES
+        }
+        assert records["responses"] == [] == records["judgements"], records
+        written = Counter(i for r in records["prompts"] for i in r["shards"])
+        assert set(written) == set(range(SHARDS)) and set(written.values()) == {1}, records
+        assert all(r["stages"] == list(MODEL_STAGES) for r in records["prompts"]), records
 
 
 @contextlib.contextmanager
@@ -376,7 +382,7 @@ def round_process_of(cluster: Any, run_id: str) -> Any:
 
 
 def test_a_prefect_server_restart_mid_round_is_ridden_out(tmp_path: Path, hook_env: dict[str, str]):
-    """The server stopped while the responses stage is part-way and started again; the round's requests
+    """The server stopped while the responses are part-way and started again; the round's requests
     wait for it (their retries outlast the restart): the first run completes, no stage resubmits a batch,
     nothing finished before the restart is written again."""
     with round_on_cluster(tmp_path, hook_env) as r:
@@ -389,10 +395,11 @@ def test_a_prefect_server_restart_mid_round_is_ridden_out(tmp_path: Path, hook_e
             run = r.cluster.wait_final(run_id)
             assert state_type(run) == "COMPLETED", f"{run['state']}\n{r.cluster.log_tails()}"
             batches = {stage: r.batch_runs(stage) for stage in MODEL_STAGES}
-    # The judgements ran on the responses' batch run (tasks/shards.SAME_ENGINE_NEXT).
-    assert batches.pop("judgements") == []
-    for stage, runs in batches.items():
-        assert [(b["name"], state_type(b)) for b in runs] == [(f"{stage}-batch-00-try-1", "COMPLETED")]
+    # The responses and judgements ran on the prompts' batch run (tasks/shards.SAME_ENGINE_NEXT).
+    assert batches.pop("responses") == [] == batches.pop("judgements")
+    assert [(b["name"], state_type(b)) for b in batches["prompts"]] == [
+        ("prompts-batch-00-try-1", "COMPLETED")
+    ]
     assert changed_since(finished) == []
     r.check_complete()
     print(f"\nserver restart: API away {away_s:.0f} s with responses shards {done_at_stop} done", flush=True)
@@ -401,11 +408,12 @@ def test_a_prefect_server_restart_mid_round_is_ridden_out(tmp_path: Path, hook_e
 def test_a_round_that_gives_up_on_a_prefect_outage_crashes_and_a_rerun_completes_it(
     tmp_path: Path, hook_env: dict[str, str]
 ):
-    """The server stopped while the responses stage is part-way and kept down until the round has given
-    up: its requests run out of retries (PREFECT_CLIENT_MAX_RETRIES=2 in its job's environment), its
-    responses task fails twice, it cannot report that and exits 1, and its worker reports it Crashed once
-    the server is back. Its batch run, which rides out the outage, finishes the stage. A second run
-    completes the round with what the first left: no responses batch again, every shard written once."""
+    """The server stopped while the responses are part-way and kept down until the round has given up:
+    its requests run out of retries (PREFECT_CLIENT_MAX_RETRIES=2 in its job's environment), its prompts
+    task (waiting on the batch run that goes on to the responses and judgements) fails twice, it cannot
+    report that and exits 1, and its worker reports it Crashed once the server is back. Its batch run,
+    which rides out the outage, finishes the data path. A second run completes the round with what the
+    first left: no batch again, every shard written once."""
     with round_on_cluster(tmp_path, hook_env) as r:
         env = {
             "PREFECT_CLIENT_MAX_RETRIES": GIVE_UP_RETRIES,
@@ -427,18 +435,18 @@ def test_a_round_that_gives_up_on_a_prefect_outage_crashes_and_a_rerun_completes
             first = r.cluster.wait_final(first_id)
             assert state_type(first) == "CRASHED", f"{first['state']}\n{r.cluster.log_tails()}"
             assert "exited with non-zero status code 1" in first["state"]["message"], first["state"]
-            # What failed, in the round's own output (its worker's log): the responses stage, on the API,
-            # after its one retry.
-            task = f"Task run 'responses-round-{load_config(TINY, r.overrides).run.round}'"
+            # What failed, in the round's own output (its worker's log): the prompts stage, which waits on
+            # its batch run through the responses and judgements, on the API, after its one retry.
+            task = f"Task run 'prompts-round-{load_config(TINY, r.overrides).run.round}'"
             out = r.cluster.worker_log("cpu")
             for line in (
                 rf"{task} - Task run failed with exception: ConnectError\(.*\) - Retries are exhausted",
                 rf"{task} - Finished in state Failed\('Task run encountered an exception ConnectError",
             ):
                 assert re.search(line, out), f"{line}\n{out[-6000:]}"
-            # The batch run finishes its stages (responses, then judgements on the same engine) whatever
-            # became of the round that submitted it.
-            [batch] = r.batch_runs("responses")
+            # The batch run finishes its stages (prompts, responses, then judgements on the same engine)
+            # whatever became of the round that submitted it.
+            [batch] = r.batch_runs("prompts")
             assert state_type(r.cluster.wait_final(batch["id"])) == "COMPLETED"
             assert r.done("responses") == list(range(SHARDS)) == r.done("judgements")
             finished = snapshot(r.round_dir, "*/_shards/*.json", "*/_candidates/_shards/*.json", "*/part-*")
@@ -446,10 +454,11 @@ def test_a_round_that_gives_up_on_a_prefect_outage_crashes_and_a_rerun_completes
             second = r.cluster.wait_final(r.cluster.trigger_round(TINY, r.overrides))
             assert state_type(second) == "COMPLETED", f"{second['state']}\n{r.cluster.log_tails()}"
             batches = {stage: r.batch_runs(stage) for stage in MODEL_STAGES}
-    # The stages the first run had finished or left running were not submitted again.
-    assert batches.pop("judgements") == []
-    for stage, runs in batches.items():
-        assert [(b["name"], state_type(b)) for b in runs] == [(f"{stage}-batch-00-try-1", "COMPLETED")]
+    # The batch the first run left running was not submitted again; no later stage had one of its own.
+    assert batches.pop("responses") == [] == batches.pop("judgements")
+    assert [(b["name"], state_type(b)) for b in batches["prompts"]] == [
+        ("prompts-batch-00-try-1", "COMPLETED")
+    ]
     assert changed_since(before_stop) == [] and changed_since(finished) == []
     r.check_complete()
     print(
