@@ -30,14 +30,19 @@ from tasks.artifacts import artifact_key, publish_stage, with_result_storage
 from tasks.cache import load_round_config, make_cache_key, retry_unless_permanent, shard_cache_key
 from tasks.engines import engine_for
 
+# A shard's retries (and a whole stage's in a batch run): backoff with jitter, none for a permanent error.
+SHARD_RETRIES: dict[str, Any] = {
+    "retries": 3,
+    "retry_delay_seconds": exponential_backoff(backoff_factor=2),
+    "retry_jitter_factor": 0.2,
+    "retry_condition_fn": retry_unless_permanent,
+}
+
 
 @task(
     name="stage-shard",
     task_run_name="{stage}-shard-{index:05d}",
-    retries=3,
-    retry_delay_seconds=exponential_backoff(backoff_factor=2),
-    retry_jitter_factor=0.2,
-    retry_condition_fn=retry_unless_permanent,
+    **SHARD_RETRIES,
     cache_key_fn=shard_cache_key,
     persist_result=True,
 )
@@ -58,14 +63,7 @@ def stage_shard(
     }
 
 
-@task(
-    name="whole-stage",
-    task_run_name="{stage}-whole-stage",
-    retries=3,
-    retry_delay_seconds=exponential_backoff(backoff_factor=2),
-    retry_jitter_factor=0.2,
-    retry_condition_fn=retry_unless_permanent,
-)
+@task(name="whole-stage", task_run_name="{stage}-whole-stage", **SHARD_RETRIES)
 def whole_stage(stage: str, config_url: str, round_dir: str) -> dict[str, Any]:
     """In a batch run whose chain goes past a stage with a whole-stage pass (prompts' duplicate pass):
     every shard of the stage, those no runner has claimed run here on this process's engine and those

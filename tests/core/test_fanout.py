@@ -32,6 +32,8 @@ from sao_core.store.layout import (
 from tasks.fanout import missing_shards, split_batches
 
 TINY = str(Path(__file__).parents[2] / "configs" / "tiny.yaml")
+# (try, batch, shards) of a fan-out over two workers whose first try crashes: every shard sent twice.
+EVERY_SHARD_TWICE = [(1, 0, [0, 1]), (1, 1, [2, 3]), (2, 0, [0, 1]), (2, 1, [2, 3])]
 
 
 @pytest.mark.parametrize(
@@ -469,12 +471,7 @@ def test_responses_and_judgements_run_on_one_load_per_batch(monkeypatch, half_do
         monkeypatch, half_done_round, {1}, stage="responses", then=[("judgements", judge_hash)]
     )
     tries = call()
-    assert [(s["attempt"], s["batch"], s["shards"]) for s in fake.submitted] == [
-        (1, 0, [0, 1]),
-        (1, 1, [2, 3]),
-        (2, 0, [0, 1]),
-        (2, 1, [2, 3]),
-    ]
+    assert [(s["attempt"], s["batch"], s["shards"]) for s in fake.submitted] == EVERY_SHARD_TWICE
     assert all(s["stages"] == ["responses", "judgements"] for s in fake.submitted)
     assert all(s["settings_hashes"]["judgements"] == judge_hash for s in fake.submitted)
     assert [r["state"] for r in tries[-1]["runs"]] == ["COMPLETED"] * 2
@@ -537,14 +534,9 @@ def test_a_prompts_batch_goes_on_to_the_responses_and_judgements_on_its_engine(m
     assert _then("prompts", {"settings": {"prompts": hashes["prompts"]}}) == []  # no responses: no chain
     fake, progress, call = _fan_out(monkeypatch, half_done_round, {1}, then=then)
     tries = call()
-    # Prompts 0 and 2 were done, but no shard had its responses: every shard is sent, both tries crash-free
-    # on the second.
-    assert [(s["attempt"], s["batch"], s["shards"]) for s in fake.submitted] == [
-        (1, 0, [0, 1]),
-        (1, 1, [2, 3]),
-        (2, 0, [0, 1]),
-        (2, 1, [2, 3]),
-    ]
+    # Prompts 0 and 2 were done, but no shard had its responses: every shard is sent; the first try
+    # crashes, the second completes.
+    assert [(s["attempt"], s["batch"], s["shards"]) for s in fake.submitted] == EVERY_SHARD_TWICE
     assert all(s["stages"] == ["prompts", "responses", "judgements"] for s in fake.submitted)
     assert all(s["settings_hashes"] == hashes for s in fake.submitted)
     assert [r["state"] for r in tries[-1]["runs"]] == ["COMPLETED"] * 2
