@@ -97,11 +97,13 @@ def _kind(cmdline: str) -> str | None:
 
 def _our_processes() -> list[tuple[str, list[str]]]:
     """(part, the fields of /proc/PID/stat after the command name) of every process of the cluster but
-    this one; [] where there is no /proc."""
+    this one; [] where there is no /proc. A batch run that has exited but is not reaped yet (a zombie: no
+    command line, its CPU time still its own until its parent's wait adds it to the parent's) counts as
+    a batch run while its parent is a worker or another batch-run process."""
     proc = Path("/proc")
     if not proc.is_dir():
         return []
-    out = []
+    seen: dict[int, tuple[str | None, list[str]]] = {}
     for entry in proc.iterdir():
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
             continue
@@ -110,7 +112,12 @@ def _our_processes() -> list[tuple[str, list[str]]]:
             fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue  # ended while we looked
-        kind = _kind(cmdline)
+        seen[int(entry.name)] = (_kind(cmdline), fields)
+    out = []
+    for kind, fields in seen.values():
+        if kind is None and fields[0] == "Z":  # fields[0]: the state, fields[1]: the parent's pid
+            parent = seen.get(int(fields[1]), (None, []))[0]
+            kind = "batch runs" if parent in ("workers", "batch runs") else None
         if kind is not None:
             out.append((kind, fields))
     return out
