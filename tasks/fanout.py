@@ -6,8 +6,9 @@
 Each flow run (flows/gpu_batch.py) is given a list of shard indices and holds one engine for all of
 them, so a model loads once per GPU per stage; with `then`, the same run goes on to the next stages for
 the same shards on that engine (judgements shard i reads only responses shard i; the responses read the
-prompts once the whole prompts stage has had its duplicate pass), so the model loads once for all. What counts as done is the shard manifests in the artifact store, never a run's state: a
-shard that verifies is never sent again, whichever run wrote it.
+prompts once the whole prompts stage has had its duplicate pass), so the model loads once for all. What
+counts as done is the shard manifests in the artifact store, never a run's state: a shard that verifies
+is never sent again, whichever run wrote it.
 
 Polling scales with the round: each poll lists the stages' `_shards/` folders (a listing, no download)
 and reads each running batch's state. A batch whose run ended Crashed, Failed or Cancelled, or ran past
