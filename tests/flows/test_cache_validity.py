@@ -21,7 +21,9 @@ def _round(root: Path, *overrides: str):
     from flows.sao_round import sao_round
 
     state = sao_round(TINY, [f"run.root={root}", *overrides], return_state=True)
-    return state, task_runs(state.state_details.flow_run_id)
+    # Every stage task of the round, run or served from the cache, is in the returned map.
+    expect = [f"{name}-round-1" for name in STAGE_TASKS]
+    return state, task_runs(state.state_details.flow_run_id, expect=expect)
 
 
 def test_stage_problem_names_a_missing_or_corrupted_stage(tmp_path):
